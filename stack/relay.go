@@ -1,0 +1,152 @@
+package stack
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// relayBufSize is what one direction of a flow reads at a time: a full
+// 32 KiB lets a bulk flow move two or more 16 KiB TSO-sized writes per call.
+const relayBufSize = 32 << 10
+
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// halfCloser is a connection that can send a FIN and go on receiving.
+type halfCloser interface{ CloseWrite() error }
+
+// resetter is a connection that can be torn down with a RST.
+type resetter interface{ SetLinger(sec int) error }
+
+// flowConns are the two sides of one TCP flow, each closed exactly once:
+// either gracefully (FIN already sent both ways) or with a reset.
+type flowConns struct {
+	client   *tcpConn
+	upstream net.Conn
+	once     sync.Once
+	reset    atomic.Bool // a side was reset, or we gave up on the flow
+}
+
+// abort resets both sides: the client sees a RST from the stack, the upstream
+// a RST from our socket (SO_LINGER 0), as a kernel would when a relayed
+// connection is reset at one end.
+func (f *flowConns) abort() {
+	f.reset.Store(true)
+	f.once.Do(func() {
+		f.client.Abort()
+		resetConn(f.upstream)
+	})
+}
+
+// resetConn closes c with a RST where the connection type allows it.
+func resetConn(c net.Conn) {
+	if r, ok := c.(resetter); ok {
+		_ = r.SetLinger(0)
+	}
+	_ = c.Close()
+}
+
+func (f *flowConns) close() {
+	f.once.Do(func() {
+		_ = f.client.Close()
+		_ = f.upstream.Close()
+	})
+}
+
+// relayResult says how a flow ended, for the log line.
+type relayResult struct {
+	up, down int64
+	upErr    error
+	downErr  error
+	reset    bool
+}
+
+// relay copies both directions of a flow until both have ended. EOF in one
+// direction is passed on as a FIN (CloseWrite) while the other direction goes
+// on; a reset or a write failure in either direction resets both sides. When
+// ctx ends, both sides are reset. The lingering direction after a half-close
+// is given halfCloseIdle of silence before the flow is torn down.
+func relay(ctx context.Context, client *tcpConn, upstream net.Conn, halfCloseIdle time.Duration) relayResult {
+	f := &flowConns{client: client, upstream: upstream}
+	stop := context.AfterFunc(ctx, f.abort)
+	defer stop()
+
+	var (
+		wg       sync.WaitGroup
+		res      relayResult
+		halfDone atomic.Bool
+	)
+	wg.Go(func() {
+		res.up, res.upErr = pipe(f, upstream, client, &halfDone, halfCloseIdle)
+	})
+	wg.Go(func() {
+		res.down, res.downErr = pipe(f, client, upstream, &halfDone, halfCloseIdle)
+	})
+	wg.Wait()
+	res.reset = f.reset.Load()
+	f.close()
+	return res
+}
+
+// pipe copies src to dst. It returns nil when src ended with EOF and the FIN
+// was passed on to dst.
+func pipe(f *flowConns, dst, src net.Conn, halfDone *atomic.Bool, halfCloseIdle time.Duration) (int64, error) {
+	bp := relayBufs.Get().(*[]byte)
+	defer relayBufs.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		if halfDone.Load() {
+			// The other direction has finished: this one may linger, but not
+			// for ever, or a peer that never closes pins the flow.
+			_ = src.SetReadDeadline(time.Now().Add(halfCloseIdle))
+		}
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				f.abort()
+				return total, werr
+			}
+			total += int64(n)
+		}
+		if rerr == nil {
+			continue
+		}
+		if !errors.Is(rerr, io.EOF) {
+			f.abort()
+			return total, rerr
+		}
+		hc, ok := dst.(halfCloser)
+		if !ok {
+			f.abort()
+			return total, errors.New("destination cannot half-close")
+		}
+		if err := hc.CloseWrite(); err != nil && !errors.Is(err, os.ErrClosed) {
+			f.abort()
+			return total, err
+		}
+		if halfDone.Swap(true) {
+			return total, nil // both directions are done
+		}
+		// Wake the other direction so that it picks up its idle deadline.
+		_ = dst.SetReadDeadline(time.Now().Add(halfCloseIdle))
+		return total, nil
+	}
+}
+
+func (r relayResult) logAttrs() []slog.Attr {
+	attrs := []slog.Attr{slog.Int64("up", r.up), slog.Int64("down", r.down), slog.Bool("reset", r.reset)}
+	if r.upErr != nil {
+		attrs = append(attrs, slog.String("up_err", r.upErr.Error()))
+	}
+	if r.downErr != nil {
+		attrs = append(attrs, slog.String("down_err", r.downErr.Error()))
+	}
+	return attrs
+}

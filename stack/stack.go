@@ -1,0 +1,299 @@
+// Package stack owns the userspace TCP/IP stack: a gVisor netstack whose only
+// NIC is fed by a packet Device, accepting every destination. It turns the
+// connections that enter the device into flows and relays each one to a
+// Dialer, carrying the byte stream, half-close and resets faithfully.
+//
+// gVisor types stay inside this package: a flow leaves it as netip.AddrPort
+// values and a net.Conn, and its errors are Go errors that errors.Is can
+// test against syscall errnos.
+package stack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// Dialer reaches the far end of a flow. address is "host:port". Both
+// *net.Dialer and every proxy dialer fit.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Config configures a Stack. The zero value of every field but Device and
+// Dialer is a usable default.
+type Config struct {
+	// Device carries the packets. The Stack owns it from New on and closes it
+	// in Close.
+	Device Device
+	// Dialer reaches the destination of each TCP flow.
+	Dialer Dialer
+	// Logger receives the stack's logs; nil discards them.
+	Logger *slog.Logger
+	// MaxInFlight caps TCP handshakes whose upstream is still being dialed:
+	// further SYNs are dropped (the client retransmits), bounding the work a
+	// SYN flood causes. 0 means 1024.
+	MaxInFlight int
+	// MaxFlows caps established TCP flows; new ones beyond it are reset.
+	// 0 means 65536.
+	MaxFlows int
+	// DialTimeout bounds reaching the upstream of a flow. 0 means 10s.
+	DialTimeout time.Duration
+	// UDP opens the upstream side of UDP associations; nil makes the stack
+	// refuse UDP with ICMP port unreachable.
+	UDP UDPDialer
+	// UDPTimeout ends a UDP association idle this long. 0 means 60s.
+	UDPTimeout time.Duration
+	// MaxUDPFlows caps UDP associations; beyond it the least recently active
+	// one is evicted. 0 means 16384.
+	MaxUDPFlows int
+	// ForwardPing sends echo requests on with the host's unprivileged ping
+	// sockets, so round-trip times are real. When false, or where the host
+	// does not allow ping sockets, the stack answers every echo request.
+	ForwardPing bool
+	// HalfCloseIdle is how long the remaining direction of a half-closed
+	// flow may stay silent before the flow is reset. 0 means 2 minutes.
+	HalfCloseIdle time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = 1024
+	}
+	if c.MaxFlows <= 0 {
+		c.MaxFlows = 65536
+	}
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = 10 * time.Second
+	}
+	if c.UDPTimeout <= 0 {
+		c.UDPTimeout = 60 * time.Second
+	}
+	if c.MaxUDPFlows <= 0 {
+		c.MaxUDPFlows = 16384
+	}
+	if c.HalfCloseIdle <= 0 {
+		c.HalfCloseIdle = 2 * time.Minute
+	}
+}
+
+const nicID = 1
+
+// Stack is a running userspace stack. Close stops it.
+type Stack struct {
+	cfg  Config
+	log  *slog.Logger
+	link *linkEndpoint
+	s    *gstack.Stack
+	udp  *udpTable  // nil when UDP is refused
+	ping *pingTable // nil when the stack answers echo requests itself
+
+	ctx    context.Context // ends when Close starts
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	closed bool
+	flows  sync.WaitGroup // one per forwarder handler we accepted
+
+	flowSlots chan struct{}
+	flowSeq   atomic.Uint64
+	closeOnce sync.Once
+}
+
+// New builds the stack and starts serving the device: once New returns,
+// packets read from the device are answered, so the caller may bring the
+// link up.
+func New(cfg Config) (*Stack, error) {
+	if cfg.Device == nil || cfg.Dialer == nil {
+		return nil, errors.New("stack: Device and Dialer are required")
+	}
+	cfg.setDefaults()
+	st := &Stack{cfg: cfg, log: cfg.Logger, flowSlots: make(chan struct{}, cfg.MaxFlows)}
+	st.ctx, st.cancel = context.WithCancel(context.Background())
+
+	st.s = gstack.New(gstack.Options{
+		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+	})
+	if err := st.configure(); err != nil {
+		st.s.Close()
+		st.s.Wait()
+		return nil, err
+	}
+	st.link = newLinkEndpoint(cfg.Device, st.log)
+	if err := st.s.CreateNIC(nicID, st.link); err != nil {
+		st.s.Close()
+		st.s.Wait()
+		return nil, fmt.Errorf("create nic: %w", goError("create nic", err))
+	}
+	// Accept packets for every destination and answer from it: the stack
+	// stands in for the whole network behind the TUN.
+	if err := st.s.SetPromiscuousMode(nicID, true); err != nil {
+		st.closeStack()
+		return nil, fmt.Errorf("set promiscuous: %w", goError("promiscuous", err))
+	}
+	if err := st.s.SetSpoofing(nicID, true); err != nil {
+		st.closeStack()
+		return nil, fmt.Errorf("set spoofing: %w", goError("spoofing", err))
+	}
+	st.s.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: nicID},
+		{Destination: header.IPv6EmptySubnet, NIC: nicID},
+	})
+	fwd := tcp.NewForwarder(st.s, 0, cfg.MaxInFlight, st.handleTCP)
+	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
+	if cfg.UDP != nil {
+		st.udp = newUDPTable(st, cfg.UDP, cfg.UDPTimeout, cfg.MaxUDPFlows)
+		st.s.SetTransportProtocolHandler(udp.ProtocolNumber, st.udp.handlePacket)
+	}
+	if cfg.ForwardPing {
+		st.ping = newPingTable(st)
+		st.link.intercept = st.ping.handle
+	}
+	st.link.start()
+	return st, nil
+}
+
+// configure sets the TCP options. Small default buffers keep many idle flows
+// cheap; receive-buffer auto-tuning and large maxima keep bulk flows fast.
+func (st *Stack) configure() error {
+	opts := []tcpip.SettableTransportProtocolOption{
+		ptr(tcpip.TCPSACKEnabled(true)),
+		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
+		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
+		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
+	}
+	for _, o := range opts {
+		if err := st.s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
+			return fmt.Errorf("set tcp option %T: %w", o, goError("setsockopt", err))
+		}
+	}
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// Close resets every flow, stops the stack and closes the device. It is safe
+// to call more than once.
+func (st *Stack) Close() error {
+	var err error
+	st.closeOnce.Do(func() {
+		st.mu.Lock()
+		st.closed = true
+		st.mu.Unlock()
+		st.cancel()
+		st.flows.Wait()
+		if st.udp != nil {
+			st.udp.close()
+		}
+		if st.ping != nil {
+			st.ping.close()
+		}
+		err = st.cfg.Device.Close()
+		st.closeStack()
+	})
+	return err
+}
+
+func (st *Stack) closeStack() {
+	st.s.Close()
+	st.s.Wait()
+}
+
+// beginFlow registers a forwarder handler with the stack's WaitGroup unless
+// the stack is closing. The lock makes Add and Close's Wait never race.
+func (st *Stack) beginFlow() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed {
+		return false
+	}
+	st.flows.Add(1)
+	return true
+}
+
+// handleTCP runs on a goroutine of gVisor's forwarder, one per new SYN.
+// It dials the upstream first and only then completes the client's handshake,
+// so a refused or unreachable upstream reaches the client as a reset.
+func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
+	if !st.beginFlow() {
+		req.Complete(false)
+		return
+	}
+	defer st.flows.Done()
+
+	id := req.ID()
+	client := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
+	log := st.log.With("flow", st.flowSeq.Add(1), "proto", "tcp", "src", client, "dst", dst)
+
+	select {
+	case st.flowSlots <- struct{}{}:
+		defer func() { <-st.flowSlots }()
+	default:
+		log.Warn("flow limit reached, resetting", "max_flows", st.cfg.MaxFlows)
+		req.Complete(true)
+		return
+	}
+
+	dialCtx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+	upstream, err := st.cfg.Dialer.DialContext(dialCtx, "tcp", dst.String())
+	cancel()
+	if err != nil {
+		log.Debug("dial failed, resetting client", "err", err)
+		req.Complete(true)
+		return
+	}
+
+	var wq waiter.Queue
+	ep, terr := req.CreateEndpoint(&wq)
+	if terr != nil {
+		// The client reset or gave up during the handshake: the upstream,
+		// which has already accepted, sees a reset as well.
+		log.Debug("client handshake failed", "err", goError("accept", terr))
+		req.Complete(true)
+		resetConn(upstream)
+		return
+	}
+	req.Complete(false)
+	ep.SocketOptions().SetKeepAlive(true)
+	conn := newTCPConn(ep, &wq, dst, client)
+
+	log.Debug("flow open", "upstream", upstream.RemoteAddr())
+	res := relay(st.ctx, conn, upstream, st.cfg.HalfCloseIdle)
+	log.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.logAttrs()...)
+}
+
+func addrFrom(a tcpip.Address) netip.Addr {
+	if a.Len() == 4 {
+		return netip.AddrFrom4(a.As4())
+	}
+	return netip.AddrFrom16(a.As16())
+}
+
+// udpFlows is the number of open UDP associations.
+func (st *Stack) udpFlows() int {
+	if st.udp == nil {
+		return 0
+	}
+	return st.udp.len()
+}

@@ -1,0 +1,408 @@
+package stack
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// seqpacketDevice is a Device over one end of a SOCK_SEQPACKET socketpair:
+// a real kernel object that keeps packet boundaries as a TUN fd does, so the
+// stack can be tested without root (the approach of gVisor's fdbased tests).
+type seqpacketDevice struct {
+	f   *os.File
+	mtu int
+}
+
+func (d *seqpacketDevice) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	n, err := d.f.Read(bufs[0][offset:])
+	if err != nil {
+		return 0, err
+	}
+	sizes[0] = n
+	return 1, nil
+}
+
+func (d *seqpacketDevice) Write(bufs [][]byte, offset int) (int, error) {
+	for i, b := range bufs {
+		if _, err := d.f.Write(b[offset:]); err != nil {
+			return i, err
+		}
+	}
+	return len(bufs), nil
+}
+
+func (d *seqpacketDevice) BatchSize() int { return 1 }
+func (d *seqpacketDevice) MTU() int       { return d.mtu }
+func (d *seqpacketDevice) Close() error   { return d.f.Close() }
+
+// redirectDialer dials every flow's destination port on loopback instead, so
+// the far end is a real socket served by the test.
+type redirectDialer struct {
+	net.Dialer
+	mu   sync.Mutex
+	dsts []string
+}
+
+func (d *redirectDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	d.mu.Lock()
+	d.dsts = append(d.dsts, address)
+	d.mu.Unlock()
+	_, port, err := net.SplitHostPort(address)
+	if err != nil {
+		return nil, err
+	}
+	return d.Dialer.DialContext(ctx, network, net.JoinHostPort("127.0.0.1", port))
+}
+
+// peer is a client-side gVisor stack wired to a Stack under test through a
+// socketpair: the client's TCP is a real TCP implementation, not a fake.
+type peer struct {
+	client *gstack.Stack
+	st     *Stack
+	dialer *redirectDialer
+}
+
+func newPeer(t testing.TB, cfg Config) *peer {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("socketpair: %v", err)
+	}
+	for _, fd := range fds {
+		// Room for a burst of full-size packets each way.
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		t.Fatalf("nonblock: %v", err)
+	}
+	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: 1500}
+
+	p := &peer{dialer: &redirectDialer{}}
+	cfg.Device = dev
+	cfg.Dialer = p.dialer
+	if cfg.Logger == nil && testing.Verbose() {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	p.st, err = New(cfg)
+	if err != nil {
+		t.Fatalf("new stack: %v", err)
+	}
+
+	p.client = gstack.New(gstack.Options{
+		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
+		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
+	})
+	linkEP, err := fdbased.New(&fdbased.Options{FDs: []int{fds[1]}, MTU: 1500})
+	if err != nil {
+		t.Fatalf("fdbased: %v", err)
+	}
+	if terr := p.client.CreateNIC(1, linkEP); terr != nil {
+		t.Fatalf("client nic: %v", terr)
+	}
+	for _, a := range []netip.Addr{netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("fd00:1898::1")} {
+		proto := ipv4.ProtocolNumber
+		if a.Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{Protocol: proto, AddressWithPrefix: tcpip.AddrFromSlice(a.AsSlice()).WithPrefix()}
+		if terr := p.client.AddProtocolAddress(1, pa, gstack.AddressProperties{}); terr != nil {
+			t.Fatalf("client address: %v", terr)
+		}
+	}
+	p.client.SetRouteTable([]tcpip.Route{
+		{Destination: header.IPv4EmptySubnet, NIC: 1},
+		{Destination: header.IPv6EmptySubnet, NIC: 1},
+	})
+	t.Cleanup(func() {
+		p.st.Close()
+		p.client.Close()
+		p.client.Wait()
+		unix.Close(fds[1])
+	})
+	return p
+}
+
+// clientConn is a connection from the client stack, with the endpoint kept so
+// that the test can reset it.
+type clientConn struct {
+	*gonet.TCPConn
+	ep tcpip.Endpoint
+}
+
+func (p *peer) dial(t testing.TB, dst netip.AddrPort) (*clientConn, error) {
+	t.Helper()
+	proto := ipv4.ProtocolNumber
+	if dst.Addr().Is6() {
+		proto = ipv6.ProtocolNumber
+	}
+	var wq waiter.Queue
+	ep, terr := p.client.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
+	if terr != nil {
+		t.Fatalf("client endpoint: %v", terr)
+	}
+	entry, done := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	addr := tcpip.FullAddress{Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}
+	terr = ep.Connect(addr)
+	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			ep.Close()
+			return nil, errors.New("connect timed out")
+		}
+		terr = ep.LastError()
+	}
+	if terr != nil {
+		ep.Close()
+		return nil, goError("connect", terr)
+	}
+	return &clientConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, nil
+}
+
+// listen starts a loopback TCP server whose handler runs once per connection.
+func listen(t testing.TB, handle func(c *net.TCPConn)) uint16 {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				handle(c)
+			})
+		}
+	})
+	return uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+func echo(c *net.TCPConn) {
+	io.Copy(c, c)
+	c.CloseWrite()
+}
+
+func TestEchoLarge(t *testing.T) {
+	for _, dst := range []string{"192.0.2.2", "2001:db8::2"} {
+		t.Run(dst, func(t *testing.T) {
+			p := newPeer(t, Config{})
+			port := listen(t, echo)
+			c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr(dst), port))
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer c.Close()
+			data := make([]byte, 4<<20)
+			rand.NewChaCha8([32]byte{1}).Read(data)
+			errc := make(chan error, 1)
+			go func() {
+				_, err := c.Write(data)
+				if err == nil {
+					err = c.CloseWrite()
+				}
+				errc <- err
+			}()
+			got, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatalf("read echo: %v", err)
+			}
+			if err := <-errc; err != nil {
+				t.Fatalf("write: %v", err)
+			}
+			if sha256.Sum256(got) != sha256.Sum256(data) {
+				t.Fatalf("echo differs: got %d bytes, want %d", len(got), len(data))
+			}
+			want := netip.AddrPortFrom(netip.MustParseAddr(dst), port).String()
+			if p.dialer.dsts[0] != want {
+				t.Errorf("dialed %q, want %q", p.dialer.dsts[0], want)
+			}
+		})
+	}
+}
+
+// TestHalfClose checks that data sent after the client's FIN still arrives,
+// and that the upstream sees EOF rather than a reset.
+func TestHalfClose(t *testing.T) {
+	p := newPeer(t, Config{})
+	port := listen(t, func(c *net.TCPConn) {
+		got, err := io.ReadAll(c)
+		if err != nil {
+			return
+		}
+		// Answer only after the client's FIN, and in several writes.
+		sum := sha256.Sum256(got)
+		for range 3 {
+			c.Write(sum[:])
+		}
+	})
+	c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	msg := bytes.Repeat([]byte("half-close "), 10000)
+	if _, err := c.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatalf("close write: %v", err)
+	}
+	got, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("read after half-close: %v", err)
+	}
+	sum := sha256.Sum256(msg)
+	want := bytes.Repeat(sum[:], 3)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("reply after FIN: got %d bytes, want %d", len(got), len(want))
+	}
+}
+
+func TestUpstreamRefusedResetsClient(t *testing.T) {
+	p := newPeer(t, Config{})
+	// A port that was just free: nothing listens there.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	ln.Close()
+
+	start := time.Now()
+	c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+	if err == nil {
+		c.Close()
+		t.Fatal("dial succeeded, want connection refused")
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("dial error %v, want ECONNREFUSED (a RST in reply to the SYN)", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("refusal took %v", d)
+	}
+}
+
+func TestUpstreamResetReachesClient(t *testing.T) {
+	p := newPeer(t, Config{})
+	port := listen(t, func(c *net.TCPConn) {
+		buf := make([]byte, 5)
+		io.ReadFull(c, buf)
+		c.SetLinger(0) // close with RST
+	})
+	c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	c.Write([]byte("hello"))
+	_, err = io.ReadAll(c)
+	if err == nil {
+		t.Fatal("read ended with EOF, want a reset")
+	}
+	if le := c.ep.LastError(); le != nil {
+		if _, ok := le.(*tcpip.ErrConnectionReset); !ok {
+			t.Fatalf("client endpoint error %v, want connection reset", le)
+		}
+	}
+}
+
+func TestClientResetReachesUpstream(t *testing.T) {
+	p := newPeer(t, Config{})
+	upErr := make(chan error, 1)
+	started := make(chan struct{})
+	port := listen(t, func(c *net.TCPConn) {
+		// Wait for the first bytes, so the reset hits an established flow.
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			upErr <- err
+			return
+		}
+		close(started)
+		_, err := io.Copy(io.Discard, c)
+		upErr <- err
+	})
+	c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	c.Write([]byte("data"))
+	select {
+	case <-started:
+	case err := <-upErr:
+		t.Fatalf("upstream never got the first bytes: %v", err)
+	}
+	c.ep.Abort()
+	select {
+	case err := <-upErr:
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("upstream read ended with %v, want ECONNRESET", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("upstream never saw the reset")
+	}
+}
+
+func TestCloseResetsFlows(t *testing.T) {
+	p := newPeer(t, Config{})
+	port := listen(t, echo)
+	var conns []*clientConn
+	for range 20 {
+		c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	done := make(chan struct{})
+	go func() {
+		p.st.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not return with flows open")
+	}
+}

@@ -1,0 +1,205 @@
+package stack
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// tcpConn is the client's side of a TCP flow: a net.Conn over a gVisor
+// endpoint. Unlike gonet.TCPConn it keeps the cause of an error (reset,
+// refused, timeout) as a Go error and can abort the connection, which the
+// relay needs to carry a reset to the client.
+type tcpConn struct {
+	ep     tcpip.Endpoint
+	wq     *waiter.Queue
+	local  netip.AddrPort // what the client dialed
+	remote netip.AddrPort // the client
+
+	readMu sync.Mutex // serialises readers, as for a kernel socket
+	rd     deadline
+	wd     deadline
+
+	closeOnce sync.Once
+}
+
+var _ net.Conn = (*tcpConn)(nil)
+
+func newTCPConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *tcpConn {
+	return &tcpConn{ep: ep, wq: wq, local: local, remote: remote, rd: newDeadline(), wd: newDeadline()}
+}
+
+func (c *tcpConn) Read(b []byte) (int, error) {
+	c.readMu.Lock()
+	defer c.readMu.Unlock()
+	if len(b) == 0 {
+		return 0, nil
+	}
+	w := tcpip.SliceWriter(b)
+	res, err := c.ep.Read(&w, tcpip.ReadOptions{})
+	if _, ok := err.(*tcpip.ErrWouldBlock); ok {
+		entry, ready := waiter.NewChannelEntry(waiter.ReadableEvents)
+		c.wq.EventRegister(&entry)
+		defer c.wq.EventUnregister(&entry)
+		for {
+			res, err = c.ep.Read(&w, tcpip.ReadOptions{})
+			if _, ok := err.(*tcpip.ErrWouldBlock); !ok {
+				break
+			}
+			select {
+			case <-ready:
+			case <-c.rd.expired():
+				return 0, c.opError("read", os.ErrDeadlineExceeded)
+			}
+		}
+	}
+	switch err.(type) {
+	case nil:
+		c.ep.ModerateRecvBuf(res.Count)
+		return res.Count, nil
+	case *tcpip.ErrClosedForReceive:
+		return 0, io.EOF
+	}
+	return 0, c.opError("read", goError("read", err))
+}
+
+func (c *tcpConn) Write(b []byte) (int, error) {
+	var (
+		r       bytes.Reader
+		written int
+		ready   <-chan struct{}
+	)
+	for written < len(b) {
+		r.Reset(b[written:])
+		n, err := c.ep.Write(&r, tcpip.WriteOptions{})
+		written += int(n)
+		switch err.(type) {
+		case nil:
+			continue
+		case *tcpip.ErrWouldBlock:
+		default:
+			return written, c.opError("write", goError("write", err))
+		}
+		if ready == nil {
+			// Register, then retry once before sleeping: the window may have
+			// opened between the failed write and the registration.
+			var entry waiter.Entry
+			entry, ready = waiter.NewChannelEntry(waiter.WritableEvents)
+			c.wq.EventRegister(&entry)
+			defer c.wq.EventUnregister(&entry)
+			continue
+		}
+		select {
+		case <-ready:
+		case <-c.wd.expired():
+			return written, c.opError("write", os.ErrDeadlineExceeded)
+		}
+	}
+	return written, nil
+}
+
+// CloseWrite sends a FIN to the client and keeps the receive side open.
+func (c *tcpConn) CloseWrite() error {
+	if err := c.ep.Shutdown(tcpip.ShutdownWrite); err != nil {
+		return c.opError("close", goError("shutdown", err))
+	}
+	return nil
+}
+
+// CloseRead stops reading from the client.
+func (c *tcpConn) CloseRead() error {
+	if err := c.ep.Shutdown(tcpip.ShutdownRead); err != nil {
+		return c.opError("close", goError("shutdown", err))
+	}
+	return nil
+}
+
+// Abort sends a RST to the client and releases the endpoint. It and Close
+// release the endpoint once between them.
+func (c *tcpConn) Abort() {
+	c.closeOnce.Do(func() {
+		c.ep.Abort()
+		c.rd.stop()
+		c.wd.stop()
+	})
+}
+
+func (c *tcpConn) Close() error {
+	c.closeOnce.Do(func() {
+		c.ep.Close()
+		c.rd.stop()
+		c.wd.stop()
+	})
+	return nil
+}
+
+func (c *tcpConn) LocalAddr() net.Addr  { return net.TCPAddrFromAddrPort(c.local) }
+func (c *tcpConn) RemoteAddr() net.Addr { return net.TCPAddrFromAddrPort(c.remote) }
+
+func (c *tcpConn) SetDeadline(t time.Time) error {
+	c.rd.set(t)
+	c.wd.set(t)
+	return nil
+}
+func (c *tcpConn) SetReadDeadline(t time.Time) error  { c.rd.set(t); return nil }
+func (c *tcpConn) SetWriteDeadline(t time.Time) error { c.wd.set(t); return nil }
+
+func (c *tcpConn) opError(op string, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}
+
+// deadline is a channel that closes when a settable point in time passes.
+type deadline struct {
+	mu    sync.Mutex
+	timer *time.Timer
+	ch    chan struct{}
+}
+
+func newDeadline() deadline { return deadline{ch: make(chan struct{})} }
+
+func (d *deadline) expired() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ch
+}
+
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil && !d.timer.Stop() {
+		// The old timer fired and closed ch: start from a fresh channel.
+		d.ch = make(chan struct{})
+	}
+	d.timer = nil
+	select {
+	case <-d.ch:
+		d.ch = make(chan struct{})
+	default:
+	}
+	if t.IsZero() {
+		return
+	}
+	wait := time.Until(t)
+	if wait <= 0 {
+		close(d.ch)
+		return
+	}
+	ch := d.ch
+	d.timer = time.AfterFunc(wait, func() { close(ch) })
+}
+
+func (d *deadline) stop() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+}

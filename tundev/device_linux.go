@@ -1,0 +1,368 @@
+package tundev
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"unicode"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// DefaultName is the interface name used when Config.Name is "".
+	DefaultName = "netstack0"
+	// DefaultMTU is the MTU used when Config.MTU (or FromFile's mtu) is 0.
+	DefaultMTU = 1500
+
+	// minMTU and maxMTU are the TUN driver's limits (ETH_MIN_MTU and
+	// MAX_MTU in drivers/net/tun.c).
+	minMTU = 68
+	maxMTU = 65535
+	// minMTU6 is IPv6's minimum link MTU (RFC 8200 section 5); below it the
+	// kernel disables IPv6 on the interface and refuses IPv6 addresses.
+	minMTU6 = 1280
+)
+
+// Config says which TUN interface Create opens and how it configures it.
+// The zero value asks for "netstack0" in the current namespace, MTU 1500,
+// no addresses and no routes.
+type Config struct {
+	// Name is the interface name; "" means DefaultName. A name that
+	// contains "%d" lets the kernel pick the number (Device.Name tells).
+	// If a persistent TUN of that name exists, Create attaches to it.
+	Name string
+	// NetnsPath is the network namespace to create and configure the
+	// interface in, as a file such as /run/netns/NAME or /proc/PID/ns/net;
+	// "" means the current namespace. The calling threads stay where they
+	// are. In another namespace, Create also sets its loopback up.
+	NetnsPath string
+	// MTU is the interface MTU; 0 means DefaultMTU.
+	MTU int
+	// Addrs are the addresses to add to the interface, with their prefix
+	// lengths (198.18.0.1/15). IPv6 addresses skip duplicate address
+	// detection, so they are usable at once.
+	Addrs []netip.Prefix
+	// Routes are the destinations to route through the interface, added by
+	// Up after the link is up; nil means none. Host bits must be zero.
+	Routes []netip.Prefix
+	// Logger receives configuration events; nil means discard.
+	Logger *slog.Logger
+}
+
+// Device is an open TUN interface. Read and Write move whole IP packets and
+// may be called concurrently with each other and with Close.
+type Device struct {
+	file  *os.File // non-blocking, so the runtime poller owns it
+	name  string
+	mtu   int
+	netns string // Config.NetnsPath, for logs
+	log   *slog.Logger
+
+	mu     sync.Mutex // guards link, isUp and closed
+	link   *link      // nil for FromFile devices
+	isUp   bool
+	routes []netip.Prefix
+	closed bool
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Create opens the TUN interface cfg describes, creating it or attaching to
+// a persistent one, and configures its MTU and addresses. The link stays
+// down until Up. On error, everything done so far is undone.
+func Create(cfg Config) (_ *Device, err error) {
+	if err := cfg.normalize(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	where := "the current netns"
+	ns := noNetns
+	if cfg.NetnsPath != "" {
+		where = "netns " + cfg.NetnsPath
+		if ns, err = openNetns(cfg.NetnsPath); err != nil {
+			return nil, err
+		}
+		defer unix.Close(ns)
+	}
+
+	// The TUN must be opened by a thread inside the namespace; the netlink
+	// socket opened beside it keeps working there from any thread.
+	fd := -1
+	var name string
+	var created bool
+	var h *netlink.Handle
+	err = runInNetns(ns, func() error {
+		var err error
+		if fd, name, created, err = openTUN(cfg.Name); err != nil {
+			return err
+		}
+		h, err = newHandle(noNetns)
+		return err
+	})
+	if err != nil {
+		if fd >= 0 {
+			unix.Close(fd) // deletes the interface if we created it
+		}
+		return nil, fmt.Errorf("create tun %q in %s: %w", cfg.Name, where, err)
+	}
+	// Non-blocking before os.NewFile, so that the file is registered with
+	// the poller: a Read then parks in the runtime instead of a syscall,
+	// and Close wakes it with os.ErrClosed.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		h.Close()
+		return nil, fmt.Errorf("create tun %q in %s: set non-blocking: %w", name, where, err)
+	}
+	d := &Device{
+		file:   os.NewFile(uintptr(fd), "tun "+name),
+		name:   name,
+		mtu:    cfg.MTU,
+		netns:  cfg.NetnsPath,
+		log:    log,
+		routes: slices.Clone(cfg.Routes),
+	}
+	l, err := newLink(h, name, where, created, log)
+	if err != nil {
+		d.file.Close()
+		return nil, err
+	}
+	d.link = l
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, d.Close())
+		}
+	}()
+	if err := l.setMTU(cfg.MTU); err != nil {
+		return nil, err
+	}
+	for _, p := range cfg.Addrs {
+		if err := l.addAddr(p); err != nil {
+			return nil, err
+		}
+	}
+	if ns != noNetns {
+		if err := bringUpLoopback(l.h); err != nil {
+			return nil, fmt.Errorf("in %s: %w", where, err)
+		}
+	}
+	verb := "tun attached"
+	if created {
+		verb = "tun created"
+	}
+	log.Info(verb, "tun", name, "netns", cfg.NetnsPath, "mtu", cfg.MTU, "addrs", fmt.Sprint(cfg.Addrs))
+	return d, nil
+}
+
+// normalize fills in defaults and rejects what the kernel would reject less
+// clearly, before anything is created.
+func (c *Config) normalize() error {
+	if c.Name == "" {
+		c.Name = DefaultName
+	}
+	if err := checkName(c.Name); err != nil {
+		return err
+	}
+	if c.MTU == 0 {
+		c.MTU = DefaultMTU
+	}
+	if c.MTU < minMTU || c.MTU > maxMTU {
+		return fmt.Errorf("mtu %d out of range [%d, %d]", c.MTU, minMTU, maxMTU)
+	}
+	v6 := false
+	for _, p := range c.Addrs {
+		if !p.IsValid() || p.Addr().Is4In6() {
+			return fmt.Errorf("address %s: not an IPv4 or IPv6 prefix", p)
+		}
+		v6 = v6 || p.Addr().Is6()
+	}
+	for _, p := range c.Routes {
+		if !p.IsValid() || p.Addr().Is4In6() {
+			return fmt.Errorf("route %s: not an IPv4 or IPv6 prefix", p)
+		}
+		if p != p.Masked() {
+			return fmt.Errorf("route %s: host bits set (did you mean %s?)", p, p.Masked())
+		}
+		v6 = v6 || p.Addr().Is6()
+	}
+	if v6 && c.MTU < minMTU6 {
+		return fmt.Errorf("mtu %d is below %d, the least IPv6 allows, but IPv6 addresses or routes are configured", c.MTU, minMTU6)
+	}
+	return nil
+}
+
+// checkName applies the kernel's dev_valid_name (net/core/dev.c).
+func checkName(name string) error {
+	if len(name) >= unix.IFNAMSIZ {
+		return fmt.Errorf("interface name %q longer than %d bytes", name, unix.IFNAMSIZ-1)
+	}
+	if name == "." || name == ".." || strings.ContainsFunc(name, func(r rune) bool {
+		return r == '/' || r == ':' || unicode.IsSpace(r)
+	}) {
+		return fmt.Errorf("invalid interface name %q", name)
+	}
+	return nil
+}
+
+// FromFile makes a Device of an already configured TUN fd, such as one a
+// parent process created and passed down. Up then does nothing and Close
+// only closes the fd: configuring and removing the interface stay with
+// whoever made it. mtu 0 means DefaultMTU.
+//
+// f must be a TUN fd in IFF_TUN|IFF_NO_PI mode, or a socket that keeps
+// packet boundaries (SOCK_SEQPACKET, SOCK_DGRAM), which tests use in place
+// of a TUN. On success the Device owns the descriptor and f is closed; on
+// error f is left as it was.
+func FromFile(f *os.File, mtu int) (*Device, error) {
+	if mtu == 0 {
+		mtu = DefaultMTU
+	}
+	if mtu < minMTU || mtu > maxMTU {
+		return nil, fmt.Errorf("mtu %d out of range [%d, %d]", mtu, minMTU, maxMTU)
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("device from %s: %w", f.Name(), err)
+	}
+	var name string
+	var fd int
+	cerr := rc.Control(func(sysfd uintptr) {
+		if name, err = checkPacketFD(int(sysfd)); err != nil {
+			return
+		}
+		// A duplicate made non-blocking becomes poller-owned in
+		// os.NewFile, whether or not f was: a file created from a
+		// blocking fd would leave Read stuck in read(2) past Close.
+		if fd, err = unix.FcntlInt(sysfd, unix.F_DUPFD_CLOEXEC, 0); err != nil {
+			return
+		}
+		if err = unix.SetNonblock(fd, true); err != nil {
+			unix.Close(fd)
+		}
+	})
+	if err = errors.Join(cerr, err); err != nil {
+		return nil, fmt.Errorf("device from %s: %w", f.Name(), err)
+	}
+	if name == "" {
+		name = f.Name()
+	}
+	f.Close()
+	return &Device{
+		file: os.NewFile(uintptr(fd), "tun "+name),
+		name: name,
+		mtu:  mtu,
+		log:  slog.New(slog.DiscardHandler),
+	}, nil
+}
+
+// Up sets the link up and then adds Config.Routes, so a caller that sees the
+// routes knows the device is ready. If a route cannot be added, Up removes
+// those it added and sets the link down again. Calling Up again does
+// nothing; for a device from FromFile, Up does nothing.
+func (d *Device) Up() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return fmt.Errorf("set %s up: %w", d.name, os.ErrClosed)
+	}
+	if d.link == nil || d.isUp {
+		return nil
+	}
+	if err := d.link.up(d.routes); err != nil {
+		return err
+	}
+	d.isUp = true
+	d.log.Info("tun up", "tun", d.name, "netns", d.netns, "routes", fmt.Sprint(d.routes))
+	return nil
+}
+
+// Read reads one packet into bufs[0][offset:] and its length into sizes[0],
+// and returns 1. It blocks until a packet arrives; after Close it returns
+// an error matching os.ErrClosed. Any error ends the device: a TUN fd whose
+// interface was deleted under it fails with EBADFD.
+//
+// Buffers need room for MTU bytes after offset: the kernel silently
+// truncates a longer packet to the buffer (tun_put_user with IFF_NO_PI), and
+// only the IP header's length field then shows it.
+//
+// Up to len(bufs) packets may be returned by one call in later versions
+// (GSO), as BatchSize says; callers should pass BatchSize buffers.
+func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	if len(bufs) == 0 {
+		return 0, nil
+	}
+	b := bufs[0][offset:]
+	if len(b) == 0 {
+		return 0, fmt.Errorf("read tun %s: %w", d.name, io.ErrShortBuffer)
+	}
+	n, err := d.file.Read(b)
+	if err != nil {
+		return 0, d.ioError(err)
+	}
+	sizes[0] = n
+	return 1, nil
+}
+
+// Write writes each bufs[i][offset:] as one packet and returns how many were
+// written. It stops at the first packet the kernel refuses (EINVAL for one
+// that is not IPv4 or IPv6) and returns its error.
+func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
+	for i, b := range bufs {
+		if _, err := d.file.Write(b[offset:]); err != nil {
+			return i, d.ioError(err)
+		}
+	}
+	return len(bufs), nil
+}
+
+// ioError explains the errors a TUN fd gives that its name alone does not.
+// The *os.PathError from the file already names the operation and the
+// interface ("read tun netstack0: file already closed").
+func (d *Device) ioError(err error) error {
+	if errors.Is(err, unix.EBADFD) {
+		return fmt.Errorf("%w (the interface was deleted)", err)
+	}
+	return err
+}
+
+// BatchSize is the most packets one Read or Write call handles: 1 until the
+// device uses IFF_VNET_HDR offloads.
+func (d *Device) BatchSize() int { return 1 }
+
+// MTU is the MTU the device was configured with.
+func (d *Device) MTU() int { return d.mtu }
+
+// Name is the interface name.
+func (d *Device) Name() string { return d.name }
+
+// Close closes the fd, which wakes a blocked Read with os.ErrClosed, then
+// deletes the interface if Create created it, or else removes the routes
+// and addresses it added and restores the MTU and link state. It works
+// whatever namespace the interface is in. Later calls return the first
+// call's result.
+func (d *Device) Close() error {
+	d.closeOnce.Do(func() {
+		errs := []error{d.file.Close()}
+		d.mu.Lock()
+		d.closed = true
+		if d.link != nil {
+			errs = append(errs, d.link.undo())
+			d.link = nil
+		}
+		d.mu.Unlock()
+		d.closeErr = errors.Join(errs...)
+		d.log.Info("tun closed", "tun", d.name, "netns", d.netns)
+	})
+	return d.closeErr
+}
