@@ -1,0 +1,561 @@
+package dns
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// Dialer reaches the upstream resolver: DNS over TCP through the proxy.
+// *net.Dialer and every proxy dialer fit it.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// Resolver gives real addresses for names under the direct suffixes.
+// *net.Resolver fits it.
+type Resolver interface {
+	LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
+}
+
+var (
+	_ Dialer   = (*net.Dialer)(nil)
+	_ Resolver = (*net.Resolver)(nil)
+)
+
+// Config configures a Server. The zero value is a Server in ModeOff; every
+// other field's zero value is a usable default.
+type Config struct {
+	// Mode says how queries are answered.
+	Mode Mode
+	// FakeRanges are the fake-IP ranges, at most one IPv4 and one IPv6
+	// prefix. nil or empty means 198.19.0.0/16 and fd00:1919::/96. Without
+	// an IPv6 prefix AAAA queries get an empty answer (likewise A without
+	// IPv4). The network and first address of each range, and the last of
+	// an IPv4 range, are never handed out.
+	FakeRanges []netip.Prefix
+	// FakeTTL is the TTL of fake answers and of direct-suffix answers.
+	// 0 means 10s.
+	FakeTTL time.Duration
+	// DirectSuffixes are names whose A and AAAA queries, for the names and
+	// everything under them, are answered with real addresses from
+	// DirectResolver in fake-ip mode. "localhost" is always one.
+	DirectSuffixes []string
+	// DirectResolver resolves the direct names. nil means net.DefaultResolver,
+	// which queries from netstackd's own namespace, not through the proxy.
+	DirectResolver Resolver
+	// Upstream is the resolver, "host:port" (a bare address means port 53),
+	// that remote mode forwards every query to and fake-ip mode forwards
+	// the query types it does not answer itself to. "" means the first
+	// nameserver of /etc/resolv.conf, port 53.
+	Upstream string
+	// Dialer reaches Upstream over TCP (RFC 7766); give it the proxy dialer
+	// so that queries leave through the proxy. nil means a net.Dialer, which
+	// reaches Upstream directly.
+	Dialer Dialer
+	// CacheSize bounds the cache of forwarded answers, in entries. 0 means
+	// 4096.
+	CacheSize int
+	// Logger receives the server's logs; nil discards them.
+	Logger *slog.Logger
+}
+
+const (
+	headerLen = 12
+	// maxUDPPayload caps replies over UDP whatever EDNS size the client
+	// offers: 1232 bytes fits any link of the IPv6 minimum MTU 1280 without
+	// fragmentation (DNS Flag Day 2020), and the stack drops replies larger
+	// than its link MTU. It is also the size our OPT record advertises.
+	maxUDPPayload = 1232
+	// upstreamTimeout bounds one forwarded query or direct lookup, dial
+	// included.
+	upstreamTimeout = 5 * time.Second
+	// maxUpstreamInFlight bounds forwarded queries waiting for the upstream.
+	maxUpstreamInFlight = 256
+	// streamIdle ends a DNS-over-TCP connection with no query for this long
+	// (RFC 7766 §6.2.3 suggests tens of seconds) and bounds each write.
+	streamIdle = 30 * time.Second
+	// maxStreamInFlight bounds the pipelined queries of one TCP connection
+	// answered at once; further ones wait to be read.
+	maxStreamInFlight = 16
+	defaultFakeTTL    = 10 * time.Second
+	defaultCacheSize  = 4096
+	resolvConfPath    = "/etc/resolv.conf"
+	// warnEvery rate-limits the warnings a peer can trigger.
+	warnEvery = 10 * time.Second
+)
+
+func defaultFakeRanges() []netip.Prefix {
+	return []netip.Prefix{
+		netip.MustParsePrefix("198.19.0.0/16"),
+		netip.MustParsePrefix("fd00:1919::/96"),
+	}
+}
+
+// errOff is returned by ServeStream in ModeOff.
+var errOff = errors.New("dns mode off: streams are not served")
+
+// Server answers intercepted DNS queries. Its methods are safe for
+// concurrent use.
+type Server struct {
+	mode     Mode
+	log      *slog.Logger
+	pool     *pool // fake-ip mode only
+	fakeTTL  uint32
+	direct   []string
+	resolver Resolver
+	upstream string
+	dialer   Dialer
+	cache    *cache
+	sem      chan struct{} // forwarded queries in flight
+	now      func() time.Time
+
+	warnPool     limitedLog
+	warnUpstream limitedLog
+
+	ctx       context.Context // cancelled by Close
+	cancel    context.CancelFunc
+	mu        sync.Mutex
+	closed    bool
+	active    sync.WaitGroup // Answer and ServeStream calls in progress
+	closeOnce sync.Once
+}
+
+// New builds a Server. In fake-ip and remote modes it needs an upstream:
+// Config.Upstream or a nameserver in /etc/resolv.conf.
+func New(cfg Config) (*Server, error) {
+	s := &Server{
+		mode:         cfg.Mode,
+		log:          cfg.Logger,
+		now:          time.Now,
+		warnPool:     limitedLog{every: warnEvery},
+		warnUpstream: limitedLog{every: warnEvery},
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	switch cfg.Mode {
+	case ModeOff:
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		return s, nil
+	case ModeFakeIP, ModeRemote:
+	default:
+		return nil, fmt.Errorf("dns mode %v: unknown", cfg.Mode)
+	}
+
+	if cfg.Mode == ModeFakeIP {
+		ranges := cfg.FakeRanges
+		if len(ranges) == 0 {
+			ranges = defaultFakeRanges()
+		}
+		p, err := newPool(ranges)
+		if err != nil {
+			return nil, err
+		}
+		s.pool = p
+		ttl := cfg.FakeTTL
+		switch {
+		case ttl == 0:
+			ttl = defaultFakeTTL
+		case ttl < 0 || ttl > time.Duration(1<<31-1)*time.Second:
+			return nil, fmt.Errorf("fake ttl %v: want 0 to 2^31-1 seconds", ttl)
+		}
+		s.fakeTTL = uint32((ttl + time.Second - 1) / time.Second)
+		for _, suffix := range cfg.DirectSuffixes {
+			n := normaliseName(strings.TrimPrefix(suffix, "."))
+			if n == "" {
+				return nil, fmt.Errorf("direct suffix %q: empty", suffix)
+			}
+			s.direct = append(s.direct, n)
+		}
+		s.direct = append(s.direct, "localhost")
+		s.resolver = cfg.DirectResolver
+		if s.resolver == nil {
+			s.resolver = net.DefaultResolver
+		}
+	}
+
+	up, err := upstreamAddr(cfg.Upstream, resolvConfPath)
+	if err != nil {
+		return nil, err
+	}
+	s.upstream = up
+	s.dialer = cfg.Dialer
+	if s.dialer == nil {
+		s.dialer = &net.Dialer{}
+	}
+	if cfg.CacheSize < 0 {
+		return nil, fmt.Errorf("dns cache size %d: negative", cfg.CacheSize)
+	}
+	size := cfg.CacheSize
+	if size == 0 {
+		size = defaultCacheSize
+	}
+	s.cache = newCache(size)
+	s.sem = make(chan struct{}, maxUpstreamInFlight)
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.log.Info("dns server", "mode", s.mode.String(), "upstream", s.upstream)
+	return s, nil
+}
+
+// upstreamAddr validates the configured upstream, or reads the first
+// nameserver from resolvConf when it is empty.
+func upstreamAddr(upstream, resolvConf string) (string, error) {
+	if upstream == "" {
+		cc, err := dns.ClientConfigFromFile(resolvConf)
+		if err != nil {
+			return "", fmt.Errorf("no dns upstream given, read %s: %w", resolvConf, err)
+		}
+		if len(cc.Servers) == 0 {
+			return "", fmt.Errorf("no dns upstream given and no nameserver in %s", resolvConf)
+		}
+		return net.JoinHostPort(cc.Servers[0], "53"), nil
+	}
+	if host, port, err := net.SplitHostPort(upstream); err == nil {
+		if host == "" || port == "" {
+			return "", fmt.Errorf("dns upstream %q: want host:port", upstream)
+		}
+		return upstream, nil
+	}
+	if _, err := netip.ParseAddr(upstream); err == nil || !strings.Contains(upstream, ":") {
+		return net.JoinHostPort(upstream, "53"), nil
+	}
+	return "", fmt.Errorf("dns upstream %q: want host:port", upstream)
+}
+
+// enter registers an Answer or ServeStream call, unless the server is
+// closed.
+func (s *Server) enter() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.active.Add(1)
+	return true
+}
+
+// Close stops the server: forwarded queries in flight are abandoned,
+// ServeStream calls return, and later queries get no answer. It waits for
+// the Answer and ServeStream calls in progress to return, and may be called
+// more than once.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		s.cancel()
+		s.active.Wait()
+	})
+	return nil
+}
+
+// Answer answers one DNS message and returns the reply, or nil when there
+// is none to send: in ModeOff, for a message shorter than a DNS header, for
+// a response (never answered, so that no two resolvers loop) and after
+// Close. Over UDP (overTCP false) the reply fits the client's EDNS0 UDP
+// size, or 512 bytes without EDNS0, capped at 1232; what does not fit is
+// cut and TC set so that the client retries over TCP. A message that does
+// not parse gets FORMERR. The reply's ID and question are the query's.
+func (s *Server) Answer(ctx context.Context, query []byte, overTCP bool) []byte {
+	if s.mode == ModeOff || len(query) < headerLen || query[2]&0x80 != 0 {
+		return nil
+	}
+	if !s.enter() {
+		return nil
+	}
+	defer s.active.Done()
+	req := new(dns.Msg)
+	if err := req.Unpack(query); err != nil {
+		if s.log.Enabled(ctx, slog.LevelDebug) {
+			s.log.Debug("dns query malformed", "err", err)
+		}
+		return rawReply(query, dns.RcodeFormatError)
+	}
+	limit := dns.MaxMsgSize
+	if !overTCP {
+		limit = udpLimit(req)
+	}
+	resp := s.handle(ctx, req)
+	if s.log.Enabled(ctx, slog.LevelDebug) && len(resp.Question) > 0 {
+		q := resp.Question[0]
+		s.log.Debug("dns query", "name", q.Name, "qtype", dns.TypeToString[q.Qtype],
+			"rcode", dns.RcodeToString[resp.Rcode], "answers", len(resp.Answer))
+	}
+	return pack(query, req, resp, limit)
+}
+
+// handle answers a parsed query. The reply has no OPT record yet.
+func (s *Server) handle(ctx context.Context, req *dns.Msg) *dns.Msg {
+	if req.Opcode != dns.OpcodeQuery {
+		return reply(req, dns.RcodeNotImplemented)
+	}
+	opts := 0
+	for _, rr := range req.Extra {
+		if rr.Header().Rrtype == dns.TypeOPT {
+			opts++
+		}
+	}
+	if len(req.Question) != 1 || opts > 1 { // RFC 6891 §6.1.1
+		return reply(req, dns.RcodeFormatError)
+	}
+	if opt := req.IsEdns0(); opt != nil && opt.Version() != 0 {
+		return reply(req, dns.RcodeBadVers) // RFC 6891 §6.1.3
+	}
+	switch req.Question[0].Qtype {
+	case dns.TypeOPT:
+		return reply(req, dns.RcodeFormatError)
+	case dns.TypeAXFR, dns.TypeIXFR:
+		// Zone transfers span many messages; we relay one exchange.
+		return reply(req, dns.RcodeRefused)
+	}
+	if s.mode == ModeFakeIP {
+		return s.answerFake(ctx, req)
+	}
+	return s.forward(ctx, req)
+}
+
+// reply starts a reply to req with the given rcode.
+func reply(req *dns.Msg, rcode int) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetRcode(req, rcode)
+	m.RecursionAvailable = true
+	return m
+}
+
+// udpLimit is the largest reply the client of req takes over UDP.
+func udpLimit(req *dns.Msg) int {
+	opt := req.IsEdns0()
+	if opt == nil {
+		return dns.MinMsgSize
+	}
+	return min(max(int(opt.UDPSize()), dns.MinMsgSize), maxUDPPayload)
+}
+
+// pack adds our OPT record when the query had one, cuts resp to limit
+// bytes and packs it. A reply that cannot be packed or cut degrades to one
+// without records, then to a bare header built from the query.
+func pack(query []byte, req, resp *dns.Msg, limit int) []byte {
+	resp.Id = req.Id
+	resp.Extra = slices.DeleteFunc(resp.Extra, func(rr dns.RR) bool {
+		return rr == nil || rr.Header().Rrtype == dns.TypeOPT
+	})
+	if req.IsEdns0() != nil {
+		// We do not validate DNSSEC (fake answers cannot be signed), so
+		// the DO bit is not set (RFC 3225 §3 is for servers that do).
+		opt := &dns.OPT{Hdr: dns.RR_Header{Name: ".", Rrtype: dns.TypeOPT}}
+		opt.SetUDPSize(maxUDPPayload)
+		resp.Extra = append(resp.Extra, opt)
+	} else if resp.Rcode > 0xF {
+		// An extended rcode needs an OPT record to travel in.
+		resp = reply(req, dns.RcodeServerFailure)
+	}
+	resp.Truncate(limit)
+	if b, err := resp.Pack(); err == nil && len(b) <= limit {
+		return b
+	}
+	bare := reply(req, dns.RcodeServerFailure)
+	if b, err := bare.Pack(); err == nil && len(b) <= limit {
+		return b
+	}
+	return rawReply(query, dns.RcodeServerFailure)
+}
+
+// rawReply builds a reply of header only to a query whose header is the
+// first 12 bytes of query: its ID, opcode and RD bit, with rcode.
+func rawReply(query []byte, rcode int) []byte {
+	b := make([]byte, headerLen)
+	copy(b[:2], query[:2])
+	b[2] = 0x80 | query[2]&0x79 // QR, opcode, RD
+	b[3] = 0x80 | byte(rcode&0xF)
+	return b
+}
+
+// ServeStream answers DNS over TCP (RFC 7766) on c: messages with a 2-byte
+// length prefix, pipelined queries answered concurrently and possibly out
+// of order, until the client closes its side, stays idle for 30s, ctx is
+// cancelled or the server closes. It returns nil after a clean end (EOF or
+// idle), else why it stopped. ServeStream does not close c: the caller owns
+// it and closes it after ServeStream returns. To wake a blocked read when
+// ctx ends, ServeStream sets a deadline in the past on c. In ModeOff it
+// returns an error at once.
+func (s *Server) ServeStream(ctx context.Context, c net.Conn) error {
+	if s.mode == ModeOff {
+		return errOff
+	}
+	if !s.enter() {
+		return net.ErrClosed
+	}
+	defer s.active.Done()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stopClose := context.AfterFunc(s.ctx, func() { cancel(net.ErrClosed) })
+	defer stopClose()
+	// Cancelling a context does not wake a blocked Read; a deadline in the
+	// past does.
+	stopWake := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+	defer stopWake()
+
+	var (
+		wg  sync.WaitGroup
+		wmu sync.Mutex // one reply written at a time
+		sem = make(chan struct{}, maxStreamInFlight)
+		br  = bufio.NewReader(c)
+		err error
+	)
+	for {
+		// Set the deadline before checking ctx: if ctx ends after the
+		// check, its past deadline overrides this one.
+		c.SetReadDeadline(time.Now().Add(streamIdle))
+		if ctx.Err() != nil {
+			break
+		}
+		var q []byte
+		if q, err = readFrame(br); err != nil {
+			break
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			s.answerStream(ctx, cancel, c, &wmu, q)
+		})
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return nil
+	}
+	return fmt.Errorf("read dns query: %w", err)
+}
+
+// answerStream answers one query of a stream and writes the reply; a write
+// failure ends the stream.
+func (s *Server) answerStream(ctx context.Context, cancel context.CancelCauseFunc, c net.Conn, wmu *sync.Mutex, q []byte) {
+	resp := s.Answer(ctx, q, true)
+	if resp == nil {
+		return
+	}
+	wmu.Lock()
+	defer wmu.Unlock()
+	c.SetWriteDeadline(time.Now().Add(streamIdle))
+	if ctx.Err() != nil {
+		return
+	}
+	if err := writeFrame(c, resp); err != nil {
+		cancel(fmt.Errorf("write dns reply: %w", err))
+	}
+}
+
+// readFrame reads one length-prefixed message (RFC 1035 §4.2.2). It
+// returns io.EOF only when the stream ends between messages.
+func readFrame(r io.Reader) ([]byte, error) {
+	var l [2]byte
+	if _, err := io.ReadFull(r, l[:]); err != nil {
+		return nil, err
+	}
+	b := make([]byte, binary.BigEndian.Uint16(l[:]))
+	if _, err := io.ReadFull(r, b); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return b, nil
+}
+
+// writeFrame writes msg with its length prefix in one Write.
+func writeFrame(w io.Writer, msg []byte) error {
+	b := make([]byte, 2+len(msg))
+	binary.BigEndian.PutUint16(b, uint16(len(msg)))
+	copy(b[2:], msg)
+	_, err := w.Write(b)
+	return err
+}
+
+// Mode returns the mode the server was built with. In ModeOff the caller
+// relays DNS as ordinary traffic; in the other modes it hands every DNS
+// message to the server and drops those Answer returns nil for.
+func (s *Server) Mode() Mode { return s.mode }
+
+// Resolve returns the name mapped to a fake address, for the flow dialer to
+// dial "name:port" instead. It reports false outside fake-ip mode, outside
+// the fake ranges, and for an address no name maps to. Call it after Hold,
+// so that the mapping cannot change in between.
+func (s *Server) Resolve(addr netip.Addr) (name string, ok bool) {
+	if s.pool == nil {
+		return "", false
+	}
+	return s.pool.name(addr)
+}
+
+// IsFake reports whether addr is inside a fake range, mapped or not. A flow
+// to an unmapped fake address has no name to dial and must be refused.
+func (s *Server) IsFake(addr netip.Addr) bool {
+	return s.pool != nil && s.pool.rangeFor(addr) != nil
+}
+
+// Hold pins the mapping of a fake address for the life of a flow: it is
+// never recycled for another name until release is called. Holds nest;
+// release is idempotent. For an address that is not mapped Hold does
+// nothing and release is a no-op.
+func (s *Server) Hold(addr netip.Addr) (release func()) {
+	if s.pool == nil {
+		return func() {}
+	}
+	return s.pool.hold(addr)
+}
+
+// opContext bounds one upstream operation by upstreamTimeout and by Close.
+func (s *Server) opContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(ctx, upstreamTimeout)
+	stop := context.AfterFunc(s.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+// limitedLog lets one warning through per interval and counts the rest,
+// for what a peer can trigger at will.
+type limitedLog struct {
+	every time.Duration
+
+	mu         sync.Mutex
+	next       time.Time
+	suppressed int
+}
+
+func (l *limitedLog) warn(log *slog.Logger, now time.Time, msg string, args ...any) {
+	l.mu.Lock()
+	if now.Before(l.next) {
+		l.suppressed++
+		l.mu.Unlock()
+		return
+	}
+	n := l.suppressed
+	l.suppressed = 0
+	l.next = now.Add(l.every)
+	l.mu.Unlock()
+	if n > 0 {
+		args = append(args, "suppressed", n)
+	}
+	log.Warn(msg, args...)
+}
