@@ -63,6 +63,12 @@ type Config struct {
 	// MaxUDPFlows caps UDP associations; beyond it the least recently active
 	// one is evicted. 0 means 16384.
 	MaxUDPFlows int
+	// DNS, when set, answers every UDP and TCP flow to port 53, whatever
+	// its destination, so no query from a client leaves unless DNS sends it.
+	DNS DNS
+	// Names, when set, turns flows to fake addresses into flows to names.
+	// A flow to a fake address with no name is refused.
+	Names FakeNames
 	// ForwardPing sends echo requests on with the host's unprivileged ping
 	// sockets, so round-trip times are real. When false, or where the host
 	// does not allow ping sockets, the stack answers every echo request.
@@ -161,7 +167,7 @@ func New(cfg Config) (*Stack, error) {
 	})
 	fwd := tcp.NewForwarder(st.s, 0, cfg.MaxInFlight, st.handleTCP)
 	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
-	if cfg.UDP != nil {
+	if cfg.UDP != nil || cfg.DNS != nil {
 		st.udp = newUDPTable(st, cfg.UDP, cfg.UDPTimeout, cfg.MaxUDPFlows)
 		st.s.SetTransportProtocolHandler(udp.ProtocolNumber, st.udp.handlePacket)
 	}
@@ -255,11 +261,22 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		return
 	}
 
+	if st.cfg.DNS != nil && dst.Port() == 53 {
+		st.serveDNSStream(req, client, dst, log)
+		return
+	}
+	address, release, err := st.upstreamAddress(dst)
+	if err != nil {
+		log.Info("refusing flow", "err", err)
+		req.Complete(true)
+		return
+	}
+	defer release()
 	dialCtx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
-	upstream, err := st.cfg.Dialer.DialContext(dialCtx, "tcp", dst.String())
+	upstream, err := st.cfg.Dialer.DialContext(dialCtx, "tcp", address)
 	cancel()
 	if err != nil {
-		log.Debug("dial failed, resetting client", "err", err)
+		log.Debug("dial failed, resetting client", "address", address, "err", err)
 		req.Complete(true)
 		return
 	}
@@ -281,6 +298,25 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	log.Debug("flow open", "upstream", upstream.RemoteAddr())
 	res := relay(st.ctx, conn, upstream, st.cfg.HalfCloseIdle)
 	log.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.logAttrs()...)
+}
+
+// serveDNSStream answers DNS over TCP on the stack itself: there is nothing
+// to dial first.
+func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.AddrPort, log *slog.Logger) {
+	var wq waiter.Queue
+	ep, terr := req.CreateEndpoint(&wq)
+	if terr != nil {
+		req.Complete(true)
+		return
+	}
+	req.Complete(false)
+	conn := newTCPConn(ep, &wq, dst, client)
+	defer conn.Close()
+	stop := context.AfterFunc(st.ctx, conn.Abort)
+	defer stop()
+	if err := st.cfg.DNS.ServeStream(st.ctx, conn); err != nil {
+		log.Debug("dns over tcp ended", "err", err)
+	}
 }
 
 func addrFrom(a tcpip.Address) netip.Addr {

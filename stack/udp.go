@@ -37,6 +37,9 @@ const (
 	// udpHeadroom is room in front of a received datagram for the IP and
 	// UDP headers of the packet that carries it to the client.
 	udpHeadroom = ipv6HeaderLen + udpHeaderLen
+	// maxDNSInFlight bounds intercepted DNS queries being answered at once;
+	// beyond it queries are dropped and the client retries.
+	maxDNSInFlight = 256
 )
 
 var udpBufs = sync.Pool{New: func() any { b := make([]byte, udpHeadroom+maxPacket); return &b }}
@@ -55,7 +58,8 @@ type udpTable struct {
 	closed bool
 	wg     sync.WaitGroup // one per association
 
-	seq          atomic.Uint64
+	dnsSlots     chan struct{} // DNS queries being answered
+	droppedDNS   atomic.Uint64
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	droppedBig   atomic.Uint64 // replies too large for the link MTU
 }
@@ -74,6 +78,8 @@ type udpAssoc struct {
 	udpConn *net.UDPConn // conn, when it is a real socket: the fast path
 	failed  bool
 
+	fakes fakeDests // fake destinations sent to, by name
+
 	mu      sync.Mutex
 	pending []pendingDatagram
 	quote   []byte // the start of the client's first packet, for ICMP errors
@@ -85,7 +91,8 @@ type pendingDatagram struct {
 }
 
 func newUDPTable(st *Stack, dialer UDPDialer, timeout time.Duration, max int) *udpTable {
-	return &udpTable{st: st, dialer: dialer, timeout: timeout, max: max, assocs: make(map[netip.AddrPort]*udpAssoc)}
+	return &udpTable{st: st, dialer: dialer, timeout: timeout, max: max,
+		assocs: make(map[netip.AddrPort]*udpAssoc), dnsSlots: make(chan struct{}, maxDNSInFlight)}
 }
 
 // handlePacket is gVisor's default UDP handler: it runs on the device reader
@@ -107,6 +114,10 @@ func (t *udpTable) handlePacket(id gstack.TransportEndpointID, pkt *gstack.Packe
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
+	if t.st.cfg.DNS != nil && dst.Port() == 53 {
+		t.answerDNS(client, dst, payload)
+		return true
+	}
 	a, created := t.lookup(client)
 	if a == nil {
 		return false
@@ -121,6 +132,9 @@ func (t *udpTable) handlePacket(id gstack.TransportEndpointID, pkt *gstack.Packe
 // lookup finds the association of a client source, creating it (and evicting
 // the least recently active one when the table is full) if there is none.
 func (t *udpTable) lookup(client netip.AddrPort) (*udpAssoc, bool) {
+	if t.dialer == nil {
+		return nil, false // UDP is refused: the stack answers port unreachable
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -236,7 +250,19 @@ func (a *udpAssoc) send(dst netip.AddrPort, payload []byte) {
 
 func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 	var err error
-	if a.udpConn != nil {
+	if names := a.t.st.cfg.Names; names != nil && names.IsFake(dst.Addr()) {
+		d := a.fakes.lookup(dst)
+		if d == nil {
+			hostport, release, err := a.t.st.upstreamAddress(dst)
+			if err != nil {
+				a.log.Info("dropping datagram", "dst", dst, "err", err)
+				return
+			}
+			d = &fakeDest{fake: dst, hostport: hostport, release: release}
+			a.fakes.add(d)
+		}
+		_, err = a.conn.WriteTo(payload, hostAddr(d.hostport))
+	} else if a.udpConn != nil {
 		_, err = a.udpConn.WriteToUDPAddrPort(payload, dst)
 	} else {
 		_, err = a.conn.WriteTo(payload, net.UDPAddrFromAddrPort(dst))
@@ -249,6 +275,7 @@ func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 // run opens the upstream side, flushes what waited for it, then carries
 // replies back until the association idles out or is aborted.
 func (a *udpAssoc) run() {
+	defer a.fakes.releaseAll()
 	defer a.t.remove(a)
 	defer a.cancel()
 	ctx, cancel := context.WithTimeout(a.ctx, a.t.st.cfg.DialTimeout)
@@ -325,9 +352,10 @@ func (a *udpAssoc) receive() {
 // its true source.
 func (a *udpAssoc) receiveOne() error {
 	var (
-		bp   *[]byte
-		n    int
-		from netip.AddrPort
+		bp       *[]byte
+		n        int
+		from     netip.AddrPort
+		fromAddr net.Addr // as the upstream named it, when not a real socket
 	)
 	if a.udpConn != nil {
 		// Borrow a buffer only while a datagram is there, so that an idle
@@ -363,19 +391,23 @@ func (a *udpAssoc) receiveOne() error {
 		}
 	} else {
 		bp = udpBufs.Get().(*[]byte)
-		var addr net.Addr
 		var err error
-		n, addr, err = a.conn.ReadFrom((*bp)[udpHeadroom:])
+		n, fromAddr, err = a.conn.ReadFrom((*bp)[udpHeadroom:])
 		if err != nil {
 			udpBufs.Put(bp)
 			return err
 		}
-		if ua, ok := addr.(*net.UDPAddr); ok {
+		if ua, ok := fromAddr.(*net.UDPAddr); ok {
 			from = ua.AddrPort()
 		}
 	}
 	defer udpBufs.Put(bp)
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+	if !a.fakes.empty() {
+		if fake, ok := a.fakes.replySource(fromAddr, from.Port()); ok {
+			from = fake
+		}
+	}
 	if !from.IsValid() || from.Addr().Is4() != a.client.Addr().Is4() {
 		return nil // a source the client's address family cannot see
 	}
@@ -388,6 +420,40 @@ func (a *udpAssoc) receiveOne() error {
 	pkt := buildUDP((*bp)[start:], from, a.client, (*bp)[udpHeadroom:udpHeadroom+n])
 	a.t.st.link.writeRaw(pkt)
 	return nil
+}
+
+// answerDNS answers an intercepted DNS query off the device reader: an
+// answer may need the upstream resolver.
+func (t *udpTable) answerDNS(client, dst netip.AddrPort, payload []byte) {
+	select {
+	case t.dnsSlots <- struct{}{}:
+	default:
+		t.droppedDNS.Add(1)
+		return
+	}
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		<-t.dnsSlots
+		return
+	}
+	query := append([]byte(nil), payload...)
+	t.wg.Go(func() {
+		defer func() { <-t.dnsSlots }()
+		reply := t.st.cfg.DNS.Answer(t.st.ctx, query, false)
+		if reply == nil {
+			return
+		}
+		hl := ipHeaderLen(client.Addr())
+		if hl+udpHeaderLen+len(reply) > int(t.st.link.mtu) {
+			t.droppedBig.Add(1)
+			return
+		}
+		bp := udpBufs.Get().(*[]byte)
+		defer udpBufs.Put(bp)
+		t.st.link.writeRaw(buildUDP(*bp, dst, client, reply))
+	})
+	t.mu.Unlock()
 }
 
 func sockaddrToAddrPort(sa unix.Sockaddr) netip.AddrPort {

@@ -366,3 +366,21 @@ func (d *Device) Close() error {
 	})
 	return d.closeErr
 }
+
+// DupFile returns a duplicate of the device's descriptor, for handing the
+// TUN to another process (SCM_RIGHTS). The caller owns the duplicate; the
+// interface lives as long as any descriptor for it is open.
+func (d *Device) DupFile() (*os.File, error) {
+	rc, err := d.file.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("dup %s: %w", d.name, err)
+	}
+	var fd int
+	cerr := rc.Control(func(sysfd uintptr) {
+		fd, err = unix.FcntlInt(sysfd, unix.F_DUPFD_CLOEXEC, 0)
+	})
+	if err = errors.Join(cerr, err); err != nil {
+		return nil, fmt.Errorf("dup %s: %w", d.name, err)
+	}
+	return os.NewFile(uintptr(fd), "tun "+d.name), nil
+}
