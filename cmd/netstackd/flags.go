@@ -1,0 +1,236 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// options are the parsed command line.
+type options struct {
+	tun           string
+	netns         string
+	addrs         []netip.Prefix
+	routes        []netip.Prefix
+	routesSet     bool
+	mtu           int
+	proxyURL      string
+	logLevel      slog.Level
+	dialTimeout   time.Duration
+	halfCloseIdle time.Duration
+	maxFlows      int
+	udpTimeout    time.Duration
+	dnsMode       string
+	dnsAddr       netip.Addr // the resolver address netstackd advertises (run's resolv.conf)
+	fakeRanges    []netip.Prefix
+	dnsDirect     []string
+	dnsUpstream   string
+	command       []string   // `run`: the program and its arguments
+}
+
+// errHelp is returned when the user asked for the usage text.
+var errHelp = errors.New("help requested")
+
+// prefixList is a repeatable CIDR flag. The first use replaces the default.
+type prefixList struct {
+	list *[]netip.Prefix
+	set  *bool
+}
+
+func (p prefixList) String() string {
+	if p.list == nil {
+		return ""
+	}
+	s := make([]string, len(*p.list))
+	for i, v := range *p.list {
+		s[i] = v.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func (p prefixList) Set(v string) error {
+	pfx, err := netip.ParsePrefix(v)
+	if err != nil {
+		// A bare address means a host route or host address.
+		a, aerr := netip.ParseAddr(v)
+		if aerr != nil {
+			return fmt.Errorf("%q is not a CIDR", v)
+		}
+		pfx = netip.PrefixFrom(a, a.BitLen())
+	}
+	if !*p.set {
+		*p.list = nil
+		*p.set = true
+	}
+	*p.list = append(*p.list, pfx)
+	return nil
+}
+
+type levelFlag struct{ l *slog.Level }
+
+func (f levelFlag) String() string {
+	if f.l == nil {
+		return "info"
+	}
+	return strings.ToLower(f.l.String())
+}
+
+func (f levelFlag) Set(v string) error {
+	switch strings.ToLower(v) {
+	case "debug":
+		*f.l = slog.LevelDebug
+	case "info":
+		*f.l = slog.LevelInfo
+	case "warn", "warning":
+		*f.l = slog.LevelWarn
+	case "error":
+		*f.l = slog.LevelError
+	default:
+		return fmt.Errorf("unknown level %q (want debug, info, warn or error)", v)
+	}
+	return nil
+}
+
+const usageHead = `netstackd: a userspace TCP/IP stack on a TUN device that relays every
+connection directly or through a proxy.
+
+Usage:
+  netstackd [flags]                  serve a TUN device
+  netstackd run [flags] -- CMD ARGS  run CMD with a network of its own, served by netstackd
+
+Flags:
+`
+
+func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, error) {
+	o := &options{
+		addrs: []netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fd00:1898::1/64")},
+	}
+	var addrsSet bool
+	var socks string
+	fs := flag.NewFlagSet("netstackd", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&o.tun, "tun", "netstack0", "TUN device `name`; created if absent, an existing persistent device is attached to")
+	fs.StringVar(&o.netns, "netns", "", "create and configure the TUN inside the network namespace at `path` (/run/netns/NAME or /proc/PID/ns/net); outbound connections are still made from netstackd's own namespace")
+	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
+	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
+	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
+	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port")
+	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
+	o.logLevel = slog.LevelInfo
+	fs.Var(levelFlag{&o.logLevel}, "log-level", "log `level`: debug|info|warn|error")
+	fs.DurationVar(&o.dialTimeout, "dial-timeout", 10*time.Second, "bound on reaching a flow's upstream; past it the client gets a reset")
+	fs.DurationVar(&o.halfCloseIdle, "tcp-half-close-timeout", 2*time.Minute, "how long the open direction of a half-closed TCP flow may stay silent")
+	fs.IntVar(&o.maxFlows, "max-flows", 65536, "cap on concurrent TCP flows; new ones beyond it are reset")
+	fs.StringVar(&o.dnsMode, "dns", "", "DNS `mode`: fake-ip (default with a proxy) | remote (default when direct) | off")
+	dnsAddr := fs.String("dns-addr", "198.18.0.2", "the resolver `address` netstackd advertises (port 53 is answered on every address)")
+	var rangesSet bool
+	fs.Var(prefixList{&o.fakeRanges, &rangesSet}, "fake-ip-range", "fake-IP pool `CIDR`, repeatable (default 198.19.0.0/16 and fd00:1919::/96)")
+	fs.Func("dns-direct", "names under this `suffix` get real answers in fake-ip mode, repeatable", func(v string) error {
+		v = strings.Trim(strings.TrimSpace(v), ".")
+		if v == "" {
+			return errors.New("empty suffix")
+		}
+		o.dnsDirect = append(o.dnsDirect, v)
+		return nil
+	})
+	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver `HOST:PORT` for remote mode and the query types fake-ip does not answer (default: the first nameserver in /etc/resolv.conf), reached over TCP through the proxy")
+	fs.DurationVar(&o.udpTimeout, "udp-timeout", 60*time.Second, "a UDP association idle this long is closed")
+
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(usageOut, usageHead)
+			fs.SetOutput(usageOut)
+			fs.PrintDefaults()
+			return nil, errHelp
+		}
+		return nil, err
+	}
+	if runMode {
+		if fs.NArg() == 0 {
+			return nil, errors.New("run: no command (netstackd run [flags] -- CMD ARGS)")
+		}
+		o.command = fs.Args()
+		if o.netns != "" {
+			return nil, errors.New("run: --netns does not apply: run makes a namespace of its own")
+		}
+	} else if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	switch o.dnsMode {
+	case "", "off", "fake-ip", "remote":
+	default:
+		return nil, fmt.Errorf("--dns %q: want fake-ip, remote or off", o.dnsMode)
+	}
+	a, err := netip.ParseAddr(*dnsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("--dns-addr %q: not an IP address", *dnsAddr)
+	}
+	o.dnsAddr = a
+	if !rangesSet {
+		o.fakeRanges = []netip.Prefix{netip.MustParsePrefix("198.19.0.0/16"), netip.MustParsePrefix("fd00:1919::/96")}
+	}
+	if o.udpTimeout <= 0 {
+		return nil, fmt.Errorf("--udp-timeout %s: want a positive duration", o.udpTimeout)
+	}
+	if o.tun == "" || len(o.tun) >= 16 || strings.ContainsAny(o.tun, "/ \t") {
+		return nil, fmt.Errorf("--tun %q: want an interface name of 1 to 15 characters without '/' or spaces", o.tun)
+	}
+	if o.mtu < 1280 || o.mtu > 65535 {
+		return nil, fmt.Errorf("--mtu %d: want 1280 to 65535 (IPv6 needs at least 1280)", o.mtu)
+	}
+	if o.dialTimeout <= 0 {
+		return nil, fmt.Errorf("--dial-timeout %s: want a positive duration", o.dialTimeout)
+	}
+	if o.halfCloseIdle <= 0 {
+		return nil, fmt.Errorf("--tcp-half-close-timeout %s: want a positive duration", o.halfCloseIdle)
+	}
+	if o.maxFlows <= 0 {
+		return nil, fmt.Errorf("--max-flows %d: want a positive number", o.maxFlows)
+	}
+	if socks != "" {
+		if o.proxyURL != "" {
+			return nil, errors.New("--socks and --proxy both given: use one")
+		}
+		if _, _, err := net.SplitHostPort(socks); err != nil {
+			return nil, fmt.Errorf("--socks %q: want HOST:PORT", socks)
+		}
+		o.proxyURL = "socks5://" + socks
+	}
+	if o.proxyURL == "" {
+		o.proxyURL = "direct://"
+	}
+	if o.dnsMode == "" {
+		o.dnsMode = "fake-ip"
+		if o.proxyURL == "" || strings.HasPrefix(o.proxyURL, "direct") {
+			o.dnsMode = "remote"
+		}
+	}
+	if !o.routesSet && (o.netns != "" || runMode) {
+		o.routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+	}
+	if o.dnsMode == "fake-ip" && len(o.routes) > 0 {
+		// Fake addresses only work if they reach the TUN.
+		for _, r := range o.fakeRanges {
+			if !covered(r, o.routes) {
+				o.routes = append(o.routes, r)
+			}
+		}
+	}
+	return o, nil
+}
+
+// covered reports whether some route in routes contains all of p.
+func covered(p netip.Prefix, routes []netip.Prefix) bool {
+	for _, r := range routes {
+		if r.Addr().Is4() == p.Addr().Is4() && r.Bits() <= p.Bits() && r.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,176 @@
+// Command netstackd runs a userspace TCP/IP stack on a TUN device and relays
+// every connection that enters it directly or through an upstream proxy.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/netstackd/netstackd/dns"
+	"github.com/netstackd/netstackd/proxy"
+	"github.com/netstackd/netstackd/stack"
+	"github.com/netstackd/netstackd/tundev"
+)
+
+// Exit codes: 2 is a usage error, as for flag and most Unix tools.
+const (
+	exitOK    = 0
+	exitFail  = 1
+	exitUsage = 2
+)
+
+func main() {
+	if blob := os.Getenv(childEnv); blob != "" {
+		os.Exit(runChild(blob))
+	}
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	runMode := len(args) > 0 && args[0] == "run"
+	if runMode {
+		args = args[1:]
+	}
+	opts, err := parseFlags(args, runMode, stdout)
+	if errors.Is(err, errHelp) {
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "netstackd: %v (see netstackd --help)\n", err)
+		return exitUsage
+	}
+	dialer, err := proxy.FromURL(opts.proxyURL, nil)
+	if err != nil {
+		fmt.Fprintf(stderr, "netstackd: --proxy: %v\n", err)
+		return exitUsage
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	resolver, err := newDNS(opts, dialer, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "netstackd: %v\n", err)
+		return exitUsage
+	}
+	if resolver != nil {
+		defer resolver.Close()
+	}
+	serveTUN := func(dev *tundev.Device) (func() error, error) {
+		return startStack(dev, opts, dialer, resolver, log)
+	}
+
+	if runMode {
+		code, err := runCommand(opts, serveTUN, log)
+		if err != nil {
+			log.Error("netstackd run failed", "err", err)
+			if code == exitOK {
+				code = exitFail
+			}
+		}
+		return code
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, opts, serveTUN, log); err != nil {
+		log.Error("netstackd failed", "err", err)
+		return exitFail
+	}
+	return exitOK
+}
+
+// startStack runs the stack on dev and returns the function that stops it
+// (and closes dev).
+func startStack(dev *tundev.Device, opts *options, dialer proxy.Dialer, resolver *dns.Server, log *slog.Logger) (func() error, error) {
+	cfg := stack.Config{
+		Device:        dev,
+		Dialer:        dialer,
+		Logger:        log,
+		MaxFlows:      opts.maxFlows,
+		DialTimeout:   opts.dialTimeout,
+		HalfCloseIdle: opts.halfCloseIdle,
+		UDPTimeout:    opts.udpTimeout,
+	}
+	if u, ok := dialer.(stack.UDPDialer); ok {
+		cfg.UDP = u
+	}
+	_, cfg.ForwardPing = dialer.(proxy.Direct)
+	if resolver != nil {
+		cfg.DNS = resolver
+		if resolver.Mode() == dns.ModeFakeIP {
+			cfg.Names = resolver
+		}
+	}
+	st, err := stack.New(cfg)
+	if err != nil {
+		dev.Close()
+		return nil, err
+	}
+	return st.Close, nil
+}
+
+// newDNS builds the resolver for the chosen mode; nil in off mode.
+func newDNS(opts *options, dialer proxy.Dialer, log *slog.Logger) (*dns.Server, error) {
+	mode, err := dns.ParseMode(opts.dnsMode)
+	if err != nil {
+		return nil, fmt.Errorf("--dns: %w", err)
+	}
+	if mode == dns.ModeOff {
+		return nil, nil
+	}
+	srv, err := dns.New(dns.Config{
+		Mode:           mode,
+		FakeRanges:     opts.fakeRanges,
+		DirectSuffixes: opts.dnsDirect,
+		Upstream:       opts.dnsUpstream,
+		Dialer:         dialer,
+		Logger:         log.With("component", "dns"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dns: %w", err)
+	}
+	return srv, nil
+}
+
+// serve brings the data path up in the order that makes readiness
+// observable: the stack serves the TUN before the link goes up, and the routes
+// appear last, so a caller that sees them knows every packet will be answered.
+func serve(ctx context.Context, opts *options, serveTUN func(*tundev.Device) (func() error, error), log *slog.Logger) error {
+	dev, err := tundev.Create(tundev.Config{
+		Name:      opts.tun,
+		NetnsPath: opts.netns,
+		MTU:       opts.mtu,
+		Addrs:     opts.addrs,
+		Routes:    opts.routes,
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+	stopStack, err := serveTUN(dev)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		_ = notify("STOPPING=1")
+		if err := stopStack(); err != nil {
+			log.Warn("close", "err", err)
+		}
+		log.Info("stopped")
+	}()
+	if err := dev.Up(); err != nil {
+		return err
+	}
+	log.Info("ready", "tun", dev.Name(), "netns", opts.netns, "mtu", dev.MTU(),
+		"addrs", fmt.Sprint(opts.addrs), "routes", fmt.Sprint(opts.routes), "via", opts.proxyURL)
+	if err := notify("READY=1"); err != nil {
+		log.Warn("sd_notify", "err", err)
+	}
+	<-ctx.Done()
+	log.Info("stopping")
+	return nil
+}

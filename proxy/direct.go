@@ -1,0 +1,52 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"syscall"
+	"time"
+)
+
+// defaultTimeout bounds a connect, and a SOCKS5 handshake, when the caller's
+// context does not bound it sooner.
+const defaultTimeout = 10 * time.Second
+
+// Direct dials with real sockets from the daemon's own network namespace.
+// The zero value is ready to use.
+type Direct struct {
+	// Timeout bounds the connect; the context's deadline applies too, the
+	// earlier one wins. 0 means 10s.
+	Timeout time.Duration
+	// KeepAlive is the TCP keep-alive period, as in net.Dialer: 0 means Go's
+	// default (15s), negative turns keep-alives off.
+	KeepAlive time.Duration
+	// Control, if not nil, is called with each socket before it connects,
+	// as net.Dialer.Control is (for SO_MARK, say). Its error aborts the dial.
+	Control func(network, address string, c syscall.RawConn) error
+}
+
+// DialContext connects to address and returns the *net.TCPConn. Errors keep
+// their cause: errors.Is(err, syscall.ECONNREFUSED) holds for a refused
+// connect.
+func (d Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	if err := checkNetwork(network); err != nil {
+		return nil, fmt.Errorf("dial %s direct: %w", address, err)
+	}
+	nd := net.Dialer{
+		Timeout:   d.Timeout,
+		KeepAlive: d.KeepAlive,
+		Control:   d.Control,
+	}
+	if nd.Timeout == 0 {
+		nd.Timeout = defaultTimeout
+	}
+	c, err := nd.DialContext(ctx, network, address)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s direct: %w", address, err)
+	}
+	return c, nil
+}
+
+// String returns "direct".
+func (Direct) String() string { return "direct" }
