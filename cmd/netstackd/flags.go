@@ -31,7 +31,7 @@ type options struct {
 	fakeRanges    []netip.Prefix
 	dnsDirect     []string
 	dnsUpstream   string
-	command       []string   // `run`: the program and its arguments
+	command       []string // `run`: the program and its arguments
 }
 
 // errHelp is returned when the user asked for the usage text.
