@@ -9,7 +9,6 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -289,7 +288,7 @@ func (a *udpAssoc) run() {
 		a.failed = true
 	} else {
 		a.conn = conn
-		a.udpConn, _ = conn.(*net.UDPConn)
+		a.udpConn = kernelSocket(conn)
 	}
 	close(a.ready)
 	a.mu.Unlock()
@@ -310,6 +309,9 @@ func (a *udpAssoc) run() {
 		return
 	}
 	defer conn.Close()
+	if a.udpConn != nil {
+		enableRecvErr(a.udpConn)
+	}
 	a.log.Debug("udp association open", "local", conn.LocalAddr())
 	for _, d := range pending {
 		a.write(d.dst, d.payload)
@@ -384,8 +386,11 @@ func (a *udpAssoc) receiveOne() error {
 			if bp != nil {
 				udpBufs.Put(bp)
 			}
-			if errors.Is(err, syscall.ECONNREFUSED) {
-				return nil // an ICMP error for an earlier datagram: not fatal
+			if isICMPError(err) {
+				// An ICMP error for an earlier datagram: pass it on to the
+				// client, and go on.
+				a.relayICMPErrors()
+				return nil
 			}
 			return err
 		}
@@ -454,6 +459,24 @@ func (t *udpTable) answerDNS(client, dst netip.AddrPort, payload []byte) {
 		t.st.link.writeRaw(buildUDP(*bp, dst, client, reply))
 	})
 	t.mu.Unlock()
+}
+
+// KernelSocket is what a packet conn that is a plain kernel UDP socket may
+// implement (proxy.Direct's does) to let the stack read and write it
+// directly: borrowing buffers only while a datagram is there, and receiving
+// ICMP errors.
+type KernelSocket interface {
+	KernelSocket() *net.UDPConn
+}
+
+func kernelSocket(c net.PacketConn) *net.UDPConn {
+	switch c := c.(type) {
+	case *net.UDPConn:
+		return c
+	case KernelSocket:
+		return c.KernelSocket()
+	}
+	return nil
 }
 
 func sockaddrToAddrPort(sa unix.Sockaddr) netip.AddrPort {

@@ -144,9 +144,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(usageOut, usageHead)
-			fs.SetOutput(usageOut)
-			fs.PrintDefaults()
+			printUsage(usageOut, fs)
 			return nil, errHelp
 		}
 		return nil, err
@@ -233,4 +231,21 @@ func covered(p netip.Prefix, routes []netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// printUsage lists the flags GNU-style, with two dashes, as users type them.
+func printUsage(w io.Writer, fs *flag.FlagSet) {
+	fmt.Fprint(w, usageHead)
+	fs.VisitAll(func(f *flag.Flag) {
+		name, usage := flag.UnquoteUsage(f)
+		line := "  --" + f.Name
+		if name != "" {
+			line += " " + name
+		}
+		fmt.Fprintf(w, "%s\n      %s", line, usage)
+		if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "[]" && !strings.Contains(usage, "default") {
+			fmt.Fprintf(w, " (default %s)", f.DefValue)
+		}
+		fmt.Fprintln(w)
+	})
 }

@@ -1,0 +1,99 @@
+package stack
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+)
+
+// A direct UDP association learns of ICMP errors (port unreachable, say)
+// for its datagrams through the socket's error queue (IP_RECVERR), and
+// passes them on to the client as the same ICMP error from the destination,
+// so a client's connected socket fails at once as it would on a kernel path.
+
+func enableRecvErr(c *net.UDPConn) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return
+	}
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVERR, 1)
+		_ = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVERR, 1)
+	})
+}
+
+func isICMPError(err error) bool {
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) ||
+		errors.Is(err, syscall.ENETUNREACH)
+}
+
+// relayICMPErrors drains the socket's error queue and sends the client a
+// port-unreachable for each port-unreachable the upstream socket received.
+func (a *udpAssoc) relayICMPErrors() {
+	rc, err := a.udpConn.SyscallConn()
+	if err != nil {
+		return
+	}
+	var buf [64]byte
+	var oob [512]byte
+	_ = rc.Control(func(fd uintptr) {
+		for range 16 {
+			_, oobn, _, sa, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+			if err != nil {
+				return
+			}
+			if portUnreachable(oob[:oobn]) {
+				a.sendPortUnreachable(sockaddrToAddrPort(sa))
+			}
+		}
+	})
+}
+
+// portUnreachable reports whether the control messages carry an extended
+// error for an ICMP or ICMPv6 port unreachable.
+func portUnreachable(oob []byte) bool {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
+		return false
+	}
+	for _, m := range msgs {
+		if len(m.Data) < int(unsafe.Sizeof(unix.SockExtendedErr{})) {
+			continue
+		}
+		ee := (*unix.SockExtendedErr)(unsafe.Pointer(&m.Data[0]))
+		switch {
+		case m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_RECVERR &&
+			ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == 3 && ee.Code == 3:
+			return true
+		case m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_RECVERR &&
+			ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == 1 && ee.Code == 4:
+			return true
+		}
+	}
+	return false
+}
+
+// sendPortUnreachable tells the client that dst (as the upstream socket saw
+// it) has no listener, quoting the headers of a datagram it sent there.
+func (a *udpAssoc) sendPortUnreachable(dst netip.AddrPort) {
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if !a.fakes.empty() {
+		if fake, ok := a.fakes.replySource(nil, dst.Port()); ok {
+			dst = fake
+		}
+	}
+	if !dst.IsValid() || dst.Addr().Is4() != a.client.Addr().Is4() {
+		return
+	}
+	var quote [ipv6HeaderLen + udpHeaderLen]byte
+	hl := putIPHeader(quote[:], a.client.Addr(), dst.Addr(), header.UDPProtocolNumber, udpHeaderLen)
+	header.UDP(quote[hl:]).Encode(&header.UDPFields{SrcPort: a.client.Port(), DstPort: dst.Port(), Length: udpHeaderLen})
+	bp := udpBufs.Get().(*[]byte)
+	defer udpBufs.Put(bp)
+	a.t.st.link.writeRaw(buildPortUnreachable(*bp, dst.Addr(), a.client.Addr(), quote[:hl+udpHeaderLen]))
+}
