@@ -1,13 +1,9 @@
 package proxy
 
 import (
-	"bytes"
 	"net"
-	"os/exec"
-	"strconv"
 	"sync"
 	"testing"
-	"time"
 
 	"go.uber.org/goleak"
 )
@@ -122,68 +118,4 @@ func freePort(t *testing.T) int {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// startMicrosocks runs the real microsocks on a free loopback port, with
-// username/password authentication when user is set, and returns its
-// address once it accepts connections. It is killed when the test ends.
-func startMicrosocks(t *testing.T, user, password string) string {
-	t.Helper()
-	path, err := exec.LookPath("microsocks")
-	if err != nil {
-		t.Skip("microsocks not installed (apt-get install microsocks): skipping tests against a real SOCKS5 server")
-	}
-	// The port may be taken between freePort and microsocks' bind; then
-	// microsocks exits and we try another.
-	var lastErr string
-	for range 3 {
-		port := strconv.Itoa(freePort(t))
-		addr := net.JoinHostPort("127.0.0.1", port)
-		args := []string{"-i", "127.0.0.1", "-p", port}
-		if user != "" {
-			args = append(args, "-u", user, "-P", password)
-		}
-		var output bytes.Buffer
-		cmd := exec.Command(path, args...)
-		cmd.Stdout, cmd.Stderr = &output, &output
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("start microsocks: %v", err)
-		}
-		exited := make(chan struct{})
-		go func() {
-			cmd.Wait()
-			close(exited)
-		}()
-		if waitListening(addr, exited, 5*time.Second) {
-			t.Cleanup(func() {
-				cmd.Process.Kill()
-				<-exited
-			})
-			return addr
-		}
-		cmd.Process.Kill()
-		<-exited
-		lastErr = output.String()
-	}
-	t.Fatalf("microsocks did not start listening: %s", lastErr)
-	return ""
-}
-
-// waitListening polls addr with connects until one succeeds, the process
-// exits or timeout passes.
-func waitListening(addr string, exited <-chan struct{}, timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
-			return true
-		}
-		select {
-		case <-exited:
-			return false
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	return false
 }

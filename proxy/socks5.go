@@ -25,16 +25,14 @@ type SOCKS5 struct {
 	Username string
 	// Password goes with Username. String and LogValue never show it.
 	Password string
-	// Forward reaches Server. nil means Direct{}.
+	// Forward reaches Server. nil means Direct{}. For UDP ASSOCIATE, its
+	// ListenPacket, when it has one, also opens the socket that talks to
+	// the relay; otherwise Direct{} does.
 	Forward Dialer
 	// HandshakeTimeout bounds the handshake once the server is reached; the
 	// context's deadline applies too, the earlier one wins. 0 means 10s.
 	HandshakeTimeout time.Duration
 }
-
-// aLongTimeAgo is a deadline in the past: setting it wakes a blocked Read or
-// Write at once (as net/http does on cancellation, Go issue 35559).
-var aLongTimeAgo = time.Unix(1, 0)
 
 // DialContext connects to Server through Forward, runs the handshake and
 // returns the conn from Forward itself (the *net.TCPConn for Direct), with no
@@ -65,61 +63,17 @@ func (s SOCKS5) dial(ctx context.Context, network, address string) (net.Conn, er
 	if s.Username == "" && s.Password != "" {
 		return nil, errors.New("password set without a username")
 	}
-	forward := s.Forward
-	if forward == nil {
-		forward = Direct{}
-	}
-	c, err := forward.DialContext(ctx, "tcp", s.Server)
-	if err != nil {
-		return nil, err
-	}
-	if err := s.handshakeContext(ctx, c, dst); err != nil {
-		c.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// handshakeContext runs the handshake on c under a deadline and wakes it
-// when ctx ends. It leaves no deadline set and no goroutine running; closing
-// c on failure is the caller's job.
-func (s SOCKS5) handshakeContext(ctx context.Context, c net.Conn, dst socks5.Addr) error {
-	timeout := s.HandshakeTimeout
-	if timeout == 0 {
-		timeout = defaultTimeout
-	}
-	deadline := time.Now().Add(timeout)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	if err := c.SetDeadline(deadline); err != nil {
+	return dialHandshake(ctx, s.Forward, s.Server, s.HandshakeTimeout, func(c net.Conn) error {
+		_, err := s.handshake(c, socks5.CommandConnect, dst)
 		return err
-	}
-	// A blocked Read does not watch ctx: on cancellation move the deadline
-	// into the past to wake it. stop() reports whether the func was kept
-	// from running; if not, wait until it has run, so that it cannot put
-	// a past deadline on a conn already handed back.
-	woken := make(chan struct{})
-	stop := context.AfterFunc(ctx, func() {
-		c.SetDeadline(aLongTimeAgo)
-		close(woken)
 	})
-	err := s.handshake(c, dst)
-	if !stop() {
-		<-woken
-		// Report the cancellation, not the i/o timeout it caused.
-		return ctx.Err()
-	}
-	if err != nil {
-		return err
-	}
-	return c.SetDeadline(time.Time{})
 }
 
-// handshake negotiates a method, authenticates if the server asks to, and
-// sends CONNECT (RFC 1928 §§3, 4, 6; RFC 1929 §2). It reads exactly the bytes
-// of each server message, so whatever the target sends first stays in c.
-func (s SOCKS5) handshake(c net.Conn, dst socks5.Addr) error {
+// handshake negotiates a method, authenticates if the server asks to, sends
+// the request and returns the successful reply (RFC 1928 §§3, 4, 6; RFC 1929
+// §2). It reads exactly the bytes of each server message, so whatever the
+// target sends first stays in c.
+func (s SOCKS5) handshake(c net.Conn, cmd socks5.Command, dst socks5.Addr) (socks5.Reply, error) {
 	// The longest message either way is the username/password request:
 	// 3 octets and two strings of up to 255.
 	buf := make([]byte, 0, 3+255+255)
@@ -130,41 +84,41 @@ func (s SOCKS5) handshake(c net.Conn, dst socks5.Addr) error {
 	}
 	buf, err := socks5.AppendGreeting(buf[:0], methods...)
 	if err != nil {
-		return err
+		return socks5.Reply{}, err
 	}
 	if _, err := c.Write(buf); err != nil {
-		return fmt.Errorf("send greeting: %w", err)
+		return socks5.Reply{}, fmt.Errorf("send greeting: %w", err)
 	}
 	buf = buf[:socks5.MethodSelectionLen]
 	if _, err := io.ReadFull(c, buf); err != nil {
-		return fmt.Errorf("read method selection: %w", err)
+		return socks5.Reply{}, fmt.Errorf("read method selection: %w", err)
 	}
 	method, err := socks5.ParseMethodSelection(buf)
 	switch {
 	case err != nil && s.Username == "" && errors.Is(err, socks5.ErrNoAcceptableMethods):
-		return fmt.Errorf("%w (offered no authentication only; does the server need a username?)", err)
+		return socks5.Reply{}, fmt.Errorf("%w (offered no authentication only; does the server need a username?)", err)
 	case err != nil:
-		return fmt.Errorf("method selection: %w", err)
+		return socks5.Reply{}, fmt.Errorf("method selection: %w", err)
 	case method == socks5.MethodUserPass && s.Username != "":
 		if err := s.authenticate(c, buf); err != nil {
-			return fmt.Errorf("authenticate as %q: %w", s.Username, err)
+			return socks5.Reply{}, fmt.Errorf("authenticate as %q: %w", s.Username, err)
 		}
 	case method != socks5.MethodNoAuth:
-		return fmt.Errorf("server chose method %#02x, which was not offered", method)
+		return socks5.Reply{}, fmt.Errorf("server chose method %#02x, which was not offered", method)
 	}
 
-	buf, err = socks5.AppendRequest(buf[:0], socks5.CommandConnect, dst)
+	buf, err = socks5.AppendRequest(buf[:0], cmd, dst)
 	if err != nil {
-		return fmt.Errorf("encode %s: %w", dst, err)
+		return socks5.Reply{}, fmt.Errorf("encode %s: %w", dst, err)
 	}
 	if _, err := c.Write(buf); err != nil {
-		return fmt.Errorf("send connect: %w", err)
+		return socks5.Reply{}, fmt.Errorf("send %s: %w", cmd, err)
 	}
 	reply, err := readReply(c, buf[:0])
 	if err != nil {
-		return fmt.Errorf("read reply: %w", err)
+		return socks5.Reply{}, fmt.Errorf("read reply: %w", err)
 	}
-	return reply.Err()
+	return reply, reply.Err()
 }
 
 // authenticate runs the username/password sub-negotiation (RFC 1929 §2),

@@ -9,22 +9,29 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/netstackd/netstackd/proxy/httpconnect"
+	"github.com/netstackd/netstackd/proxy/socks4"
 	"github.com/netstackd/netstackd/proxy/socks5"
 )
 
 // urlForms is what FromURL accepts, for error messages.
-const urlForms = "want direct:// or socks5://[user:pass@]host:port"
+const urlForms = "want direct://, socks5://[user:pass@]host:port, socks4://[user@]host:port or http://[user:pass@]host:port"
 
 // FromURL returns the Dialer that raw names:
 //
 //	direct:// (or direct)               Direct{}
 //	socks5://[user[:pass]@]host:port    SOCKS5, with Forward set to forward
+//	socks4://[userid@]host:port         SOCKS4, with Forward set to forward
+//	http://[user[:pass]@]host:port      HTTPConnect, with Forward set to forward
 //
-// socks5h:// is an alias of socks5://: a domain name always reaches the
-// server unresolved. User and password are percent-decoded and may each be
-// up to 255 bytes (RFC 1929 §2); an IPv6 host goes in brackets. forward
-// reaches the proxy server; nil means Direct{}. A bad URL gets a one-line
-// error that quotes it with the password hidden.
+// socks5h:// is an alias of socks5://, and socks4a:// of socks4://: a
+// domain name always reaches the server unresolved (for SOCKS4, with the
+// SOCKS4A extension). https:// is refused: there is no TLS to the proxy
+// yet. User and password are percent-decoded; for SOCKS5 each may be up to
+// 255 bytes (RFC 1929 §2), for SOCKS4 the user ID too and a password is an
+// error, for HTTP the user may not hold a colon (RFC 7617 §2). An IPv6 host
+// goes in brackets. forward reaches the proxy server; nil means Direct{}. A
+// bad URL gets a one-line error that quotes it with the password hidden.
 func FromURL(raw string, forward Dialer) (Dialer, error) {
 	shown, password := redact(raw)
 	var d Dialer
@@ -71,9 +78,12 @@ func fromURL(raw string, forward Dialer) (Dialer, error) {
 		return Direct{}, nil
 	case "socks5", "socks5h":
 		return socks5FromURL(u, forward)
-	case "socks4", "socks4a", "http", "https":
-		// Planned: SOCKS4 and HTTP CONNECT.
-		return nil, fmt.Errorf("scheme %q not supported yet", u.Scheme)
+	case "socks4", "socks4a":
+		return socks4FromURL(u, forward)
+	case "http":
+		return httpFromURL(u, forward)
+	case "https":
+		return nil, errors.New(`scheme "https" not supported: no TLS to the proxy yet`)
 	case "":
 		return nil, errors.New("missing scheme: " + urlForms)
 	}
@@ -81,37 +91,11 @@ func fromURL(raw string, forward Dialer) (Dialer, error) {
 }
 
 func socks5FromURL(u *url.URL, forward Dialer) (Dialer, error) {
-	switch {
-	case u.Opaque != "":
-		return nil, errors.New(urlForms)
-	case u.Path != "" && u.Path != "/":
-		return nil, fmt.Errorf("unexpected path %q", u.Path)
-	case hasQueryOrFragment(u):
-		return nil, errors.New("unexpected query or fragment")
+	server, err := serverFromURL(u)
+	if err != nil {
+		return nil, err
 	}
-	host, port := u.Hostname(), u.Port()
-	if host == "" {
-		return nil, errors.New("missing host")
-	}
-	if strings.Contains(host, ":") && !strings.HasPrefix(u.Host, "[") {
-		// url.Parse reads "::1:1080" as host "::1", port 1080, but it is
-		// as much the address ::1:1080 with no port.
-		return nil, errors.New("IPv6 address must be in brackets: socks5://[addr]:port")
-	}
-	if !validHost(host) {
-		return nil, fmt.Errorf("invalid host %q", host)
-	}
-	if port == "" {
-		return nil, errors.New("missing port")
-	}
-	p, err := strconv.ParseUint(port, 10, 16)
-	if err != nil || p == 0 {
-		return nil, fmt.Errorf("port %s out of range 1 to 65535", port)
-	}
-	s := SOCKS5{
-		Server:  net.JoinHostPort(host, strconv.FormatUint(p, 10)),
-		Forward: forward,
-	}
+	s := SOCKS5{Server: server, Forward: forward}
 	if u.User != nil {
 		s.Username = u.User.Username()
 		s.Password, _ = u.User.Password()
@@ -127,6 +111,81 @@ func socks5FromURL(u *url.URL, forward Dialer) (Dialer, error) {
 		}
 	}
 	return s, nil
+}
+
+func socks4FromURL(u *url.URL, forward Dialer) (Dialer, error) {
+	server, err := serverFromURL(u)
+	if err != nil {
+		return nil, err
+	}
+	s := SOCKS4{Server: server, Forward: forward}
+	if u.User != nil {
+		if _, ok := u.User.Password(); ok {
+			return nil, errors.New("SOCKS4 has no password: give only the user ID before \"@\"")
+		}
+		s.UserID = u.User.Username()
+		switch {
+		case s.UserID == "":
+			return nil, errors.New("empty user ID")
+		case len(s.UserID) > socks4.MaxUserIDLen:
+			return nil, fmt.Errorf("user ID of %d bytes, want at most %d", len(s.UserID), socks4.MaxUserIDLen)
+		case strings.ContainsRune(s.UserID, 0):
+			return nil, errors.New("user ID holds a NUL byte")
+		}
+	}
+	return s, nil
+}
+
+func httpFromURL(u *url.URL, forward Dialer) (Dialer, error) {
+	server, err := serverFromURL(u)
+	if err != nil {
+		return nil, err
+	}
+	h := HTTPConnect{Server: server, Forward: forward}
+	if u.User != nil {
+		h.Username = u.User.Username()
+		h.Password, _ = u.User.Password()
+		if h.Username == "" {
+			return nil, errors.New("empty username")
+		}
+		if err := httpconnect.CheckCredentials(h.Username, h.Password); err != nil {
+			return nil, err
+		}
+	}
+	return h, nil
+}
+
+// serverFromURL returns the "host:port" of a proxy URL, which must have
+// nothing after the port but an optional "/".
+func serverFromURL(u *url.URL) (string, error) {
+	switch {
+	case u.Opaque != "":
+		return "", errors.New(urlForms)
+	case u.Path != "" && u.Path != "/":
+		return "", fmt.Errorf("unexpected path %q", u.Path)
+	case hasQueryOrFragment(u):
+		return "", errors.New("unexpected query or fragment")
+	}
+	host, port := u.Hostname(), u.Port()
+	if host == "" {
+		return "", errors.New("missing host")
+	}
+	if strings.Contains(host, ":") && !strings.HasPrefix(u.Host, "[") {
+		// url.Parse reads "::1:1080" as host "::1", port 1080, but it is
+		// as much the address ::1:1080 with no port.
+		return "", fmt.Errorf("IPv6 address must be in brackets: %s://[addr]:port", u.Scheme)
+	}
+	if !validHost(host) {
+		return "", fmt.Errorf("invalid host %q", host)
+	}
+	if port == "" {
+		return "", errors.New("missing port")
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || p == 0 {
+		return "", fmt.Errorf("port %s out of range 1 to 65535", port)
+	}
+	return net.JoinHostPort(host, strconv.FormatUint(p, 10)), nil
 }
 
 // validHost accepts an IP literal (with a zone that is an interface name

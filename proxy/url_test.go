@@ -36,6 +36,15 @@ func TestFromURL(t *testing.T) {
 		},
 		{name: "user without password", raw: "socks5://bob@127.0.0.1:1080", want: SOCKS5{Server: "127.0.0.1:1080", Username: "bob", Forward: forward}},
 		{name: "empty password", raw: "socks5://bob:@127.0.0.1:1080", want: SOCKS5{Server: "127.0.0.1:1080", Username: "bob", Forward: forward}},
+		{name: "socks4", raw: "socks4://127.0.0.1:1080", want: SOCKS4{Server: "127.0.0.1:1080", Forward: forward}},
+		{name: "socks4a alias", raw: "socks4a://proxy.lan:1080/", want: SOCKS4{Server: "proxy.lan:1080", Forward: forward}},
+		{name: "socks4 user id", raw: "socks4://b%40b@[::1]:1080", want: SOCKS4{Server: "[::1]:1080", UserID: "b@b", Forward: forward}},
+		{name: "http", raw: "http://127.0.0.1:3128", want: HTTPConnect{Server: "127.0.0.1:3128", Forward: forward}},
+		{name: "http upper case", raw: "HTTP://proxy.lan:3128/", want: HTTPConnect{Server: "proxy.lan:3128", Forward: forward}},
+		{
+			name: "http credentials", raw: "http://bob:p%3Aw%2F@[::1]:3128",
+			want: HTTPConnect{Server: "[::1]:3128", Username: "bob", Password: "p:w/", Forward: forward},
+		},
 		{
 			name: "255-byte credentials", raw: "socks5://" + strings.Repeat("u", 255) + ":" + strings.Repeat("p", 255) + "@h:1",
 			want: SOCKS5{Server: "h:1", Username: strings.Repeat("u", 255), Password: strings.Repeat("p", 255), Forward: forward},
@@ -60,14 +69,22 @@ func TestFromURLErrors(t *testing.T) {
 		raw  string
 		want string
 	}{
-		{name: "empty", raw: "", want: `proxy URL "": missing scheme: want direct:// or socks5://[user:pass@]host:port`},
+		{name: "empty", raw: "", want: `proxy URL "": missing scheme: want direct://, socks5://[user:pass@]host:port, socks4://[user@]host:port or http://[user:pass@]host:port`},
 		{name: "host and port only", raw: "127.0.0.1:1080", want: `proxy URL "127.0.0.1:1080": missing scheme`},
 		{name: "no scheme", raw: "://127.0.0.1:1080", want: "missing protocol scheme"},
 		{name: "unknown scheme", raw: "ftp://127.0.0.1:21", want: `proxy URL "ftp://127.0.0.1:21": unknown scheme "ftp"`},
-		{name: "socks4 later", raw: "socks4://127.0.0.1:1080", want: `scheme "socks4" not supported yet`},
-		{name: "socks4a later", raw: "socks4a://127.0.0.1:1080", want: `scheme "socks4a" not supported yet`},
-		{name: "http later", raw: "http://127.0.0.1:3128", want: `scheme "http" not supported yet`},
-		{name: "https later", raw: "https://127.0.0.1:3128", want: `scheme "https" not supported yet`},
+		{name: "https", raw: "https://127.0.0.1:3128", want: `scheme "https" not supported: no TLS to the proxy yet`},
+		{name: "socks4 password", raw: "socks4://bob:pw@127.0.0.1:1080", want: "SOCKS4 has no password"},
+		{name: "socks4 empty user id", raw: "socks4://@127.0.0.1:1080", want: "empty user ID"},
+		{name: "socks4 user id too long", raw: "socks4://" + strings.Repeat("u", 256) + "@x:1080", want: "user ID of 256 bytes, want at most 255"},
+		{name: "socks4 nul in user id", raw: "socks4://a%00b@x:1080", want: "user ID holds a NUL byte"},
+		{name: "socks4 missing port", raw: "socks4a://x", want: "missing port"},
+		{name: "socks4 ipv6 without brackets", raw: "socks4://::1:1080", want: "IPv6 address must be in brackets: socks4://[addr]:port"},
+		{name: "http missing port", raw: "http://proxy.lan", want: "missing port"},
+		{name: "http path", raw: "http://proxy.lan:3128/x", want: `unexpected path "/x"`},
+		{name: "http empty username", raw: "http://:pw@proxy.lan:3128", want: "empty username"},
+		{name: "http colon in username", raw: "http://a%3Ab:pw@proxy.lan:3128", want: `username holds a ":"`},
+		{name: "http newline in password", raw: "http://bob:a%0Ab@proxy.lan:3128", want: "control character"},
 		{name: "direct with host", raw: "direct://127.0.0.1", want: "direct:// takes nothing after the scheme"},
 		{name: "missing port", raw: "socks5://x", want: `proxy URL "socks5://x": missing port`},
 		{name: "empty port", raw: "socks5://x:", want: "missing port"},
@@ -119,6 +136,8 @@ func TestFromURLHidesPassword(t *testing.T) {
 		{name: "unescaped question mark", raw: "socks5://bob:hun?ter2@x:1080", want: `proxy URL "socks5://bob:xxxxx@x:1080": percent-encode`},
 		{name: "bad escape", raw: "socks5://bob:ter2%zz@x:1080", want: `proxy URL "socks5://bob:xxxxx@x:1080": invalid percent-encoding`},
 		{name: "unknown scheme", raw: "ftp://bob:hunter2@x", want: `proxy URL "ftp://bob:xxxxx@x": `},
+		{name: "socks4 password", raw: "socks4://bob:hunter2@x:1080", want: `proxy URL "socks4://bob:xxxxx@x:1080": SOCKS4 has no password`},
+		{name: "https", raw: "https://bob:hunter2@x:3128", want: `proxy URL "https://bob:xxxxx@x:3128": scheme "https"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -140,6 +159,8 @@ func TestDialerString(t *testing.T) {
 	}{
 		{raw: "direct", want: "direct"},
 		{raw: "socks5h://bob:hunter2@[::1]:1080", want: "socks5://bob@[::1]:1080"},
+		{raw: "socks4a://bob@proxy.lan:1080", want: "socks4://bob@proxy.lan:1080"},
+		{raw: "http://bob:hunter2@proxy.lan:3128/", want: "http://bob@proxy.lan:3128"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.raw, func(t *testing.T) {

@@ -120,7 +120,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
 	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
 	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
-	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port")
+	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
 	o.logLevel = slog.LevelInfo
 	fs.Var(levelFlag{&o.logLevel}, "log-level", "log `level`: debug|info|warn|error")

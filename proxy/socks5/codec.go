@@ -11,9 +11,9 @@
 // reader can take exactly one message off a stream and leave the data after
 // it in the socket.
 //
-// The command is a parameter of requests, so UDP ASSOCIATE (0x03) and its
-// datagram header (RFC 1928 §7) can be added beside CONNECT with the same
-// address codec.
+// The command is a parameter of requests, so CONNECT and UDP ASSOCIATE
+// share one request codec; the header of each relayed datagram (RFC 1928
+// §7) uses the same address codec.
 package socks5
 
 import (
@@ -40,6 +40,19 @@ const (
 	CommandBind         Command = 0x02
 	CommandUDPAssociate Command = 0x03
 )
+
+// String returns the command's name as RFC 1928 §4 spells it.
+func (c Command) String() string {
+	switch c {
+	case CommandConnect:
+		return "CONNECT"
+	case CommandBind:
+		return "BIND"
+	case CommandUDPAssociate:
+		return "UDP ASSOCIATE"
+	}
+	return fmt.Sprintf("command %#02x", byte(c))
+}
 
 // userPassVersion is the VER of the username/password sub-negotiation
 // (RFC 1929 §2); it is not the SOCKS version.

@@ -66,3 +66,44 @@ func FuzzParseReply(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseUDPHeader checks that a datagram from a relay never makes
+// ParseUDPHeader panic or claim more than the datagram holds, and that a
+// header it accepts is exactly the bytes it was parsed from, so the data
+// handed on starts where the relay put it. Seeds beyond these live in
+// testdata/fuzz/FuzzParseUDPHeader.
+func FuzzParseUDPHeader(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 0x01, 127, 0, 0, 1, 0, 53, 'd', 'n', 's'})
+	f.Add([]byte{0, 0, 0, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x01, 0xBB})
+	f.Add(append(append([]byte{0, 0, 0, 0x03, 9}, "localhost"...), 0, 7, 'x'))
+	f.Add([]byte{0, 0, 1, 0x01, 127, 0, 0, 1, 0, 53})
+	f.Add([]byte{0, 0, 0, 0x03, 0, 0, 53})
+	f.Add([]byte{0, 0, 0, 0x03, 200, 'a'})
+	f.Add([]byte{0, 1, 0, 0x01, 127, 0, 0, 1, 0, 53})
+	f.Add([]byte{0, 0, 0})
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, n, err := ParseUDPHeader(b)
+		if err != nil {
+			if n != 0 {
+				t.Fatalf("ParseUDPHeader failed (%v) but reported %d bytes", err, n)
+			}
+			return
+		}
+		if n < udpHeadLen+1+2 || n > len(b) || n > MaxUDPHeaderLen {
+			t.Fatalf("header of %d bytes in a %d-byte datagram", n, len(b))
+		}
+		enc, err := AppendUDPHeader(nil, h)
+		if err != nil {
+			t.Fatalf("AppendUDPHeader(%+v) = %v", h, err)
+		}
+		if !bytes.Equal(enc, b[:n]) {
+			t.Fatalf("re-encoded %x, parsed from %x", enc, b[:n])
+		}
+		// The header does not depend on the data after it.
+		again, m, err := ParseUDPHeader(b[:n])
+		if err != nil || m != n || again != h {
+			t.Fatalf("header alone parses as %+v, %d, %v; with data %+v, %d", again, m, err, h, n)
+		}
+	})
+}
