@@ -208,8 +208,12 @@ func TestUDPRefusedUpstreamSendsICMP(t *testing.T) {
 	// next Read: poll with short deadlines, bounded.
 	var rerr error
 	for range 20 {
-		c.Write([]byte("anyone?"))
-		c.SetDeadline(time.Now().Add(250 * time.Millisecond))
+		// A pending ICMP error is reported (and cleared) by whichever call
+		// comes first, the write or the read.
+		if _, rerr = c.Write([]byte("anyone?")); rerr != nil {
+			break
+		}
+		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
 		_, rerr = c.Read(make([]byte, 100))
 		if rerr != nil && !isTimeout(rerr) {
 			break
