@@ -4,7 +4,10 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
+	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // BenchmarkTCPRelay measures bytes moved from a client stack through the
@@ -24,6 +27,53 @@ func BenchmarkTCPRelay(b *testing.B) {
 	for b.Loop() {
 		if _, err := c.Write(buf); err != nil {
 			b.Fatalf("write: %v", err)
+		}
+	}
+}
+
+// BenchmarkIdleFlows reports the heap each idle relayed TCP flow costs (both
+// the client's gVisor endpoint and the relay), the figure that decides how
+// many idle connections fit in the memory target.
+func BenchmarkIdleFlows(b *testing.B) {
+	const flows = 1000
+	p := newPeer(b, Config{})
+	var arrived atomic.Int64
+	port := listen(b, func(c *net.TCPConn) {
+		var one [1]byte
+		if _, err := io.ReadFull(c, one[:]); err == nil {
+			arrived.Add(1)
+		}
+		io.Copy(io.Discard, c)
+	})
+	dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port)
+	for b.Loop() {
+		arrived.Store(0)
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		conns := make([]*clientConn, 0, flows)
+		for range flows {
+			c, err := p.dial(b, dst)
+			if err != nil {
+				b.Fatalf("dial: %v", err)
+			}
+			conns = append(conns, c)
+			c.Write([]byte{1})
+		}
+		// Once every flow's first byte reached the upstream, every relay
+		// is running and idle.
+		for deadline := time.Now().Add(30 * time.Second); arrived.Load() < flows; {
+			if time.Now().After(deadline) {
+				b.Fatalf("only %d of %d flows relayed their first byte", arrived.Load(), flows)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/flows, "heap-B/flow")
+		b.ReportMetric(float64(after.StackInuse-before.StackInuse)/flows, "stack-B/flow")
+		for _, c := range conns {
+			c.Close()
 		}
 	}
 }

@@ -9,7 +9,10 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // relayBufSize is what one direction of a flow reads at a time: a full
@@ -97,9 +100,6 @@ func relay(ctx context.Context, client *tcpConn, upstream net.Conn, halfCloseIdl
 // pipe copies src to dst. It returns nil when src ended with EOF and the FIN
 // was passed on to dst.
 func pipe(f *flowConns, dst, src net.Conn, halfDone *atomic.Bool, halfCloseIdle time.Duration) (int64, error) {
-	bp := relayBufs.Get().(*[]byte)
-	defer relayBufs.Put(bp)
-	buf := *bp
 	var total int64
 	for {
 		if halfDone.Load() {
@@ -107,13 +107,18 @@ func pipe(f *flowConns, dst, src net.Conn, halfDone *atomic.Bool, halfCloseIdle 
 			// for ever, or a peer that never closes pins the flow.
 			_ = src.SetReadDeadline(time.Now().Add(halfCloseIdle))
 		}
-		n, rerr := src.Read(buf)
+		bp, n, rerr := readBorrowed(src)
 		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
+			_, werr := dst.Write((*bp)[:n])
+			if werr != nil {
+				relayBufs.Put(bp)
 				f.abort()
 				return total, werr
 			}
 			total += int64(n)
+		}
+		if bp != nil {
+			relayBufs.Put(bp)
 		}
 		if rerr == nil {
 			continue
@@ -138,6 +143,46 @@ func pipe(f *flowConns, dst, src net.Conn, halfDone *atomic.Bool, halfCloseIdle 
 		_ = dst.SetReadDeadline(time.Now().Add(halfCloseIdle))
 		return total, nil
 	}
+}
+
+// readBorrowed reads from src into a pooled buffer that it takes only once
+// data (or EOF, or an error) is there, so an idle flow holds no buffer: that
+// is what keeps ten thousand idle connections cheap. The caller returns the
+// buffer to relayBufs when bp is not nil.
+func readBorrowed(src net.Conn) (bp *[]byte, n int, err error) {
+	switch c := src.(type) {
+	case *tcpConn:
+		if err := c.waitReadable(); err != nil {
+			return nil, 0, err
+		}
+	case syscall.Conn:
+		rc, err := c.SyscallConn()
+		if err != nil {
+			return nil, 0, err
+		}
+		var rerr error
+		err = rc.Read(func(fd uintptr) bool {
+			bp = relayBufs.Get().(*[]byte)
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr == unix.EAGAIN {
+				relayBufs.Put(bp)
+				bp = nil
+				return false
+			}
+			return true
+		})
+		switch {
+		case err != nil:
+		case rerr != nil:
+			n, err = 0, &net.OpError{Op: "read", Net: "tcp", Addr: src.RemoteAddr(), Err: os.NewSyscallError("read", rerr)}
+		case n == 0:
+			err = io.EOF
+		}
+		return bp, n, err
+	}
+	bp = relayBufs.Get().(*[]byte)
+	n, err = src.Read(*bp)
+	return bp, n, err
 }
 
 func (r relayResult) logAttrs() []slog.Attr {

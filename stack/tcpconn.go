@@ -70,6 +70,26 @@ func (c *tcpConn) Read(b []byte) (int, error) {
 	return 0, c.opError("read", goError("read", err))
 }
 
+// waitReadable blocks until a Read would not block (data, EOF or an error)
+// or the read deadline passes, without holding a buffer.
+func (c *tcpConn) waitReadable() error {
+	const mask = waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr
+	if c.ep.Readiness(mask) != 0 {
+		return nil
+	}
+	entry, ready := waiter.NewChannelEntry(mask)
+	c.wq.EventRegister(&entry)
+	defer c.wq.EventUnregister(&entry)
+	for c.ep.Readiness(mask) == 0 {
+		select {
+		case <-ready:
+		case <-c.rd.expired():
+			return c.opError("read", os.ErrDeadlineExceeded)
+		}
+	}
+	return nil
+}
+
 func (c *tcpConn) Write(b []byte) (int, error) {
 	var (
 		r       bytes.Reader
