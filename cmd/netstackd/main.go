@@ -140,14 +140,22 @@ func newDNS(opts *options, dialer proxy.Dialer, log *slog.Logger) (*dns.Server, 
 // observable: the stack serves the TUN before the link goes up, and the routes
 // appear last, so a caller that sees them knows every packet will be answered.
 func serve(ctx context.Context, opts *options, serveTUN func(*tundev.Device) (func() error, error), log *slog.Logger) error {
-	dev, err := tundev.Create(tundev.Config{
-		Name:      opts.tun,
-		NetnsPath: opts.netns,
-		MTU:       opts.mtu,
-		Addrs:     opts.addrs,
-		Routes:    opts.routes,
-		Logger:    log,
-	})
+	var dev *tundev.Device
+	var err error
+	if opts.tunFD >= 0 {
+		// The runtime that passed the descriptor owns the interface and its
+		// configuration: netstackd only moves packets.
+		dev, err = tundev.FromFile(os.NewFile(uintptr(opts.tunFD), "tun-fd"), opts.mtu)
+	} else {
+		dev, err = tundev.Create(tundev.Config{
+			Name:      opts.tun,
+			NetnsPath: opts.netns,
+			MTU:       opts.mtu,
+			Addrs:     opts.addrs,
+			Routes:    opts.routes,
+			Logger:    log,
+		})
+	}
 	if err != nil {
 		return err
 	}
