@@ -69,6 +69,10 @@ type Config struct {
 	// Names, when set, turns flows to fake addresses into flows to names.
 	// A flow to a fake address with no name is refused.
 	Names FakeNames
+	// Gateway4 and Gateway6 are addresses the stack owns on the TUN's link,
+	// from which connections to published ports (ServeInbound) come. Zero
+	// disables inbound connections of that family.
+	Gateway4, Gateway6 netip.Addr
 	// ForwardPing sends echo requests on with the host's unprivileged ping
 	// sockets, so round-trip times are real. When false, or where the host
 	// does not allow ping sockets, the stack answers every echo request.
@@ -160,6 +164,10 @@ func New(cfg Config) (*Stack, error) {
 	if err := st.s.SetSpoofing(nicID, true); err != nil {
 		st.closeStack()
 		return nil, fmt.Errorf("set spoofing: %w", goError("spoofing", err))
+	}
+	if err := st.addGateways(); err != nil {
+		st.closeStack()
+		return nil, err
 	}
 	st.s.SetRouteTable([]tcpip.Route{
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},

@@ -32,7 +32,8 @@ type options struct {
 	dnsDirect     []string
 	dnsUpstream   string
 	command       []string // `run`: the program and its arguments
-	tunFD         int      // serve this inherited TUN descriptor; -1: create one
+	publish       []publishSpec
+	tunFD         int // serve this inherited TUN descriptor; -1: create one
 }
 
 // errHelp is returned when the user asked for the usage text.
@@ -121,6 +122,14 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
 	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
 	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
+	fs.Func("publish", "forward `[IP:]HOSTPORT:NSPORT[/udp]` from netstackd's side to that port behind the TUN, repeatable (without IP: all addresses)", func(v string) error {
+		p, err := parsePublish(v)
+		if err != nil {
+			return err
+		}
+		o.publish = append(o.publish, p)
+		return nil
+	})
 	fs.IntVar(&o.tunFD, "tun-fd", -1, "serve the TUN `descriptor` N that a container runtime opened and passed in (IFF_TUN|IFF_NO_PI); netstackd configures nothing on it")
 	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")

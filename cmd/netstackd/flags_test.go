@@ -124,3 +124,57 @@ func prefixStrings(ps []netip.Prefix) []string {
 	}
 	return s
 }
+
+func TestParsePublish(t *testing.T) {
+	tests := []struct {
+		in, want string
+		udp      bool
+		errHas   string
+	}{
+		{in: "8080:80", want: "[::]:8080"},
+		{in: "127.0.0.1:8080:80", want: "127.0.0.1:8080"},
+		{in: "[::1]:8080:80/tcp", want: "[::1]:8080"},
+		{in: "5353:53/udp", want: "[::]:5353", udp: true},
+		{in: "80", errHas: "want [IP:]HOSTPORT:NSPORT"},
+		{in: "0:80", errHas: "host port"},
+		{in: "8080:99999", errHas: "namespace port"},
+		{in: "nohost:8080:80", errHas: "not an IP"},
+		{in: "8080:80/sctp", errHas: "protocol"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.in, func(t *testing.T) {
+			p, err := parsePublish(tc.in)
+			if tc.errHas != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errHas) {
+					t.Fatalf("error %v, want %q", err, tc.errHas)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p.host.String() != tc.want || p.nsPort == 0 || p.udp != tc.udp {
+				t.Errorf("got %v", p)
+			}
+		})
+	}
+}
+
+func TestGateways(t *testing.T) {
+	o, err := parseFlags(nil, false, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw4, gw6, target := gateways(o)
+	if gw4.String() != "198.18.0.2" || gw6.String() != "fd00:1898::2" || target.String() != "198.18.0.1" {
+		t.Errorf("gateways %v %v target %v", gw4, gw6, target)
+	}
+	o, err = parseFlags([]string{"--addr", "198.18.0.2/24", "--addr", "fd01::2/64"}, false, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw4, gw6, target = gateways(o)
+	if gw4.String() != "198.18.0.1" || gw6.String() != "fd01::1" || target.String() != "198.18.0.2" {
+		t.Errorf("gateways %v %v target %v: must avoid the TUN's own addresses", gw4, gw6, target)
+	}
+}

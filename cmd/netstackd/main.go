@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
@@ -59,8 +60,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if resolver != nil {
 		defer resolver.Close()
 	}
+	gw4, gw6, target := gateways(opts)
+	pubs, err := listenPublished(opts.publish, target, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "netstackd: %v\n", err)
+		return exitFail
+	}
+	defer pubs.close()
 	serveTUN := func(dev *tundev.Device) (func() error, error) {
-		return startStack(dev, opts, dialer, resolver, log)
+		st, err := startStack(dev, opts, dialer, resolver, gw4, gw6, log)
+		if err != nil {
+			return nil, err
+		}
+		pubs.serve(st)
+		return func() error {
+			pubs.close()
+			return st.Close()
+		}, nil
 	}
 
 	if runMode {
@@ -83,9 +99,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
-// startStack runs the stack on dev and returns the function that stops it
-// (and closes dev).
-func startStack(dev *tundev.Device, opts *options, dialer proxy.Dialer, resolver *dns.Server, log *slog.Logger) (func() error, error) {
+// startStack runs the stack on dev; closing the stack closes dev.
+func startStack(dev *tundev.Device, opts *options, dialer proxy.Dialer, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
 	cfg := stack.Config{
 		Device:        dev,
 		Dialer:        dialer,
@@ -94,6 +109,8 @@ func startStack(dev *tundev.Device, opts *options, dialer proxy.Dialer, resolver
 		DialTimeout:   opts.dialTimeout,
 		HalfCloseIdle: opts.halfCloseIdle,
 		UDPTimeout:    opts.udpTimeout,
+		Gateway4:      gw4,
+		Gateway6:      gw6,
 	}
 	if u, ok := dialer.(stack.UDPDialer); ok {
 		cfg.UDP = u
@@ -110,7 +127,50 @@ func startStack(dev *tundev.Device, opts *options, dialer proxy.Dialer, resolver
 		dev.Close()
 		return nil, err
 	}
-	return st.Close, nil
+	return st, nil
+}
+
+// gateways picks the addresses the stack owns on the TUN's link (published
+// connections come from them) and the address published ports reach: the
+// --dns-addr and the next free address of the IPv6 TUN prefix, and the first
+// IPv4 TUN address (or IPv6 when there is none).
+func gateways(opts *options) (gw4, gw6, target netip.Addr) {
+	taken := func(a netip.Addr) bool {
+		for _, p := range opts.addrs {
+			if p.Addr() == a {
+				return true
+			}
+		}
+		return false
+	}
+	// firstFree is the first address of p after its network address that
+	// the TUN does not use.
+	firstFree := func(p netip.Prefix) netip.Addr {
+		a := p.Masked().Addr().Next()
+		for range 16 {
+			if p.Contains(a) && !taken(a) {
+				return a
+			}
+			a = a.Next()
+		}
+		return netip.Addr{}
+	}
+	for _, p := range opts.addrs {
+		if p.Addr().Is4() && !gw4.IsValid() {
+			gw4 = firstFree(p)
+			if opts.dnsAddr.Is4() && p.Contains(opts.dnsAddr) && !taken(opts.dnsAddr) {
+				gw4 = opts.dnsAddr
+			}
+			target = p.Addr()
+		}
+		if p.Addr().Is6() && !gw6.IsValid() {
+			gw6 = firstFree(p)
+			if !target.IsValid() {
+				target = p.Addr()
+			}
+		}
+	}
+	return gw4, gw6, target
 }
 
 // newDNS builds the resolver for the chosen mode; nil in off mode.

@@ -1,0 +1,141 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/netstackd/netstackd/stack"
+)
+
+// publishSpec is one --publish [IP:]HOSTPORT:NSPORT[/udp].
+type publishSpec struct {
+	host   netip.AddrPort // where netstackd listens; an unspecified address means all
+	nsPort uint16         // the port behind the TUN
+	udp    bool
+}
+
+func (p publishSpec) String() string {
+	proto := "tcp"
+	if p.udp {
+		proto = "udp"
+	}
+	return fmt.Sprintf("%s→:%d/%s", p.host, p.nsPort, proto)
+}
+
+// parsePublish reads [IP:]HOSTPORT:NSPORT[/udp|/tcp], as docker and
+// slirp4netns users write it. Without an IP it listens on all addresses.
+func parsePublish(v string) (publishSpec, error) {
+	var p publishSpec
+	spec, proto, hasProto := strings.Cut(v, "/")
+	if hasProto {
+		switch proto {
+		case "tcp":
+		case "udp":
+			p.udp = true
+		default:
+			return p, fmt.Errorf("--publish %q: protocol %q, want tcp or udp", v, proto)
+		}
+	}
+	i := strings.LastIndex(spec, ":")
+	if i < 0 {
+		return p, fmt.Errorf("--publish %q: want [IP:]HOSTPORT:NSPORT[/udp]", v)
+	}
+	nsPort, err := parsePort(spec[i+1:])
+	if err != nil {
+		return p, fmt.Errorf("--publish %q: namespace port: %v", v, err)
+	}
+	p.nsPort = nsPort
+	hostPart := spec[:i]
+	host := netip.IPv6Unspecified()
+	portStr := hostPart
+	if j := strings.LastIndex(hostPart, ":"); j >= 0 {
+		ipStr := strings.TrimSuffix(strings.TrimPrefix(hostPart[:j], "["), "]")
+		host, err = netip.ParseAddr(ipStr)
+		if err != nil {
+			return p, fmt.Errorf("--publish %q: %q is not an IP address", v, ipStr)
+		}
+		portStr = hostPart[j+1:]
+	}
+	hostPort, err := parsePort(portStr)
+	if err != nil {
+		return p, fmt.Errorf("--publish %q: host port: %v", v, err)
+	}
+	p.host = netip.AddrPortFrom(host, hostPort)
+	return p, nil
+}
+
+func parsePort(s string) (uint16, error) {
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("%q is not a port (1-65535)", s)
+	}
+	return uint16(n), nil
+}
+
+// publisher accepts connections on netstackd's side and hands each to the
+// stack, which connects it to the port behind the TUN.
+type publisher struct {
+	log    *slog.Logger
+	target netip.Addr // the address behind the TUN that published ports reach
+	lns    []net.Listener
+	specs  []publishSpec
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+// listenPublished opens every listener before anything else starts, so a
+// port already in use fails start-up with a clear error.
+func listenPublished(specs []publishSpec, target netip.Addr, log *slog.Logger) (*publisher, error) {
+	p := &publisher{log: log, target: target}
+	for _, s := range specs {
+		if s.udp {
+			p.close()
+			return nil, fmt.Errorf("--publish %s: UDP ports are not supported yet", s)
+		}
+		ln, err := net.Listen("tcp", s.host.String())
+		if err != nil {
+			p.close()
+			return nil, fmt.Errorf("publish %s: %w", s, err)
+		}
+		p.lns = append(p.lns, ln)
+		p.specs = append(p.specs, s)
+	}
+	return p, nil
+}
+
+// serve starts accepting; close stops it.
+func (p *publisher) serve(st *stack.Stack) {
+	for i, ln := range p.lns {
+		dst := netip.AddrPortFrom(p.target, p.specs[i].nsPort)
+		p.log.Info("publishing", "listen", ln.Addr().String(), "to", dst)
+		p.wg.Go(func() { p.acceptLoop(ln, st, dst) })
+	}
+}
+
+func (p *publisher) acceptLoop(ln net.Listener, st *stack.Stack, dst netip.AddrPort) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				p.log.Warn("published port stopped accepting", "listen", ln.Addr().String(), "err", err)
+			}
+			return
+		}
+		st.ServeInbound(c, dst)
+	}
+}
+
+func (p *publisher) close() {
+	p.once.Do(func() {
+		for _, ln := range p.lns {
+			ln.Close()
+		}
+		p.wg.Wait()
+	})
+}

@@ -1,0 +1,107 @@
+package stack
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// Published ports (inbound connections from netstackd's side to a server
+// behind the TUN) are connected from a gateway address that the stack owns:
+// the server sees them coming from Config.Gateway4 or Gateway6, as a server
+// behind slirp4netns sees its host.
+
+// addGateways assigns the gateway addresses to the NIC, so that the stack may
+// originate connections from them.
+func (st *Stack) addGateways() error {
+	for _, gw := range []netip.Addr{st.cfg.Gateway4, st.cfg.Gateway6} {
+		if !gw.IsValid() {
+			continue
+		}
+		proto := ipv4.ProtocolNumber
+		if gw.Is6() {
+			proto = ipv6.ProtocolNumber
+		}
+		pa := tcpip.ProtocolAddress{Protocol: proto, AddressWithPrefix: tcpipAddr(gw).WithPrefix()}
+		if err := st.s.AddProtocolAddress(nicID, pa, gstack.AddressProperties{}); err != nil {
+			return fmt.Errorf("add gateway address %s: %w", gw, goError("add address", err))
+		}
+	}
+	return nil
+}
+
+// ServeInbound relays c, a connection accepted on netstackd's side, to dst
+// behind the TUN, and owns c from then on: it is closed when the flow ends.
+// It returns at once; the flow ends with Close at the latest.
+func (st *Stack) ServeInbound(c net.Conn, dst netip.AddrPort) {
+	if !st.beginFlow() {
+		c.Close()
+		return
+	}
+	go func() {
+		defer st.flows.Done()
+		log := st.log.With("flow", st.flowSeq.Add(1), "proto", "tcp", "src", c.RemoteAddr().String(), "dst", dst, "via", "publish")
+		ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+		inside, err := st.dialInside(ctx, dst)
+		cancel()
+		if err != nil {
+			log.Debug("published port: dial inside failed", "err", err)
+			resetConn(c)
+			return
+		}
+		res := relay(st.ctx, inside, c, st.cfg.HalfCloseIdle)
+		log.Debug("flow closed", "up", res.down, "down", res.up, "reset", res.reset)
+	}()
+}
+
+// dialInside opens a TCP connection from the gateway address to dst.
+func (st *Stack) dialInside(ctx context.Context, dst netip.AddrPort) (*tcpConn, error) {
+	gw, proto := st.cfg.Gateway4, ipv4.ProtocolNumber
+	if dst.Addr().Is6() {
+		gw, proto = st.cfg.Gateway6, ipv6.ProtocolNumber
+	}
+	if !gw.IsValid() {
+		return nil, fmt.Errorf("no gateway address for %s", dst)
+	}
+	var wq waiter.Queue
+	ep, terr := st.s.NewEndpoint(tcp.ProtocolNumber, proto, &wq)
+	if terr != nil {
+		return nil, goError("socket", terr)
+	}
+	if terr := ep.Bind(tcpip.FullAddress{NIC: nicID, Addr: tcpipAddr(gw)}); terr != nil {
+		ep.Close()
+		return nil, goError("bind", terr)
+	}
+	entry, done := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
+	wq.EventRegister(&entry)
+	defer wq.EventUnregister(&entry)
+	terr = ep.Connect(tcpip.FullAddress{NIC: nicID, Addr: tcpipAddr(dst.Addr()), Port: dst.Port()})
+	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
+		select {
+		case <-done:
+			terr = ep.LastError()
+		case <-ctx.Done():
+			ep.Abort()
+			return nil, fmt.Errorf("connect %s: %w", dst, ctx.Err())
+		}
+	}
+	if terr != nil {
+		ep.Close()
+		return nil, fmt.Errorf("connect %s: %w", dst, goError("connect", terr))
+	}
+	local, err := ep.GetLocalAddress()
+	if err != nil {
+		ep.Close()
+		return nil, goError("getsockname", err)
+	}
+	ep.SocketOptions().SetKeepAlive(true)
+	return newTCPConn(ep, &wq, netip.AddrPortFrom(addrFrom(local.Addr), local.Port), dst), nil
+}
