@@ -108,6 +108,9 @@ func (c *Config) setDefaults() {
 
 const nicID = 1
 
+// timeWait is how long a flow closed by our side first keeps its 4-tuple.
+const timeWait = time.Second
+
 // Stack is a running userspace stack. Close stops it.
 type Stack struct {
 	cfg  Config
@@ -195,6 +198,13 @@ func (st *Stack) configure() error {
 		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
 		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
 		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
+		// gVisor hands a new SYN for a 4-tuple in TIME_WAIT only to a
+		// listening endpoint, and a forwarder has none: the SYN is dropped
+		// for as long as TIME_WAIT lasts (60s by default). A client reuses
+		// its port as soon as it closed second, so short connections that
+		// the server closes first would stall. On a TUN link no segment is
+		// delayed for long, so a short TIME_WAIT loses nothing.
+		ptr(tcpip.TCPTimeWaitTimeoutOption(timeWait)),
 	}
 	for _, o := range opts {
 		if err := st.s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {

@@ -160,6 +160,11 @@ type clientConn struct {
 }
 
 func (p *peer) dial(t testing.TB, dst netip.AddrPort) (*clientConn, error) {
+	return p.dialFrom(t, 0, dst, 10*time.Second)
+}
+
+// dialFrom connects from a chosen client port (0: any).
+func (p *peer) dialFrom(t testing.TB, port uint16, dst netip.AddrPort, timeout time.Duration) (*clientConn, error) {
 	t.Helper()
 	proto := ipv4.ProtocolNumber
 	if dst.Addr().Is6() {
@@ -173,12 +178,19 @@ func (p *peer) dial(t testing.TB, dst netip.AddrPort) (*clientConn, error) {
 	entry, done := waiter.NewChannelEntry(waiter.WritableEvents | waiter.EventHUp | waiter.EventErr)
 	wq.EventRegister(&entry)
 	defer wq.EventUnregister(&entry)
+	if port != 0 {
+		ep.SocketOptions().SetReuseAddress(true)
+		if terr := ep.Bind(tcpip.FullAddress{Port: port}); terr != nil {
+			ep.Close()
+			return nil, goError("bind", terr)
+		}
+	}
 	addr := tcpip.FullAddress{Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}
 	terr = ep.Connect(addr)
 	if _, ok := terr.(*tcpip.ErrConnectStarted); ok {
 		select {
 		case <-done:
-		case <-time.After(10 * time.Second):
+		case <-time.After(timeout):
 			ep.Close()
 			return nil, errors.New("connect timed out")
 		}
@@ -404,5 +416,43 @@ func TestCloseResetsFlows(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not return with flows open")
+	}
+}
+
+// TestReconnectSamePortAfterServerClose covers a client that reuses its port
+// right after a connection the server closed first: our side of the old flow
+// is in TIME_WAIT, and gVisor drops a new SYN for it unless TIME_WAIT is
+// short (found by bench/connrate: whole seconds lost per reused port).
+func TestReconnectSamePortAfterServerClose(t *testing.T) {
+	p := newPeer(t, Config{})
+	port := listen(t, func(c *net.TCPConn) {
+		c.Write([]byte("bye"))
+		c.CloseWrite() // the server closes first
+		io.Copy(io.Discard, c)
+	})
+	dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port)
+	const clientPort = 40001
+	c, err := p.dialFrom(t, clientPort, dst, 5*time.Second)
+	if err != nil {
+		t.Fatalf("first dial: %v", err)
+	}
+	if _, err := io.ReadAll(c); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	c.Close()
+	start := time.Now()
+	var c2 *clientConn
+	for time.Since(start) < 5*time.Second {
+		// The client's own stack may still hold the port for a moment.
+		if c2, err = p.dialFrom(t, clientPort, dst, 500*time.Millisecond); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("reconnect from port %d failed for %v: %v", clientPort, time.Since(start), err)
+	}
+	c2.Close()
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("reconnect from the same port took %v", d)
 	}
 }

@@ -1,0 +1,222 @@
+// Command connrate measures short TCP connections per second for bench.sh,
+// and serves the other end.
+//
+// Client (-c ADDR): for -d, one connection after another: connect, write a
+// one-line request, read the reply to EOF (the server closes first, so the
+// client keeps no TIME_WAIT and never runs out of ports), close. It prints
+// one line of key=value pairs: connections completed, errors, conns/s, and
+// the p50/p99 of the connect time and of the whole exchange.
+//
+// Client (-c ADDR -udp-probe): sends one datagram to the UDP echo and waits
+// for it to come back. Exit status 0: echoed; 3: refused (ICMP port
+// unreachable, what a TUN program that does not carry UDP answers); 1: no
+// answer.
+//
+// Server (-serve ADDR): answers each TCP connection's request line with
+// -size bytes and closes; echoes every UDP datagram on the same port. It runs
+// until killed.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"syscall"
+	"time"
+)
+
+func main() {
+	serve := flag.String("serve", "", "serve TCP request/reply and UDP echo on `HOST:PORT`")
+	target := flag.String("c", "", "measure against the server at `HOST:PORT`")
+	dur := flag.Duration("d", 5*time.Second, "how long the client measures")
+	timeout := flag.Duration("timeout", 2*time.Second, "deadline for each connection (and the UDP probe)")
+	size := flag.Int("size", 128, "reply size in bytes (server)")
+	probe := flag.Bool("udp-probe", false, "with -c: check that a UDP datagram is echoed")
+	flag.Parse()
+
+	switch {
+	case *serve != "":
+		if err := runServer(*serve, *size); err != nil {
+			fmt.Fprintf(os.Stderr, "connrate: %v\n", err)
+			os.Exit(1)
+		}
+	case *target != "" && *probe:
+		os.Exit(udpProbe(*target, *timeout))
+	case *target != "":
+		os.Exit(runClient(*target, *dur, *timeout))
+	default:
+		fmt.Fprintln(os.Stderr, "connrate: need -serve ADDR or -c ADDR")
+		os.Exit(2)
+	}
+}
+
+var request = []byte("GET / HTTP/1.0\r\n\r\n")
+
+func runServer(addr string, size int) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen tcp %s: %w", addr, err)
+	}
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return fmt.Errorf("listen udp %s: %w", addr, err)
+	}
+	go udpEcho(pc)
+	reply := bytes.Repeat([]byte("x"), size)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		go answer(c, reply)
+	}
+}
+
+// answer reads the request (up to its blank line), writes the reply and
+// closes first.
+func answer(c net.Conn, reply []byte) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	for {
+		line, err := r.ReadSlice('\n')
+		if err != nil {
+			return
+		}
+		if len(bytes.TrimSpace(line)) == 0 {
+			break
+		}
+	}
+	c.Write(reply)
+}
+
+func udpEcho(pc net.PacketConn) {
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return
+		}
+		pc.WriteTo(buf[:n], from)
+	}
+}
+
+func runClient(addr string, dur, timeout time.Duration) int {
+	var connect, txn []time.Duration
+	var errs int
+	var lastErr error
+	start := time.Now()
+	end := start.Add(dur)
+	for time.Now().Before(end) {
+		c, t, err := exchange(addr, timeout)
+		if err != nil {
+			errs++
+			lastErr = err
+			continue
+		}
+		connect = append(connect, c)
+		txn = append(txn, t)
+	}
+	elapsed := time.Since(start).Seconds()
+	n := len(txn)
+	fmt.Printf("conns=%d errors=%d seconds=%.3f conns_per_s=%.1f connect_p50_ms=%.3f connect_p99_ms=%.3f txn_p50_ms=%.3f txn_p99_ms=%.3f\n",
+		n, errs, elapsed, float64(n)/elapsed,
+		ms(quantile(connect, 0.50)), ms(quantile(connect, 0.99)),
+		ms(quantile(txn, 0.50)), ms(quantile(txn, 0.99)))
+	if lastErr != nil {
+		fmt.Fprintf(os.Stderr, "connrate: %d errors, last: %v\n", errs, lastErr)
+	}
+	if n == 0 {
+		return 1
+	}
+	return 0
+}
+
+// exchange runs one short connection and returns the connect time and the
+// time of the whole exchange.
+func exchange(addr string, timeout time.Duration) (connect, total time.Duration, err error) {
+	t0 := time.Now()
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	connect = time.Since(t0)
+	c.SetDeadline(t0.Add(timeout))
+	if _, err := c.Write(request); err != nil {
+		return 0, 0, fmt.Errorf("write: %w", err)
+	}
+	n, err := io.Copy(io.Discard, c)
+	if err != nil {
+		return 0, 0, fmt.Errorf("read: %w", err)
+	}
+	if n == 0 {
+		return 0, 0, errors.New("read: empty reply")
+	}
+	return connect, time.Since(t0), nil
+}
+
+func quantile(d []time.Duration, q float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[min(len(s)-1, int(q*float64(len(s))))]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// udpProbe sends a datagram on a connected socket and waits for its echo.
+// A connected UDP socket reports an ICMP port unreachable as ECONNREFUSED.
+func udpProbe(addr string, timeout time.Duration) int {
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "connrate: udp probe: %v\n", err)
+		return 1
+	}
+	defer c.Close()
+	msg := []byte("connrate-udp-probe")
+	buf := make([]byte, 1500)
+	// A few tries: the first datagram may wait for an association to open.
+	for try := 0; try < 3; try++ {
+		c.SetDeadline(time.Now().Add(timeout / 3))
+		if _, err := c.Write(msg); err != nil {
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				fmt.Println("udp refused")
+				return 3
+			}
+			fmt.Fprintf(os.Stderr, "connrate: udp probe write: %v\n", err)
+			return 1
+		}
+		n, err := c.Read(buf)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			fmt.Println("udp refused")
+			return 3
+		}
+		if err == nil && bytes.Equal(buf[:n], msg) {
+			fmt.Println("udp ok")
+			return 0
+		}
+	}
+	fmt.Println("udp no answer")
+	return 1
+}
