@@ -184,8 +184,8 @@ func New(cfg Config) (*Stack, error) {
 	}
 	if cfg.ForwardPing {
 		st.ping = newPingTable(st)
-		st.link.intercept = st.ping.handle
 	}
+	st.link.intercept = st.intercept
 	st.link.start()
 	return st, nil
 }
@@ -342,6 +342,15 @@ func addrFrom(a tcpip.Address) netip.Addr {
 		return netip.AddrFrom4(a.As4())
 	}
 	return netip.AddrFrom16(a.As16())
+}
+
+// intercept sees every inbound packet before gVisor does: echo requests
+// forwarded for real and plain UDP datagrams take a shorter path.
+func (st *Stack) intercept(pkt []byte) bool {
+	if st.udp != nil && st.udp.handleRaw(pkt) {
+		return true
+	}
+	return st.ping != nil && st.ping.handle(pkt)
 }
 
 // udpFlows is the number of open UDP associations.

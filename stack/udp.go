@@ -110,6 +110,70 @@ func (t *udpTable) handlePacket(id gstack.TransportEndpointID, pkt *gstack.Packe
 		!u.IsChecksumValid(id.RemoteAddress, id.LocalAddress, checksum.Checksum(payload, 0)) {
 		return true // a corrupt datagram is dropped, as a kernel would
 	}
+	quote := func() []byte {
+		q := make([]byte, 0, icmpQuoteLen)
+		q = append(q, pkt.NetworkHeader().Slice()...)
+		return append(q, pkt.TransportHeader().Slice()...)
+	}
+	return t.handleDatagram(client, dst, payload, quote)
+}
+
+// handleRaw takes a whole IP packet from the device reader and carries it
+// if it is an unfragmented UDP datagram, sparing it gVisor's network layer
+// (a packet buffer, parsing and demultiplexing for every datagram). It
+// reports whether it took the packet; anything else, including fragments
+// that need reassembly and datagrams gVisor must refuse, goes to gVisor.
+func (t *udpTable) handleRaw(pkt []byte) bool {
+	var (
+		src, dst netip.Addr
+		seg      []byte
+		hdrLen   int
+	)
+	switch header.IPVersion(pkt) {
+	case header.IPv4Version:
+		ip := header.IPv4(pkt)
+		if !ip.IsValid(len(pkt)) || ip.Protocol() != uint8(header.UDPProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 ||
+			ip.CalculateChecksum() != 0xffff {
+			return false
+		}
+		hdrLen = int(ip.HeaderLength())
+		seg = pkt[hdrLen:ip.TotalLength()]
+		src, dst = netip.AddrFrom4(ip.SourceAddress().As4()), netip.AddrFrom4(ip.DestinationAddress().As4())
+	case header.IPv6Version:
+		ip := header.IPv6(pkt)
+		if !ip.IsValid(len(pkt)) || ip.TransportProtocol() != header.UDPProtocolNumber {
+			return false
+		}
+		hdrLen = ipv6HeaderLen
+		seg = pkt[hdrLen : hdrLen+int(ip.PayloadLength())]
+		src, dst = netip.AddrFrom16(ip.SourceAddress().As16()), netip.AddrFrom16(ip.DestinationAddress().As16())
+	default:
+		return false
+	}
+	if len(seg) < udpHeaderLen {
+		return false
+	}
+	u := header.UDP(seg)
+	if int(u.Length()) != len(seg) || u.DestinationPort() == 0 || !src.IsGlobalUnicast() && !src.IsPrivate() {
+		return false
+	}
+	if u.Checksum() != 0 || src.Is6() {
+		if !u.IsChecksumValid(tcpipAddr(src), tcpipAddr(dst), checksum.Checksum(seg[udpHeaderLen:], 0)) {
+			return true // corrupt: dropped, as a kernel would
+		}
+	}
+	if t.dialer == nil && !(t.st.cfg.DNS != nil && u.DestinationPort() == 53) {
+		return false // refused: gVisor answers port unreachable
+	}
+	client := netip.AddrPortFrom(src, u.SourcePort())
+	to := netip.AddrPortFrom(dst, u.DestinationPort())
+	quote := func() []byte { return append([]byte(nil), pkt[:min(len(pkt), hdrLen+udpHeaderLen)]...) }
+	return t.handleDatagram(client, to, seg[udpHeaderLen:], quote)
+}
+
+// handleDatagram carries one datagram from client to dst. quote gives the
+// start of the client's packet, kept for ICMP errors.
+func (t *udpTable) handleDatagram(client, dst netip.AddrPort, payload []byte, quote func() []byte) bool {
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
@@ -122,7 +186,7 @@ func (t *udpTable) handlePacket(id gstack.TransportEndpointID, pkt *gstack.Packe
 		return false
 	}
 	if created {
-		a.setQuote(pkt)
+		a.setQuote(quote())
 	}
 	a.send(dst, payload)
 	return true
@@ -207,10 +271,7 @@ func (a *udpAssoc) abort() {
 	}
 }
 
-func (a *udpAssoc) setQuote(pkt *gstack.PacketBuffer) {
-	q := make([]byte, 0, icmpQuoteLen)
-	q = append(q, pkt.NetworkHeader().Slice()...)
-	q = append(q, pkt.TransportHeader().Slice()...)
+func (a *udpAssoc) setQuote(q []byte) {
 	a.mu.Lock()
 	a.quote = q
 	a.mu.Unlock()
