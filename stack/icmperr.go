@@ -66,12 +66,14 @@ func portUnreachable(oob []byte) bool {
 			continue
 		}
 		ee := (*unix.SockExtendedErr)(unsafe.Pointer(&m.Data[0]))
+		isRecvErr := m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_RECVERR ||
+			m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_RECVERR
+		// A dual-stack socket reports an ICMPv4 error for an IPv4 datagram
+		// at the IPv6 level, with the ICMPv4 origin: the origin decides.
 		switch {
-		case m.Header.Level == unix.SOL_IP && m.Header.Type == unix.IP_RECVERR &&
-			ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == 3 && ee.Code == 3:
+		case isRecvErr && ee.Origin == unix.SO_EE_ORIGIN_ICMP && ee.Type == 3 && ee.Code == 3:
 			return true
-		case m.Header.Level == unix.SOL_IPV6 && m.Header.Type == unix.IPV6_RECVERR &&
-			ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == 1 && ee.Code == 4:
+		case isRecvErr && ee.Origin == unix.SO_EE_ORIGIN_ICMP6 && ee.Type == 1 && ee.Code == 4:
 			return true
 		}
 	}

@@ -82,7 +82,9 @@ func parseEcho(pkt []byte) (src, dst netip.Addr, msg []byte, ok bool) {
 			return
 		}
 		src, dst = netip.AddrFrom16(ip.SourceAddress().As16()), netip.AddrFrom16(ip.DestinationAddress().As16())
-		if header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: msg, Src: tcpipAddr(src), Dst: tcpipAddr(dst)}) != 0 {
+		// ICMPv6Checksum skips the checksum field and returns what it
+		// should hold.
+		if header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: msg, Src: tcpipAddr(src), Dst: tcpipAddr(dst)}) != header.ICMPv6(msg).Checksum() {
 			return
 		}
 	default:
@@ -229,4 +231,40 @@ func (f *pingFlow) reply(buf []byte, n int) {
 		putIPHeader(pkt, f.key.dst, f.key.client, header.ICMPv6ProtocolNumber, n)
 	}
 	f.t.st.link.writeRaw(pkt)
+}
+
+// answerEcho replies to an echo request itself, from the address the client
+// pinged: through a proxy, or where ping sockets are not allowed. gVisor
+// would answer only for addresses it owns (it skips the temporary addresses
+// of promiscuous mode), so the stack does it for every destination.
+func (st *Stack) answerEcho(pkt []byte) bool {
+	src, dst, msg, ok := parseEcho(pkt)
+	if !ok {
+		return false
+	}
+	n := len(msg)
+	hl := ipHeaderLen(src)
+	if hl+n > int(st.link.mtu) {
+		return false
+	}
+	bp := udpBufs.Get().(*[]byte)
+	defer udpBufs.Put(bp)
+	out := (*bp)[:hl+n]
+	reply := out[hl:]
+	copy(reply, msg)
+	if src.Is4() {
+		ic := header.ICMPv4(reply)
+		ic.SetType(header.ICMPv4EchoReply)
+		ic.SetChecksum(0)
+		ic.SetChecksum(^checksum.Checksum(reply, 0))
+		putIPHeader(out, dst, src, header.ICMPv4ProtocolNumber, n)
+	} else {
+		ic := header.ICMPv6(reply)
+		ic.SetType(header.ICMPv6EchoReply)
+		ic.SetChecksum(0)
+		ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: tcpipAddr(dst), Dst: tcpipAddr(src)}))
+		putIPHeader(out, dst, src, header.ICMPv6ProtocolNumber, n)
+	}
+	st.link.writeRaw(out)
+	return true
 }

@@ -350,7 +350,10 @@ func (st *Stack) intercept(pkt []byte) bool {
 	if st.udp != nil && st.udp.handleRaw(pkt) {
 		return true
 	}
-	return st.ping != nil && st.ping.handle(pkt)
+	if st.ping != nil && st.ping.handle(pkt) {
+		return true
+	}
+	return st.answerEcho(pkt)
 }
 
 // udpFlows is the number of open UDP associations.

@@ -14,8 +14,8 @@
 // None of the namespaces has a default route, so whatever a client asks
 // netstackd to reach, its outbound sockets can only reach the server
 // namespace; the daemon namespace also blackholes netstackd's own address
-// pools (198.18.0.0/15, 198.19.0.0/16, fd00:1898::/64) so a flow can never
-// loop back into the TUN.
+// pools (198.18.0.0/15, 198.19.0.0/16, fd00:1898::/64, fd00:1919::/96) so a
+// flow can never loop back into the TUN.
 //
 // Every namespace is named with a per-process prefix and deleted in
 // t.Cleanup, every command is bounded by a timeout, and every process the
@@ -55,6 +55,7 @@ var Blackholes = []netip.Prefix{
 	netip.MustParsePrefix("198.18.0.0/15"),
 	netip.MustParsePrefix("198.19.0.0/16"),
 	netip.MustParsePrefix("fd00:1898::/64"),
+	netip.MustParsePrefix("fd00:1919::/96"),
 }
 
 // CommandTimeout bounds the setup and teardown commands the helpers run.
