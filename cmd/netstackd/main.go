@@ -11,7 +11,9 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
+	"time"
 
 	"github.com/netstackd/netstackd/dns"
 	"github.com/netstackd/netstackd/proxy"
@@ -240,5 +242,19 @@ func serve(ctx context.Context, opts *options, serveTUN func(*tundev.Device) (fu
 	}
 	<-ctx.Done()
 	log.Info("stopping")
+	watchShutdown(log)
 	return nil
+}
+
+// shutdownLimit bounds an orderly stop. Past it netstackd prints where every
+// goroutine is, to find what held it, and exits 1: a supervisor waiting on
+// a stop must not wait for ever.
+const shutdownLimit = 15 * time.Second
+
+func watchShutdown(log *slog.Logger) {
+	time.AfterFunc(shutdownLimit, func() {
+		log.Error("shutdown is stuck; goroutines follow", "after", shutdownLimit)
+		_ = pprof.Lookup("goroutine").WriteTo(os.Stderr, 2)
+		os.Exit(exitFail)
+	})
 }
