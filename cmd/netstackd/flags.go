@@ -33,6 +33,7 @@ type options struct {
 	dnsUpstream   string
 	command       []string // `run`: the program and its arguments
 	publish       []publishSpec
+	cpuProfile    string
 	tunFD         int // serve this inherited TUN descriptor; -1: create one
 }
 
@@ -130,6 +131,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		o.publish = append(o.publish, p)
 		return nil
 	})
+	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) of the whole run to `file`, for performance work")
 	fs.IntVar(&o.tunFD, "tun-fd", -1, "serve the TUN `descriptor` N that a container runtime opened and passed in (IFF_TUN|IFF_NO_PI); netstackd configures nothing on it")
 	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
