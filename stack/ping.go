@@ -96,14 +96,10 @@ func parseEcho(pkt []byte) (src, dst netip.Addr, msg []byte, ok bool) {
 	return src, dst, msg, true
 }
 
-// handle sends an echo request on if it is one; it reports whether it took
+// handle sends an echo request (already parsed) on; it reports whether it took
 // the packet. It runs on the device reader and does not block.
-func (t *pingTable) handle(pkt []byte) bool {
+func (t *pingTable) handle(src, dst netip.Addr, msg []byte) bool {
 	if t.disabled.Load() {
-		return false
-	}
-	src, dst, msg, ok := parseEcho(pkt)
-	if !ok {
 		return false
 	}
 	key := pingKey{client: src, dst: dst, id: header.ICMPv4(msg).Ident()}
@@ -237,11 +233,7 @@ func (f *pingFlow) reply(buf []byte, n int) {
 // pinged: through a proxy, or where ping sockets are not allowed. gVisor
 // would answer only for addresses it owns (it skips the temporary addresses
 // of promiscuous mode), so the stack does it for every destination.
-func (st *Stack) answerEcho(pkt []byte) bool {
-	src, dst, msg, ok := parseEcho(pkt)
-	if !ok {
-		return false
-	}
+func (st *Stack) answerEcho(src, dst netip.Addr, msg []byte) bool {
 	n := len(msg)
 	hl := ipHeaderLen(src)
 	if hl+n > int(st.link.mtu) {

@@ -347,13 +347,34 @@ func addrFrom(a tcpip.Address) netip.Addr {
 // intercept sees every inbound packet before gVisor does: echo requests
 // forwarded for real and plain UDP datagrams take a shorter path.
 func (st *Stack) intercept(pkt []byte) bool {
-	if st.udp != nil && st.udp.handleRaw(pkt) {
-		return true
+	// One look at the protocol keeps TCP, the bulk of the traffic, off
+	// both shorter paths.
+	switch transportProtocol(pkt) {
+	case header.UDPProtocolNumber:
+		return st.udp != nil && st.udp.handleRaw(pkt)
+	case header.ICMPv4ProtocolNumber, header.ICMPv6ProtocolNumber:
+		src, dst, msg, ok := parseEcho(pkt)
+		if !ok {
+			return false
+		}
+		if st.ping != nil && st.ping.handle(src, dst, msg) {
+			return true
+		}
+		return st.answerEcho(src, dst, msg)
 	}
-	if st.ping != nil && st.ping.handle(pkt) {
-		return true
+	return false
+}
+
+// transportProtocol is the protocol an IPv4 packet, or an IPv6 packet
+// without extension headers, carries; 0 when there is none to read.
+func transportProtocol(pkt []byte) tcpip.TransportProtocolNumber {
+	switch {
+	case len(pkt) >= header.IPv4MinimumSize && header.IPVersion(pkt) == header.IPv4Version:
+		return header.IPv4(pkt).TransportProtocol()
+	case len(pkt) >= header.IPv6MinimumSize && header.IPVersion(pkt) == header.IPv6Version:
+		return header.IPv6(pkt).TransportProtocol()
 	}
-	return st.answerEcho(pkt)
+	return 0
 }
 
 // udpFlows is the number of open UDP associations.
