@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -25,6 +26,18 @@ type Device interface {
 	Close() error
 }
 
+// offloadDevice is a Device opened with a virtio_net_hdr in front of every
+// packet (IFF_VNET_HDR), so that one read or write can carry a TCP segment
+// of up to 64 KiB. *tundev.Device satisfies it.
+type offloadDevice interface {
+	// VnetHdrLen is the header length in front of every packet read and
+	// written; 0 means none.
+	VnetHdrLen() int
+	// TSO reports whether the kernel takes and gives TCP segments longer
+	// than the MTU.
+	TSO() bool
+}
+
 // maxPacket is the largest IP packet a read may return; reading into anything
 // smaller would truncate a packet silently.
 const maxPacket = 1 << 16
@@ -38,6 +51,10 @@ type linkEndpoint struct {
 	log    *slog.Logger
 	mtu    uint32
 	offset int
+	vnet   bool // packets carry a vnet header (vnetHdrLen bytes)
+	tso    bool // gVisor may hand us TCP segments of up to gsoMaxSize
+
+	droppedVnet atomic.Uint64 // inbound packets whose vnet header made no sense
 
 	// intercept, when set before start, sees every inbound packet first and
 	// reports whether it took it (echo requests sent on for real).
@@ -50,12 +67,26 @@ type linkEndpoint struct {
 
 	writeMu   sync.Mutex // guards writeBufs
 	writeBufs [][]byte
+	rawBufs   sync.Pool // *[]byte for writeRaw behind a vnet header
 }
 
 var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 
 func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
-	return &linkEndpoint{dev: dev, log: log, mtu: uint32(dev.MTU())}
+	e := &linkEndpoint{dev: dev, log: log, mtu: uint32(dev.MTU())}
+	if od, ok := dev.(offloadDevice); ok {
+		switch n := od.VnetHdrLen(); n {
+		case 0:
+		case vnetHdrLen:
+			e.vnet = true
+			e.tso = od.TSO()
+		default:
+			// Only the 10-byte form exists on a TUN we open; a longer
+			// one would shift every packet.
+			log.Warn("device vnet header length not understood; offloads off", "len", n)
+		}
+	}
+	return e
 }
 
 // start begins delivering packets read from the device. It returns at once;
@@ -68,13 +99,17 @@ func (e *linkEndpoint) readInbound() {
 	n := max(e.dev.BatchSize(), 1)
 	bufs := make([][]byte, n)
 	sizes := make([]int, n)
+	room := maxPacket
+	if e.vnet {
+		room += vnetHdrLen
+	}
 	for i := range bufs {
-		bufs[i] = make([]byte, e.offset+maxPacket)
+		bufs[i] = make([]byte, e.offset+room)
 	}
 	for {
 		count, err := e.dev.Read(bufs, sizes, e.offset)
 		for i := range count {
-			e.deliver(bufs[i][e.offset : e.offset+sizes[i]])
+			e.deliverFrame(bufs[i][e.offset : e.offset+sizes[i]])
 		}
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
@@ -85,7 +120,28 @@ func (e *linkEndpoint) readInbound() {
 	}
 }
 
-func (e *linkEndpoint) deliver(pkt []byte) {
+// deliverFrame takes what one read returned: a packet, behind a vnet header
+// when the device has one.
+func (e *linkEndpoint) deliverFrame(frame []byte) {
+	if !e.vnet {
+		e.deliver(frame, inboundPlain)
+		return
+	}
+	h, ok := decodeVnetHdr(frame)
+	if !ok {
+		e.droppedVnet.Add(1)
+		return
+	}
+	pkt := frame[vnetHdrLen:]
+	kind := prepareInbound(h, pkt)
+	if kind == inboundDrop {
+		e.droppedVnet.Add(1)
+		return
+	}
+	e.deliver(pkt, kind)
+}
+
+func (e *linkEndpoint) deliver(pkt []byte, kind inboundKind) {
 	var proto tcpip.NetworkProtocolNumber
 	switch header.IPVersion(pkt) {
 	case header.IPv4Version:
@@ -95,7 +151,9 @@ func (e *linkEndpoint) deliver(pkt []byte) {
 	default:
 		return // not IP: a TUN in IFF_NO_PI mode carries nothing else we serve
 	}
-	if e.intercept != nil && e.intercept(pkt) {
+	// A long TCP segment is for gVisor alone; the shorter paths take
+	// single datagrams and echo requests.
+	if kind != inboundSegment && e.intercept != nil && e.intercept(pkt) {
 		return
 	}
 	e.mu.RLock()
@@ -117,9 +175,14 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 	bufs := e.writeBufs[:0]
 	for i, pkt := range list {
 		if i == len(e.writeBufs) {
-			e.writeBufs = append(e.writeBufs, make([]byte, 0, e.offset+int(e.mtu)))
+			e.writeBufs = append(e.writeBufs, make([]byte, 0, e.offset+vnetHdrLen+int(e.mtu)))
 		}
 		b := e.writeBufs[i][:e.offset]
+		if e.vnet {
+			var h [vnetHdrLen]byte
+			outboundVnetHdr(pkt).encode(h[:])
+			b = append(b, h[:]...)
+		}
 		for _, s := range pkt.AsSlices() {
 			b = append(b, s...)
 		}
@@ -139,11 +202,24 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 	return n, nil
 }
 
-// writeRaw writes one packet built outside gVisor (UDP and ICMP replies).
-// pkt must start e.offset bytes into its buffer's head-room; with no
-// head-room in use that is simply the packet.
+// writeRaw writes one complete packet built outside gVisor (UDP and ICMP
+// replies).
 func (e *linkEndpoint) writeRaw(pkt []byte) {
-	if _, err := e.dev.Write([][]byte{pkt}, 0); err != nil && !errors.Is(err, os.ErrClosed) {
+	out := pkt
+	if e.vnet {
+		// An empty header: checksums are complete, nothing to cut. The
+		// copy costs far less than the write it goes with.
+		bp, _ := e.rawBufs.Get().(*[]byte)
+		if bp == nil {
+			bp = new([]byte)
+		}
+		defer e.rawBufs.Put(bp)
+		b := append((*bp)[:0], make([]byte, vnetHdrLen)...)
+		b = append(b, pkt...)
+		*bp = b
+		out = b
+	}
+	if _, err := e.dev.Write([][]byte{out}, 0); err != nil && !errors.Is(err, os.ErrClosed) {
 		e.log.Debug("write to device failed", "err", err)
 	}
 }
@@ -159,8 +235,34 @@ func (e *linkEndpoint) ParseHeader(*stack.PacketBuffer) bool    { return true }
 func (e *linkEndpoint) SetOnCloseAction(func())                 {}
 func (e *linkEndpoint) Close()                                  {}
 
+// Capabilities claims checksum offload on receive for a device with a vnet
+// header: deliverFrame has then completed or verified every checksum
+// (prepareInbound), and a long segment could not be verified by gVisor in
+// any case, since its checksum field holds only the pseudo-header sum.
 func (e *linkEndpoint) Capabilities() stack.LinkEndpointCapabilities {
+	if e.vnet {
+		return stack.CapabilityRXChecksumOffload
+	}
 	return stack.CapabilityNone
+}
+
+var _ stack.GSOEndpoint = (*linkEndpoint)(nil)
+
+// SupportedGSO lets gVisor's TCP build segments of up to GSOMaxSize with
+// partial checksums, for the kernel to cut (and usually to hand to the
+// client's socket whole).
+func (e *linkEndpoint) SupportedGSO() stack.SupportedGSO {
+	if e.tso {
+		return stack.HostGSOSupported
+	}
+	return stack.GSONotSupported
+}
+
+func (e *linkEndpoint) GSOMaxSize() uint32 {
+	if e.tso {
+		return gsoMaxSize
+	}
+	return 0
 }
 
 func (e *linkEndpoint) Attach(d stack.NetworkDispatcher) {

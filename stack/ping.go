@@ -11,7 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/net/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 )
@@ -47,7 +46,7 @@ type pingTable struct {
 type pingFlow struct {
 	t    *pingTable
 	key  pingKey
-	conn *icmp.PacketConn
+	conn net.PacketConn
 	last atomic.Int64
 	log  *slog.Logger
 }
@@ -137,11 +136,11 @@ func (t *pingTable) lookup(key pingKey) (*pingFlow, error) {
 	if len(t.flows) >= maxPingFlows {
 		return nil, errors.New("too many ping flows")
 	}
-	network, laddr := "udp4", "0.0.0.0"
+	network := "udp4"
 	if key.dst.Is6() {
-		network, laddr = "udp6", "::"
+		network = "udp6"
 	}
-	conn, err := icmp.ListenPacket(network, laddr)
+	conn, err := listenPing(network, t.st.cfg.PingControl)
 	if err != nil {
 		return nil, err
 	}
@@ -151,6 +150,39 @@ func (t *pingTable) lookup(key pingKey) (*pingFlow, error) {
 	t.flows[key] = f
 	t.wg.Go(f.receive)
 	return f, nil
+}
+
+// listenPing opens an unprivileged ICMP ("ping") socket bound to the
+// unspecified address, as golang.org/x/net/icmp's ListenPacket does for
+// "udp4" and "udp6", but hands it to control (if not nil) before binding, as
+// net.ListenConfig would. The conn is the *net.UDPConn the standard library makes of a
+// datagram socket: ReadFrom reports the peer as an *net.UDPAddr.
+func listenPing(network string, control func(network, address string, c syscall.RawConn) error) (net.PacketConn, error) {
+	family, proto := syscall.AF_INET, syscall.IPPROTO_ICMP
+	sa := syscall.Sockaddr(&syscall.SockaddrInet4{})
+	if network == "udp6" {
+		family, proto = syscall.AF_INET6, syscall.IPPROTO_ICMPV6
+		sa = &syscall.SockaddrInet6{}
+	}
+	fd, err := syscall.Socket(family, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC|syscall.SOCK_NONBLOCK, proto)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	f := os.NewFile(uintptr(fd), "ping")
+	defer f.Close() // FilePacketConn holds a duplicate
+	if control != nil {
+		rc, err := f.SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		if err := control(network, "", rc); err != nil {
+			return nil, err
+		}
+	}
+	if err := syscall.Bind(fd, sa); err != nil {
+		return nil, os.NewSyscallError("bind", err)
+	}
+	return net.FilePacketConn(f)
 }
 
 func (t *pingTable) close() {

@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -77,6 +78,10 @@ type Config struct {
 	// sockets, so round-trip times are real. When false, or where the host
 	// does not allow ping sockets, the stack answers every echo request.
 	ForwardPing bool
+	// PingControl, if not nil, is called with each ping socket before it is
+	// bound, as net.Dialer.Control is: netstackd sets SO_MARK with it in
+	// host-wide mode. Its error fails that echo request.
+	PingControl func(network, address string, c syscall.RawConn) error
 	// HalfCloseIdle is how long the remaining direction of a half-closed
 	// flow may stay silent before the flow is reset. 0 means 2 minutes.
 	HalfCloseIdle time.Duration
@@ -119,6 +124,9 @@ type Stack struct {
 	s    *gstack.Stack
 	udp  *udpTable  // nil when UDP is refused
 	ping *pingTable // nil when the stack answers echo requests itself
+
+	// inUDP holds the associations of published UDP ports (inbound_udp.go).
+	inUDP *inboundUDP
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
@@ -172,6 +180,7 @@ func New(cfg Config) (*Stack, error) {
 		st.closeStack()
 		return nil, err
 	}
+	st.inUDP = newInboundUDP(st)
 	st.s.SetRouteTable([]tcpip.Route{
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
@@ -351,8 +360,16 @@ func (st *Stack) intercept(pkt []byte) bool {
 	// both shorter paths.
 	switch transportProtocol(pkt) {
 	case header.UDPProtocolNumber:
+		// Datagrams to a gateway address belong to published ports
+		// (inbound_udp.go), never to the outbound NAT.
+		if st.inUDP.handleRaw(pkt) {
+			return true
+		}
 		return st.udp != nil && st.udp.handleRaw(pkt)
 	case header.ICMPv4ProtocolNumber, header.ICMPv6ProtocolNumber:
+		if st.inUDP.handleICMPError(pkt) {
+			return true
+		}
 		src, dst, msg, ok := parseEcho(pkt)
 		if !ok {
 			return false

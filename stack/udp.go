@@ -177,6 +177,12 @@ func (t *udpTable) handleDatagram(client, dst netip.AddrPort, payload []byte, qu
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
+	// Published UDP ports (inbound_udp.go): a datagram to a gateway address
+	// that gVisor reassembled is a reply on an inbound association, never
+	// an outbound flow.
+	if in := t.st.inUDP; in.isGateway(dst.Addr()) && !(t.st.cfg.DNS != nil && dst.Port() == 53) {
+		return in.deliver(client, dst, payload)
+	}
 	if t.st.cfg.DNS != nil && dst.Port() == 53 {
 		t.answerDNS(client, dst, payload)
 		return true

@@ -53,6 +53,11 @@ type Config struct {
 	// Routes are the destinations to route through the interface, added by
 	// Up after the link is up; nil means none. Host bits must be zero.
 	Routes []netip.Prefix
+	// NoOffload opens the device without IFF_VNET_HDR: every read and
+	// write then moves one MTU-sized packet. By default the device carries
+	// a virtio_net_hdr in front of each packet and TCP segments of up to
+	// 64 KiB (see VnetHdrLen and Offloads).
+	NoOffload bool
 	// Logger receives configuration events; nil means discard.
 	Logger *slog.Logger
 }
@@ -65,6 +70,9 @@ type Device struct {
 	mtu   int
 	netns string // Config.NetnsPath, for logs
 	log   *slog.Logger
+
+	vnet     bool     // every packet carries a virtio_net_hdr
+	offloads Offloads // what the kernel agreed to, with vnet
 
 	mu     sync.Mutex // guards link, isUp and closed
 	link   *link      // nil for FromFile devices
@@ -103,9 +111,10 @@ func Create(cfg Config) (_ *Device, err error) {
 	var name string
 	var created bool
 	var h *netlink.Handle
+	vnet := !cfg.NoOffload
 	err = runInNetns(ns, func() error {
 		var err error
-		if fd, name, created, err = openTUN(cfg.Name); err != nil {
+		if fd, name, created, err = openTUN(cfg.Name, vnet); err != nil {
 			return err
 		}
 		h, err = newHandle(noNetns)
@@ -125,13 +134,22 @@ func Create(cfg Config) (_ *Device, err error) {
 		h.Close()
 		return nil, fmt.Errorf("create tun %q in %s: set non-blocking: %w", name, where, err)
 	}
+	var offloads Offloads
+	if vnet {
+		var oerr error
+		if offloads, oerr = setOffloads(fd); oerr != nil {
+			log.Warn("tun offloads reduced: every packet costs a read or write", "tun", name, "offloads", offloads, "err", oerr)
+		}
+	}
 	d := &Device{
-		file:   os.NewFile(uintptr(fd), "tun "+name),
-		name:   name,
-		mtu:    cfg.MTU,
-		netns:  cfg.NetnsPath,
-		log:    log,
-		routes: slices.Clone(cfg.Routes),
+		file:     os.NewFile(uintptr(fd), "tun "+name),
+		name:     name,
+		mtu:      cfg.MTU,
+		netns:    cfg.NetnsPath,
+		log:      log,
+		routes:   slices.Clone(cfg.Routes),
+		vnet:     vnet,
+		offloads: offloads,
 	}
 	l, err := newLink(h, name, where, created, log)
 	if err != nil {
@@ -161,7 +179,7 @@ func Create(cfg Config) (_ *Device, err error) {
 	if created {
 		verb = "tun created"
 	}
-	log.Info(verb, "tun", name, "netns", cfg.NetnsPath, "mtu", cfg.MTU, "addrs", fmt.Sprint(cfg.Addrs))
+	log.Info(verb, "tun", name, "netns", cfg.NetnsPath, "mtu", cfg.MTU, "addrs", fmt.Sprint(cfg.Addrs), "offloads", offloads)
 	return d, nil
 }
 
@@ -222,8 +240,10 @@ func checkName(name string) error {
 //
 // f must be a TUN fd in IFF_TUN|IFF_NO_PI mode, or a socket that keeps
 // packet boundaries (SOCK_SEQPACKET, SOCK_DGRAM), which tests use in place
-// of a TUN. On success the Device owns the descriptor and f is closed; on
-// error f is left as it was.
+// of a TUN. A TUN opened with IFF_VNET_HDR keeps it, and FromFile asks for
+// the same offloads Create does (Offloads tells what it got). On success
+// the Device owns the descriptor and f is closed; on error f is left as it
+// was.
 func FromFile(f *os.File, mtu int) (*Device, error) {
 	if mtu == 0 {
 		mtu = DefaultMTU
@@ -237,9 +257,16 @@ func FromFile(f *os.File, mtu int) (*Device, error) {
 	}
 	var name string
 	var fd int
+	var vnet bool
+	var offloads Offloads
 	cerr := rc.Control(func(sysfd uintptr) {
-		if name, err = checkPacketFD(int(sysfd)); err != nil {
+		if name, vnet, err = checkPacketFD(int(sysfd)); err != nil {
 			return
+		}
+		if vnet {
+			// A TUN that cannot take offloads still works with a
+			// header that says "none": Offloads reports it.
+			offloads, _ = setOffloads(int(sysfd))
 		}
 		// A duplicate made non-blocking becomes poller-owned in
 		// os.NewFile, whether or not f was: a file created from a
@@ -259,10 +286,12 @@ func FromFile(f *os.File, mtu int) (*Device, error) {
 	}
 	f.Close()
 	return &Device{
-		file: os.NewFile(uintptr(fd), "tun "+name),
-		name: name,
-		mtu:  mtu,
-		log:  slog.New(slog.DiscardHandler),
+		file:     os.NewFile(uintptr(fd), "tun "+name),
+		name:     name,
+		mtu:      mtu,
+		log:      slog.New(slog.DiscardHandler),
+		vnet:     vnet,
+		offloads: offloads,
 	}, nil
 }
 
@@ -292,12 +321,12 @@ func (d *Device) Up() error {
 // an error matching os.ErrClosed. Any error ends the device: a TUN fd whose
 // interface was deleted under it fails with EBADFD.
 //
-// Buffers need room for MTU bytes after offset: the kernel silently
-// truncates a longer packet to the buffer (tun_put_user with IFF_NO_PI), and
-// only the IP header's length field then shows it.
-//
-// Up to len(bufs) packets may be returned by one call in later versions
-// (GSO), as BatchSize says; callers should pass BatchSize buffers.
+// With a vnet header (VnetHdrLen > 0) the bytes read are the header
+// followed by the packet, exactly as the fd gives them, and a TCP packet
+// may be a segment of up to 64 KiB: buffers then need room for
+// VnetHdrLen+65535 bytes. Without one, buffers need room for MTU bytes:
+// the kernel silently truncates a longer packet to the buffer
+// (tun_put_user), and only the IP header's length field then shows it.
 func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	if len(bufs) == 0 {
 		return 0, nil
@@ -315,8 +344,10 @@ func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 }
 
 // Write writes each bufs[i][offset:] as one packet and returns how many were
-// written. It stops at the first packet the kernel refuses (EINVAL for one
-// that is not IPv4 or IPv6) and returns its error.
+// written. With a vnet header, each starts with one (VnetHdrLen bytes). It
+// stops at the first packet the kernel refuses (EINVAL for one that is not
+// IPv4 or IPv6, or whose vnet header does not fit it) and returns its
+// error.
 func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
 	for i, b := range bufs {
 		if _, err := d.file.Write(b[offset:]); err != nil {
@@ -336,9 +367,20 @@ func (d *Device) ioError(err error) error {
 	return err
 }
 
-// BatchSize is the most packets one Read or Write call handles: 1 until the
-// device uses IFF_VNET_HDR offloads.
+// BatchSize is the most packets one Read call returns.
 func (d *Device) BatchSize() int { return 1 }
+
+// VnetHdrLen is the length of the virtio_net_hdr in front of every packet
+// read and written: VnetHdrLen, or 0 for a device without one.
+func (d *Device) VnetHdrLen() int {
+	if d.vnet {
+		return VnetHdrLen
+	}
+	return 0
+}
+
+// Offloads is what the kernel agreed to hand over and accept in one packet.
+func (d *Device) Offloads() Offloads { return d.offloads }
 
 // MTU is the MTU the device was configured with.
 func (d *Device) MTU() int { return d.mtu }
@@ -384,3 +426,7 @@ func (d *Device) DupFile() (*os.File, error) {
 	}
 	return os.NewFile(uintptr(fd), "tun "+d.name), nil
 }
+
+// TSO reports whether TCP segments of up to 64 KiB move in one read or
+// write (they then carry a vnet header saying how to cut them).
+func (d *Device) TSO() bool { return d.vnet && d.offloads&OffloadTSO != 0 }

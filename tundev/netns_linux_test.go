@@ -100,6 +100,10 @@ func TestCreateInNetns(t *testing.T) {
 	checkAddrs(t, h, link, []netip.Prefix{addr4, addr6}, nil) // not tentative once up either
 	checkRoutes(t, h, link, []netip.Prefix{route4, route6}, nil)
 
+	if dev.VnetHdrLen() != tundev.VnetHdrLen || !dev.TSO() || dev.Offloads().String() != "csum,tso4,tso6" {
+		t.Errorf("VnetHdrLen, TSO, Offloads = %d, %v, %s; want %d, true, csum,tso4,tso6",
+			dev.VnetHdrLen(), dev.TSO(), dev.Offloads(), tundev.VnetHdrLen)
+	}
 	r := startReader(t, dev)
 	for _, tc := range []struct {
 		name          string
@@ -122,7 +126,8 @@ func TestCreateInNetns(t *testing.T) {
 			// Into the namespace: Write, with head-room, reaches the socket.
 			const offset = 32
 			pkt := tundevtest.UDPPacket(tc.remote, local, []byte("pong"))
-			buf := append(make([]byte, offset), pkt...)
+			// An all-zero vnet header: a complete packet, nothing to cut.
+			buf := append(make([]byte, offset+dev.VnetHdrLen()), pkt...)
 			if n, err := dev.Write([][]byte{buf}, offset); n != 1 || err != nil {
 				t.Fatalf("Write = %d, %v; want 1, nil", n, err)
 			}
@@ -363,8 +368,10 @@ func startReader(t *testing.T, dev *tundev.Device) *reader {
 				return
 			}
 			for i := range n {
+				// The vnet header is the device's framing; the
+				// tests look at the packet behind it.
 				select {
-				case r.pkts <- bytes.Clone(bufs[i][:sizes[i]]):
+				case r.pkts <- bytes.Clone(bufs[i][dev.VnetHdrLen():sizes[i]]):
 				default: // the test is not looking; the kernel's own chatter
 				}
 			}
@@ -482,5 +489,52 @@ func checkRoutes(t *testing.T, h *netlink.Handle, link netlink.Link, present, ab
 		if have[p] {
 			t.Errorf("route to %s via %s still there", p, link.Attrs().Name)
 		}
+	}
+}
+
+// TestNoOffload: without offloads the fd carries bare packets, and a device
+// made from that fd (as --tun-fd gets it) sees the same.
+func TestNoOffload(t *testing.T) {
+	tundevtest.RequireRoot(t)
+	_, nsPath := tundevtest.NewNetns(t, "tundev")
+	dev, err := tundev.Create(tundev.Config{NetnsPath: nsPath, NoOffload: true})
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	defer dev.Close()
+	if dev.VnetHdrLen() != 0 || dev.TSO() || dev.Offloads() != 0 {
+		t.Errorf("VnetHdrLen, TSO, Offloads = %d, %v, %s; want 0, false, none", dev.VnetHdrLen(), dev.TSO(), dev.Offloads())
+	}
+	f, err := dev.DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dup, err := tundev.FromFile(f, 0)
+	if err != nil {
+		f.Close()
+		t.Fatalf("FromFile: %v", err)
+	}
+	defer dup.Close()
+	if dup.VnetHdrLen() != 0 {
+		t.Errorf("FromFile of a device without offloads: VnetHdrLen = %d, want 0", dup.VnetHdrLen())
+	}
+
+	withVnet, err := tundev.Create(tundev.Config{Name: "tdvnet0", NetnsPath: nsPath})
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	defer withVnet.Close()
+	f, err = withVnet.DupFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dup2, err := tundev.FromFile(f, 0)
+	if err != nil {
+		f.Close()
+		t.Fatalf("FromFile: %v", err)
+	}
+	defer dup2.Close()
+	if dup2.VnetHdrLen() != tundev.VnetHdrLen || !dup2.TSO() {
+		t.Errorf("FromFile of a device with offloads: VnetHdrLen, TSO = %d, %v; want %d, true", dup2.VnetHdrLen(), dup2.TSO(), tundev.VnetHdrLen)
 	}
 }

@@ -8,8 +8,9 @@ import (
 )
 
 // tunFlags are the flags we ask TUNSETIFF for: a layer-3 device (IFF_TUN)
-// whose reads and writes are bare IP packets, without the 4-byte
-// struct tun_pi in front (IFF_NO_PI). IFF_VNET_HDR would go here.
+// whose reads and writes are IP packets without the 4-byte struct tun_pi in
+// front (IFF_NO_PI). With offloads, IFF_VNET_HDR is added and each packet
+// carries a struct virtio_net_hdr in front instead.
 const tunFlags = unix.IFF_TUN | unix.IFF_NO_PI
 
 // openTUN opens /dev/net/tun and binds it to the interface name, creating
@@ -17,7 +18,7 @@ const tunFlags = unix.IFF_TUN | unix.IFF_NO_PI
 // namespace the interface belongs to. It returns the blocking fd, the
 // interface's real name (the kernel expands a "%d" in name) and whether we
 // created the interface or attached to a persistent one.
-func openTUN(name string) (fd int, ifname string, created bool, err error) {
+func openTUN(name string, vnet bool) (fd int, ifname string, created bool, err error) {
 	fd, err = unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, "", false, fmt.Errorf("open /dev/net/tun: %w", err)
@@ -27,7 +28,11 @@ func openTUN(name string) (fd int, ifname string, created bool, err error) {
 		unix.Close(fd)
 		return -1, "", false, err
 	}
-	ifr.SetUint16(tunFlags)
+	flags := uint16(tunFlags)
+	if vnet {
+		flags |= unix.IFF_VNET_HDR
+	}
+	ifr.SetUint16(flags)
 	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
 		unix.Close(fd)
 		switch {
@@ -38,7 +43,7 @@ func openTUN(name string) (fd int, ifname string, created bool, err error) {
 		}
 		return -1, "", false, err
 	}
-	_, flags, err := tunGetIff(fd)
+	_, have, err := tunGetIff(fd)
 	if err != nil {
 		unix.Close(fd)
 		return -1, "", false, err
@@ -49,7 +54,7 @@ func openTUN(name string) (fd int, ifname string, created bool, err error) {
 	// last fd detaches, tun_detach), and one that an fd holds gives EBUSY
 	// above, so IFF_PERSIST tells the two cases apart without a racy
 	// look-up beforehand.
-	return fd, ifr.Name(), flags&unix.IFF_PERSIST == 0, nil
+	return fd, ifr.Name(), have&unix.IFF_PERSIST == 0, nil
 }
 
 // tunGetIff returns the name and flags of the TUN interface fd is attached
@@ -67,27 +72,78 @@ func tunGetIff(fd int) (string, uint16, error) {
 }
 
 // checkPacketFD says whether fd is usable as a device: a TUN fd in the mode
-// we read and write (IFF_TUN, IFF_NO_PI, no vnet header), or a socket that
-// keeps packet boundaries (SOCK_SEQPACKET or SOCK_DGRAM, as tests and
-// gVisor's fdbased tests use). It returns the TUN's interface name, or ""
-// for a socket.
-func checkPacketFD(fd int) (string, error) {
+// we read and write (IFF_TUN, IFF_NO_PI, with or without a vnet header), or
+// a socket that keeps packet boundaries (SOCK_SEQPACKET or SOCK_DGRAM, as
+// tests and gVisor's fdbased tests use). It returns the TUN's interface
+// name, or "" for a socket, and whether packets carry a vnet header.
+func checkPacketFD(fd int) (name string, vnet bool, err error) {
 	name, flags, tunErr := tunGetIff(fd)
 	if tunErr == nil {
 		if flags&tunFlags != tunFlags || flags&unix.IFF_TAP != 0 {
-			return "", fmt.Errorf("tun %s: want flags IFF_TUN|IFF_NO_PI, have %#x", name, flags)
+			return "", false, fmt.Errorf("tun %s: want flags IFF_TUN|IFF_NO_PI, have %#x", name, flags)
 		}
-		if flags&unix.IFF_VNET_HDR != 0 {
-			return "", fmt.Errorf("tun %s: IFF_VNET_HDR is not supported yet", name)
-		}
-		return name, nil
+		return name, flags&unix.IFF_VNET_HDR != 0, nil
 	}
 	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
 	if err != nil {
-		return "", fmt.Errorf("neither a TUN fd (%w) nor a socket", tunErr)
+		return "", false, fmt.Errorf("neither a TUN fd (%w) nor a socket", tunErr)
 	}
 	if typ != unix.SOCK_SEQPACKET && typ != unix.SOCK_DGRAM {
-		return "", fmt.Errorf("socket of type %d does not keep packet boundaries", typ)
+		return "", false, fmt.Errorf("socket of type %d does not keep packet boundaries", typ)
 	}
-	return "", nil
+	return "", false, nil
+}
+
+// VnetHdrLen is the size of the struct virtio_net_hdr
+// (include/uapi/linux/virtio_net.h) in front of every packet of a device
+// with offloads. It is the kernel's default; we never change it with
+// TUNSETVNETHDRSZ, because the 12-byte form only adds num_buffers, which a
+// TUN does not use.
+const VnetHdrLen = 10
+
+// Offloads are what a device with a vnet header lets the kernel hand over
+// in one packet, and accepts from us.
+type Offloads uint8
+
+const (
+	// OffloadCsum: packets may carry a partial checksum (NEEDS_CSUM), to
+	// be completed over csum_start..end.
+	OffloadCsum Offloads = 1 << iota
+	// OffloadTSO: TCP segments up to 64 KiB, over IPv4 and IPv6, cut into
+	// gso_size pieces by whoever delivers them to a socket.
+	OffloadTSO
+)
+
+func (o Offloads) String() string {
+	switch {
+	case o&OffloadTSO != 0:
+		return "csum,tso4,tso6"
+	case o&OffloadCsum != 0:
+		return "csum"
+	}
+	return "none"
+}
+
+// setOffloads asks the kernel for TCP segmentation offload, falling back
+// to checksum offload alone and then to none, and reports what it got.
+// UDP segmentation (TUN_F_USO4/6, kernel 6.2) is not asked for: the
+// datagram path would have to split such packets, and it carries
+// datagrams one by one.
+func setOffloads(fd int) (Offloads, error) {
+	tries := []struct {
+		flags int
+		got   Offloads
+	}{
+		{unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6, OffloadCsum | OffloadTSO},
+		{unix.TUN_F_CSUM, OffloadCsum},
+	}
+	var errs []error
+	for _, t := range tries {
+		err := unix.IoctlSetInt(fd, unix.TUNSETOFFLOAD, t.flags)
+		if err == nil {
+			return t.got, errors.Join(errs...)
+		}
+		errs = append(errs, fmt.Errorf("TUNSETOFFLOAD %#x: %w", t.flags, err))
+	}
+	return 0, errors.Join(errs...)
 }

@@ -78,25 +78,34 @@ func parsePort(s string) (uint16, error) {
 	return uint16(n), nil
 }
 
-// publisher accepts connections on netstackd's side and hands each to the
-// stack, which connects it to the port behind the TUN.
+// publisher accepts connections and receives datagrams on netstackd's
+// side and hands them to the stack, which carries them to the port behind
+// the TUN.
 type publisher struct {
 	log    *slog.Logger
 	target netip.Addr // the address behind the TUN that published ports reach
 	lns    []net.Listener
-	specs  []publishSpec
+	specs  []publishSpec // of lns
+	pcs    []net.PacketConn
+	pspecs []publishSpec // of pcs
 	wg     sync.WaitGroup
 	once   sync.Once
 }
 
-// listenPublished opens every listener before anything else starts, so a
-// port already in use fails start-up with a clear error.
+// listenPublished opens every listener and socket before anything else
+// starts, so a port already in use fails start-up with a clear error.
 func listenPublished(specs []publishSpec, target netip.Addr, log *slog.Logger) (*publisher, error) {
 	p := &publisher{log: log, target: target}
 	for _, s := range specs {
 		if s.udp {
-			p.close()
-			return nil, fmt.Errorf("--publish %s: UDP ports are not supported yet", s)
+			pc, err := net.ListenPacket("udp", s.host.String())
+			if err != nil {
+				p.close()
+				return nil, fmt.Errorf("publish %s: %w", s, err)
+			}
+			p.pcs = append(p.pcs, pc)
+			p.pspecs = append(p.pspecs, s)
+			continue
 		}
 		ln, err := net.Listen("tcp", s.host.String())
 		if err != nil {
@@ -109,12 +118,22 @@ func listenPublished(specs []publishSpec, target netip.Addr, log *slog.Logger) (
 	return p, nil
 }
 
-// serve starts accepting; close stops it.
+// serve starts accepting and receiving; close stops it.
 func (p *publisher) serve(st *stack.Stack) {
 	for i, ln := range p.lns {
 		dst := netip.AddrPortFrom(p.target, p.specs[i].nsPort)
-		p.log.Info("publishing", "listen", ln.Addr().String(), "to", dst)
+		p.log.Info("publishing", "listen", ln.Addr().String(), "to", dst, "proto", "tcp")
 		p.wg.Go(func() { p.acceptLoop(ln, st, dst) })
+	}
+	for i, pc := range p.pcs {
+		dst := netip.AddrPortFrom(p.target, p.pspecs[i].nsPort)
+		p.log.Info("publishing", "listen", pc.LocalAddr().String(), "to", dst, "proto", "udp")
+		p.wg.Go(func() {
+			// It returns when close closes pc or the stack closes.
+			if err := st.ServeInboundUDP(pc, dst); err != nil && !errors.Is(err, net.ErrClosed) {
+				p.log.Warn("published udp port stopped", "listen", pc.LocalAddr().String(), "err", err)
+			}
+		})
 	}
 }
 
@@ -135,6 +154,9 @@ func (p *publisher) close() {
 	p.once.Do(func() {
 		for _, ln := range p.lns {
 			ln.Close()
+		}
+		for _, pc := range p.pcs {
+			pc.Close()
 		}
 		p.wg.Wait()
 	})
