@@ -53,12 +53,19 @@ type linkEndpoint struct {
 	offset int
 	vnet   bool // packets carry a vnet header (vnetHdrLen bytes)
 	tso    bool // gVisor may hand us TCP segments of up to gsoMaxSize
+	uso    bool // datagrams of one flow may go out as one packet
+
+	splitBuf []byte // the reader's, for datagrams cut from a USO packet
 
 	droppedVnet atomic.Uint64 // inbound packets whose vnet header made no sense
 
 	// intercept, when set before start, sees every inbound packet first and
 	// reports whether it took it (echo requests sent on for real).
 	intercept func(pkt []byte) bool
+	// endBatch, when set before start, is called after the packets of one
+	// device read have been delivered, so that what they queued (datagrams
+	// for one upstream socket) can leave in one system call.
+	endBatch func()
 
 	mu         sync.RWMutex
 	dispatcher stack.NetworkDispatcher
@@ -80,6 +87,9 @@ func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
 		case vnetHdrLen:
 			e.vnet = true
 			e.tso = od.TSO()
+			if u, ok := dev.(interface{ USO() bool }); ok {
+				e.uso = u.USO()
+			}
 		default:
 			// Only the 10-byte form exists on a TUN we open; a longer
 			// one would shift every packet.
@@ -111,6 +121,9 @@ func (e *linkEndpoint) readInbound() {
 		for i := range count {
 			e.deliverFrame(bufs[i][e.offset : e.offset+sizes[i]])
 		}
+		if count > 0 && e.endBatch != nil {
+			e.endBatch()
+		}
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
 				e.log.Error("read from device stopped", "err", err)
@@ -134,12 +147,23 @@ func (e *linkEndpoint) deliverFrame(frame []byte) {
 	}
 	pkt := frame[vnetHdrLen:]
 	kind := prepareInbound(h, pkt)
-	if kind == inboundDrop {
+	switch kind {
+	case inboundDrop:
 		e.droppedVnet.Add(1)
+		return
+	case inboundDatagrams:
+		if e.splitBuf == nil {
+			e.splitBuf = make([]byte, maxPacket)
+		}
+		if !splitDatagrams(pkt, int(h.gsoSize), e.splitBuf, e.deliverValidated) {
+			e.droppedVnet.Add(1)
+		}
 		return
 	}
 	e.deliver(pkt, kind)
 }
+
+func (e *linkEndpoint) deliverValidated(pkt []byte) { e.deliver(pkt, inboundValidated) }
 
 func (e *linkEndpoint) deliver(pkt []byte, kind inboundKind) {
 	var proto tcpip.NetworkProtocolNumber

@@ -195,6 +195,7 @@ func New(cfg Config) (*Stack, error) {
 		st.ping = newPingTable(st)
 	}
 	st.link.intercept = st.intercept
+	st.link.endBatch = st.endBatch
 	st.link.start()
 	return st, nil
 }
@@ -380,6 +381,14 @@ func (st *Stack) intercept(pkt []byte) bool {
 		return st.answerEcho(src, dst, msg)
 	}
 	return false
+}
+
+// endBatch runs after the packets of one device read were delivered: what
+// they queued for upstream sockets leaves now, in as few calls as it can.
+func (st *Stack) endBatch() {
+	if st.udp != nil {
+		st.udp.flush()
+	}
 }
 
 // transportProtocol is the protocol an IPv4 packet, or an IPv6 packet

@@ -23,6 +23,7 @@ const (
 	vnetGSONone  = 0    // VIRTIO_NET_HDR_GSO_NONE
 	vnetGSOTCPv4 = 1    // VIRTIO_NET_HDR_GSO_TCPV4
 	vnetGSOTCPv6 = 4    // VIRTIO_NET_HDR_GSO_TCPV6
+	vnetGSOUDPL4 = 5    // VIRTIO_NET_HDR_GSO_UDP_L4 (USO)
 	vnetGSOECN   = 0x80 // VIRTIO_NET_HDR_GSO_ECN, or'ed into the type
 )
 
@@ -105,6 +106,7 @@ const (
 	inboundPlain                        // a complete packet, checksums to be verified
 	inboundValidated                    // the kernel vouches for its checksums
 	inboundSegment                      // a TCP segment longer than the MSS; checksums vouched for
+	inboundDatagrams                    // UDP datagrams of one flow in one packet (USO), to be split
 )
 
 // prepareInbound makes pkt, read behind header h, into a packet the stack
@@ -154,8 +156,84 @@ func prepareInbound(h vnetHdr, pkt []byte) inboundKind {
 		}
 		header.IPv6(pkt).SetPayloadLength(uint16(len(pkt) - header.IPv6MinimumSize))
 		return inboundSegment
+	case vnetGSOUDPL4:
+		if h.gsoSize == 0 {
+			return inboundDrop
+		}
+		return inboundDatagrams
 	}
-	return inboundDrop // UDP segmentation and the like: never enabled
+	return inboundDrop // UFO and the like: never enabled
+}
+
+// splitDatagrams cuts a USO packet (one IP and UDP header, then datagrams
+// of gsoSize bytes but for a shorter last one) into complete packets, as
+// the kernel's __udp_gso_segment would, and hands each to deliver. scratch
+// must have room for the longest such packet; it is reused for each.
+func splitDatagrams(pkt []byte, gsoSize int, scratch []byte, deliver func([]byte)) bool {
+	var hl int
+	switch {
+	case len(pkt) >= header.IPv4MinimumSize && header.IPVersion(pkt) == header.IPv4Version:
+		ip := header.IPv4(pkt)
+		hl = int(ip.HeaderLength())
+		if hl < header.IPv4MinimumSize || ip.Protocol() != uint8(header.UDPProtocolNumber) || ip.More() || ip.FragmentOffset() != 0 {
+			return false
+		}
+	case len(pkt) >= header.IPv6MinimumSize && header.IPVersion(pkt) == header.IPv6Version:
+		hl = header.IPv6MinimumSize
+		if header.IPv6(pkt).TransportProtocol() != header.UDPProtocolNumber {
+			return false
+		}
+	default:
+		return false
+	}
+	if len(pkt) < hl+udpHeaderLen || gsoSize <= 0 {
+		return false
+	}
+	payload := pkt[hl+udpHeaderLen:]
+	hdrs := pkt[:hl+udpHeaderLen]
+	for first := true; len(payload) > 0; first = false {
+		n := min(gsoSize, len(payload))
+		if len(scratch) < len(hdrs)+n {
+			return false
+		}
+		out := append(scratch[:0], hdrs...)
+		out = append(out, payload[:n]...)
+		payload = payload[n:]
+		fixUDPSegment(out, hl, first)
+		deliver(out)
+	}
+	return true
+}
+
+// fixUDPSegment makes the lengths and checksums of one datagram cut from a
+// USO packet true. IPv4 segments after the first get IDs of their own, as
+// the kernel gives them.
+func fixUDPSegment(out []byte, hl int, first bool) {
+	udpLen := len(out) - hl
+	var src, dst tcpip.Address
+	if header.IPVersion(out) == header.IPv4Version {
+		ip := header.IPv4(out)
+		ip.SetTotalLength(uint16(len(out)))
+		if !first {
+			ip.SetID(uint16(ipv4ID.Add(1)))
+		}
+		ip.SetChecksum(0)
+		ip.SetChecksum(^ip.CalculateChecksum())
+		src, dst = ip.SourceAddress(), ip.DestinationAddress()
+	} else {
+		ip := header.IPv6(out)
+		ip.SetPayloadLength(uint16(udpLen))
+		src, dst = ip.SourceAddress(), ip.DestinationAddress()
+	}
+	u := header.UDP(out[hl:])
+	u.SetLength(uint16(udpLen))
+	u.SetChecksum(0)
+	xsum := header.PseudoHeaderChecksum(header.UDPProtocolNumber, src, dst, uint16(udpLen))
+	sum := ^checksum.Checksum(out[hl:], xsum)
+	if sum == 0 {
+		sum = 0xffff
+	}
+	u.SetChecksum(sum)
 }
 
 // completeChecksum finishes a CHECKSUM_PARTIAL packet as a NIC would: the

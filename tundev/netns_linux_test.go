@@ -51,8 +51,8 @@ func TestCreateInNetns(t *testing.T) {
 		t.Fatalf("Create: %v", err)
 	}
 	t.Cleanup(func() { dev.Close() })
-	if dev.Name() != tunName || dev.MTU() != 1400 || dev.BatchSize() != 1 {
-		t.Errorf("Name, MTU, BatchSize = %q, %d, %d; want %q, 1400, 1", dev.Name(), dev.MTU(), dev.BatchSize(), tunName)
+	if dev.Name() != tunName || dev.MTU() != 1400 || dev.BatchSize() != 16 {
+		t.Errorf("Name, MTU, BatchSize = %q, %d, %d; want %q, 1400, 16", dev.Name(), dev.MTU(), dev.BatchSize(), tunName)
 	}
 
 	h := tundevtest.Handle(t, nsPath)
@@ -100,9 +100,9 @@ func TestCreateInNetns(t *testing.T) {
 	checkAddrs(t, h, link, []netip.Prefix{addr4, addr6}, nil) // not tentative once up either
 	checkRoutes(t, h, link, []netip.Prefix{route4, route6}, nil)
 
-	if dev.VnetHdrLen() != tundev.VnetHdrLen || !dev.TSO() || dev.Offloads().String() != "csum,tso4,tso6" {
-		t.Errorf("VnetHdrLen, TSO, Offloads = %d, %v, %s; want %d, true, csum,tso4,tso6",
-			dev.VnetHdrLen(), dev.TSO(), dev.Offloads(), tundev.VnetHdrLen)
+	if dev.VnetHdrLen() != tundev.VnetHdrLen || !dev.TSO() || !dev.USO() || dev.Offloads().String() != "csum,tso4,tso6,uso4,uso6" {
+		t.Errorf("VnetHdrLen, TSO, USO, Offloads = %d, %v, %v, %s; want %d, true, true, csum,tso4,tso6,uso4,uso6 (kernel ≥ 6.2)",
+			dev.VnetHdrLen(), dev.TSO(), dev.USO(), dev.Offloads(), tundev.VnetHdrLen)
 	}
 	r := startReader(t, dev)
 	for _, tc := range []struct {

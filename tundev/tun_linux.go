@@ -3,6 +3,7 @@ package tundev
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -112,29 +113,38 @@ const (
 	// OffloadTSO: TCP segments up to 64 KiB, over IPv4 and IPv6, cut into
 	// gso_size pieces by whoever delivers them to a socket.
 	OffloadTSO
+	// OffloadUSO: the same for UDP datagrams of one flow (kernel 6.2).
+	OffloadUSO
 )
 
 func (o Offloads) String() string {
-	switch {
-	case o&OffloadTSO != 0:
-		return "csum,tso4,tso6"
-	case o&OffloadCsum != 0:
-		return "csum"
+	if o == 0 {
+		return "none"
 	}
-	return "none"
+	var s []string
+	if o&OffloadCsum != 0 {
+		s = append(s, "csum")
+	}
+	if o&OffloadTSO != 0 {
+		s = append(s, "tso4", "tso6")
+	}
+	if o&OffloadUSO != 0 {
+		s = append(s, "uso4", "uso6")
+	}
+	return strings.Join(s, ",")
 }
 
-// setOffloads asks the kernel for TCP segmentation offload, falling back
-// to checksum offload alone and then to none, and reports what it got.
-// UDP segmentation (TUN_F_USO4/6, kernel 6.2) is not asked for: the
-// datagram path would have to split such packets, and it carries
-// datagrams one by one.
+// setOffloads asks the kernel for TCP and UDP segmentation offload,
+// falling back to TCP alone (kernels before 6.2 have no USO), to checksum
+// offload alone, and then to none, and reports what it got.
 func setOffloads(fd int) (Offloads, error) {
+	const tso = unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6
 	tries := []struct {
 		flags int
 		got   Offloads
 	}{
-		{unix.TUN_F_CSUM | unix.TUN_F_TSO4 | unix.TUN_F_TSO6, OffloadCsum | OffloadTSO},
+		{tso | unix.TUN_F_USO4 | unix.TUN_F_USO6, OffloadCsum | OffloadTSO | OffloadUSO},
+		{tso, OffloadCsum | OffloadTSO},
 		{unix.TUN_F_CSUM, OffloadCsum},
 	}
 	var errs []error

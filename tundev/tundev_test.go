@@ -59,8 +59,8 @@ func TestFromFile(t *testing.T) {
 	if got := dev.MTU(); got != tundev.DefaultMTU {
 		t.Errorf("MTU() = %d, want %d", got, tundev.DefaultMTU)
 	}
-	if got := dev.BatchSize(); got != 1 {
-		t.Errorf("BatchSize() = %d, want 1", got)
+	if got := dev.BatchSize(); got != 16 {
+		t.Errorf("BatchSize() = %d, want 16", got)
 	}
 	if got := dev.Name(); got != "seqpacket" {
 		t.Errorf("Name() = %q, want the file's name", got)
@@ -188,8 +188,8 @@ func TestReadShortBuffer(t *testing.T) {
 func TestReadWriteAllocs(t *testing.T) {
 	dev, peer := socketpair(t)
 	pkt := [][]byte{make([]byte, 1400)}
-	rbuf := [][]byte{make([]byte, 2048)}
-	sizes := []int{0}
+	rbuf := [][]byte{make([]byte, 2048), make([]byte, 2048)}
+	sizes := []int{0, 0}
 	buf := make([]byte, 2048)
 	allocs := testing.AllocsPerRun(100, func() {
 		if _, err := dev.Write(pkt, 0); err != nil {
@@ -332,5 +332,37 @@ func BenchmarkWriteRead(b *testing.B) {
 				dev.Read(rbuf, sizes, 0)
 			}
 		})
+	}
+}
+
+// TestReadBatch: one Read takes every packet already queued, up to the
+// buffers given, and waits for none beyond the first.
+func TestReadBatch(t *testing.T) {
+	dev, peer := socketpair(t)
+	for i := range 5 {
+		if _, err := peer.Write([]byte{0x45, byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bufs := make([][]byte, 3)
+	for i := range bufs {
+		bufs[i] = make([]byte, 64)
+	}
+	sizes := make([]int, 3)
+	var got []byte
+	for _, want := range []int{3, 2} {
+		n, err := dev.Read(bufs, sizes, 4)
+		if err != nil || n != want {
+			t.Fatalf("Read = %d, %v; want %d, nil", n, err, want)
+		}
+		for i := range n {
+			if sizes[i] != 2 {
+				t.Fatalf("packet %d: size %d, want 2", i, sizes[i])
+			}
+			got = append(got, bufs[i][5])
+		}
+	}
+	if string(got) != "\x00\x01\x02\x03\x04" {
+		t.Errorf("packets in order %v, want 0..4", got)
 	}
 }
