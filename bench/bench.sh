@@ -21,6 +21,8 @@ usage: bench/bench.sh [options]
   --rounds N        rounds, interleaved over all paths (default 3)
   --time S          seconds per iperf3 run and per connection-rate run (default 10)
   --udp-rate RATE   offered UDP rate for iperf3 -b (default 1G)
+  --idle N          idle connections held through the daemon while its RSS is
+                    read (default 10000; 0 skips)
   --smoke           1 round of 1 s runs, every metric once, overall limit 110 s;
                     exits 0 only if every required measurement produced a number
   --gobench FILE    also write Go benchmark lines to FILE (benchstat -col /path FILE)
@@ -48,6 +50,7 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 ROUNDS=3
 T=10
 UDP_RATE=1G
+IDLE_N=10000
 SMOKE=0
 GOBENCH=""
 PEER=""
@@ -60,6 +63,7 @@ while (($# > 0)); do
 	--rounds) ROUNDS=${2:?--rounds needs a value}; shift 2 ;;
 	--time) T=${2:?--time needs a value}; shift 2 ;;
 	--udp-rate) UDP_RATE=${2:?--udp-rate needs a value}; shift 2 ;;
+	--idle) IDLE_N=${2:?--idle needs a value}; shift 2 ;;
 	--smoke) SMOKE=1; shift ;;
 	--gobench) GOBENCH=${2:?--gobench needs a file}; shift 2 ;;
 	--peer) PEER=${2:?--peer needs a command}; shift 2 ;;
@@ -73,8 +77,10 @@ done
 if ((SMOKE)); then
 	ROUNDS=1
 	T=1
-	: "${MAX_TIME:=110}"
+	IDLE_N=$((IDLE_N < 300 ? IDLE_N : 300))
+	: "${MAX_TIME:=130}"
 fi
+[[ $IDLE_N =~ ^[0-9]+$ ]] || die "--idle: want a count, got $IDLE_N"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds: want a positive integer, got $ROUNDS"
 [[ $T =~ ^[1-9][0-9]*$ ]] || die "--time: want a positive integer, got $T"
 [[ $UDP_RATE =~ ^[1-9][0-9]*[KMG]?$ ]] || die "--udp-rate: want a rate like 500M or 1G, got $UDP_RATE"
@@ -88,6 +94,9 @@ fi
 PATHS=(kernel direct socks5)
 [[ -n $PEER ]] && PATHS+=("$PEER_NAME")
 MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp conns)
+# Idle connections last: they raise the daemon's peak RSS, which is read
+# for the throughput rows just before.
+((IDLE_N > 0)) && MEASUREMENTS+=(idle)
 if [[ -z $MAX_TIME ]]; then
 	cells=$((${#MEASUREMENTS[@]} * ${#PATHS[@]}))
 	MAX_TIME=$((180 + ROUNDS * (40 + cells * (T + 25))))
@@ -250,23 +259,25 @@ proc_cost() {
 declare -A VALS   # "row|path" -> space-separated values, one per round
 declare -A STATE  # "row|path" -> fail | na | (empty)
 declare -A NOTE   # "row|path" -> why na
-ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss conns cp50 cp99 cerr rss cpu drss dcpu)
+ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss conns cp50 cp99 cerr rss cpu idle_rss idle_kib drss dcpu)
 declare -A LABEL=(
 	[tcp1]="tcp 1 stream Gb/s" [tcpR]="tcp reverse Gb/s" [tcp4]="tcp 4 streams Gb/s"
 	[tcp6]="tcp ipv6 1 stream Gb/s" [udp_gbps]="udp @$UDP_RATE delivered Gb/s"
 	[udp_loss]="udp @$UDP_RATE loss %" [conns]="short conns/s" [cp50]="connect p50 ms"
 	[cp99]="connect p99 ms" [cerr]="conn errors" [rss]="daemon peak RSS MiB" [cpu]="daemon CPU s/round"
 	[drss]="danted peak RSS MiB" [dcpu]="danted CPU s/round"
+	[idle_rss]="$IDLE_N idle conns: RSS MiB" [idle_kib]="idle: daemon KiB/conn"
 )
 declare -A RATIO=([tcp1]=1 [tcpR]=1 [tcp4]=1 [tcp6]=1 [udp_gbps]=1 [conns]=1 [cp50]=1 [cp99]=1)
 declare -A ROWS_OF=(
 	[tcp1]=tcp1 [tcpR]=tcpR [tcp4]=tcp4 [tcp6]=tcp6 [udp]="udp_gbps udp_loss"
 	[conns]="conns cp50 cp99 cerr" [daemon]="rss cpu" [danted]="drss dcpu"
+	[idle]="idle_rss idle_kib"
 )
 declare -A GOUNIT=(
 	[tcp1]=Gb/s [tcpR]=Gb/s [tcp4]=Gb/s [tcp6]=Gb/s [udp_gbps]=Gb/s [udp_loss]=loss-%
 	[conns]=conns/s [cp50]=connect-p50-ms [cp99]=connect-p99-ms [cerr]=errors [rss]=peak-RSS-MiB
-	[cpu]=CPU-s [drss]=peak-RSS-MiB [dcpu]=CPU-s
+	[cpu]=CPU-s [drss]=peak-RSS-MiB [dcpu]=CPU-s [idle_rss]=idle-RSS-MiB [idle_kib]=KiB/conn
 )
 
 # optional MEAS PATH: a failure here is reported but does not fail the run.
@@ -458,6 +469,10 @@ stop_daemon() {
 	[[ -n $pid ]] || return 0
 	if alive "$pid"; then
 		read -r kib ticks < <(proc_cost "$pid")
+		if [[ -n ${PRE_IDLE[$path]:-} ]]; then
+			read -r kib ticks <<<"${PRE_IDLE[$path]}"
+			unset 'PRE_IDLE[$path]'
+		fi
 		record daemon "$path" "$(awk -v k="$kib" 'BEGIN { printf "%.1f", k / 1024 }')" \
 			"$(awk -v t="$ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')"
 	else
@@ -598,6 +613,51 @@ measure_conns() {
 	fi
 }
 
+# daemon_rss PID: the current RSS in KiB summed over the process tree.
+daemon_rss() {
+	local pid kib=0 k
+	for pid in $(descendants "$1"); do
+		[[ $pid == "$1" ]] && continue
+		k=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || k=0
+		kib=$((kib + ${k:-0}))
+	done
+	echo "$kib"
+}
+
+declare -A PRE_IDLE # path -> "KiB ticks" read before the idle measurement
+
+# measure_idle PATH R: hold IDLE_N idle connections through the daemon and
+# read its RSS while they are open; the difference from before, per
+# connection, is what an idle flow costs.
+measure_idle() {
+	local path=$1 r=$2 base="$WORK/idle.$1.r$2"
+	case $path in
+	kernel) record_na idle "$path" "no daemon"; return ;;
+	socks5) record_na idle "$path" "measured on the direct path"; return ;;
+	esac
+	local pid=${DPID[$path]} before after line held
+	PRE_IDLE[$path]=$(proc_cost "$pid")
+	before=$(daemon_rss "$pid")
+	spawn "$(client_ns "$path")" 120 "$base.out" bash -c 'ulimit -n $(( $1 + 1000 )) 2>/dev/null; exec "$2" -c "$3" -hold "$1" -d 60s -timeout 5s' \
+		idle "$IDLE_N" "$WORK/connrate" "$(server_addr "$path" 4):$CONN_PORT"
+	local client=$SPAWNED i
+	for ((i = 0; i < 900; i++)); do
+		line=$(grep -m1 '^held=' "$base.out" 2>/dev/null) && break
+		alive "$client" || break
+		sleep 0.1
+	done
+	held=$(kv held "$line")
+	after=$(daemon_rss "$pid")
+	stop_pids "$client" || true
+	if [[ -n $held ]] && ((held == IDLE_N)); then
+		record idle "$path" "$(awk -v k="$after" 'BEGIN { printf "%.1f", k / 1024 }')" \
+			"$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN { printf "%.1f", (a - b) / n }')"
+		say "  idle $path: $held connections, RSS $((before / 1024)) -> $((after / 1024)) MiB"
+	else
+		record_fail idle "$path" "held ${held:-0} of $IDLE_N: $(tail -2 "$base.out" | tr '\n' ' ')"
+	fi
+}
+
 measure() {
 	local meas=$1 path=$2 r=$3
 	if [[ $path != kernel ]] && { [[ -z ${DPID[$path]:-} ]] || ! alive "${DPID[$path]}"; }; then
@@ -612,6 +672,7 @@ measure() {
 	tcp*) measure_tcp "$meas" "$path" "$r" ;;
 	udp) measure_udp "$path" "$r" ;;
 	conns) measure_conns "$path" "$r" ;;
+	idle) measure_idle "$path" "$r" ;;
 	esac
 }
 

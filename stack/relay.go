@@ -88,9 +88,9 @@ func relay(ctx context.Context, client *tcpConn, upstream net.Conn, halfCloseIdl
 	wg.Go(func() {
 		res.up, res.upErr = pipe(f, upstream, client, &halfDone, halfCloseIdle)
 	})
-	wg.Go(func() {
-		res.down, res.downErr = pipe(f, client, upstream, &halfDone, halfCloseIdle)
-	})
+	// The caller's goroutine carries the other direction: a goroutine
+	// stack is most of what an idle flow costs.
+	res.down, res.downErr = pipe(f, client, upstream, &halfDone, halfCloseIdle)
 	wg.Wait()
 	res.reset = f.reset.Load()
 	f.close()

@@ -12,9 +12,14 @@
 // unreachable, what a TUN program that does not carry UDP answers); 1: no
 // answer.
 //
+// Client (-c ADDR -hold N): opens N connections (100 at a time) that stay
+// idle, prints "held=N seconds=S" once all are open, keeps them for -d, then
+// closes them and exits. The bench reads the daemon's memory meanwhile.
+//
 // Server (-serve ADDR): answers each TCP connection's request line with
-// -size bytes and closes; echoes every UDP datagram on the same port. It runs
-// until killed.
+// -size bytes and closes, except a HOLD request, which it keeps open and
+// silent until the client closes; echoes every UDP datagram on the same
+// port. It runs until killed.
 package main
 
 import (
@@ -38,6 +43,7 @@ func main() {
 	timeout := flag.Duration("timeout", 2*time.Second, "deadline for each connection (and the UDP probe)")
 	size := flag.Int("size", 128, "reply size in bytes (server)")
 	probe := flag.Bool("udp-probe", false, "with -c: check that a UDP datagram is echoed")
+	hold := flag.Int("hold", 0, "with -c: open `N` idle connections and keep them for -d")
 	flag.Parse()
 
 	switch {
@@ -48,6 +54,8 @@ func main() {
 		}
 	case *target != "" && *probe:
 		os.Exit(udpProbe(*target, *timeout))
+	case *target != "" && *hold > 0:
+		os.Exit(holdIdle(*target, *hold, *dur, *timeout))
 	case *target != "":
 		os.Exit(runClient(*target, *dur, *timeout))
 	default:
@@ -56,7 +64,10 @@ func main() {
 	}
 }
 
-var request = []byte("GET / HTTP/1.0\r\n\r\n")
+var (
+	request     = []byte("GET / HTTP/1.0\r\n\r\n")
+	holdRequest = []byte("HOLD\r\n\r\n")
+)
 
 func runServer(addr string, size int) error {
 	ln, err := net.Listen("tcp", addr)
@@ -92,16 +103,73 @@ func answer(c net.Conn, reply []byte) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	r := bufio.NewReader(c)
+	hold := false
 	for {
 		line, err := r.ReadSlice('\n')
 		if err != nil {
 			return
 		}
+		if string(bytes.TrimSpace(line)) == "HOLD" {
+			hold = true
+		}
 		if len(bytes.TrimSpace(line)) == 0 {
 			break
 		}
 	}
+	if hold {
+		c.SetDeadline(time.Time{})
+		io.Copy(io.Discard, r) // until the client closes
+		return
+	}
 	c.Write(reply)
+}
+
+// holdIdle opens n connections that stay open and silent, reports when all
+// are, keeps them for d, and closes them.
+func holdIdle(addr string, n int, d, timeout time.Duration) int {
+	start := time.Now()
+	conns := make([]net.Conn, n)
+	errs := make([]error, n)
+	sem := make(chan struct{}, 100)
+	done := make(chan struct{})
+	for i := range n {
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; done <- struct{}{} }()
+			c, err := net.DialTimeout("tcp", addr, timeout)
+			if err == nil {
+				_, err = c.Write(holdRequest)
+			}
+			conns[i], errs[i] = c, err
+		}()
+	}
+	for range n {
+		<-done
+	}
+	held, failed := 0, 0
+	var lastErr error
+	for i := range n {
+		if errs[i] != nil {
+			failed++
+			lastErr = errs[i]
+		} else {
+			held++
+		}
+	}
+	fmt.Printf("held=%d failed=%d seconds=%.3f\n", held, failed, time.Since(start).Seconds())
+	if lastErr != nil {
+		fmt.Fprintf(os.Stderr, "connrate: %d connections failed, last: %v\n", failed, lastErr)
+	}
+	time.Sleep(d)
+	for _, c := range conns {
+		if c != nil {
+			c.Close()
+		}
+	}
+	if failed > 0 {
+		return 1
+	}
+	return 0
 }
 
 func udpEcho(pc net.PacketConn) {
