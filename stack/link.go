@@ -70,17 +70,19 @@ type linkEndpoint struct {
 	mu         sync.RWMutex
 	dispatcher stack.NetworkDispatcher
 
-	wg sync.WaitGroup // the inbound reader
+	wg sync.WaitGroup // the inbound reader and the outbound writer
 
-	writeMu   sync.Mutex // guards writeBufs
-	writeBufs [][]byte
-	rawBufs   sync.Pool // *[]byte for writeRaw behind a vnet header
+	out     outQueue   // packets from gVisor for the writer (linkout.go)
+	writeMu sync.Mutex // guards scratch
+	scratch []*[]byte
+	rawBufs sync.Pool // *[]byte for writeRaw behind a vnet header
 }
 
 var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 
 func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
 	e := &linkEndpoint{dev: dev, log: log, mtu: uint32(dev.MTU())}
+	e.out.wake = make(chan struct{}, 1)
 	if od, ok := dev.(offloadDevice); ok {
 		switch n := od.VnetHdrLen(); n {
 		case 0:
@@ -103,6 +105,7 @@ func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
 // the reader stops when the device is closed.
 func (e *linkEndpoint) start() {
 	e.wg.Go(e.readInbound)
+	e.wg.Go(e.writeOutbound)
 }
 
 func (e *linkEndpoint) readInbound() {
@@ -191,41 +194,6 @@ func (e *linkEndpoint) deliver(pkt []byte, kind inboundKind) {
 	pb.DecRef()
 }
 
-// WritePackets hands packets from the stack to the device in one batch.
-func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	e.writeMu.Lock()
-	defer e.writeMu.Unlock()
-	list := pkts.AsSlice()
-	bufs := e.writeBufs[:0]
-	for i, pkt := range list {
-		if i == len(e.writeBufs) {
-			e.writeBufs = append(e.writeBufs, make([]byte, 0, e.offset+vnetHdrLen+int(e.mtu)))
-		}
-		b := e.writeBufs[i][:e.offset]
-		if e.vnet {
-			var h [vnetHdrLen]byte
-			outboundVnetHdr(pkt).encode(h[:])
-			b = append(b, h[:]...)
-		}
-		for _, s := range pkt.AsSlices() {
-			b = append(b, s...)
-		}
-		e.writeBufs[i] = b
-		bufs = append(bufs, b)
-	}
-	n, err := e.dev.Write(bufs, e.offset)
-	if err != nil {
-		if errors.Is(err, os.ErrClosed) {
-			return n, &tcpip.ErrClosedForSend{}
-		}
-		e.log.Debug("write to device failed", "err", err, "written", n, "batch", len(bufs))
-		if n == 0 {
-			return 0, &tcpip.ErrAborted{}
-		}
-	}
-	return n, nil
-}
-
 // writeRaw writes one complete packet built outside gVisor (UDP and ICMP
 // replies).
 func (e *linkEndpoint) writeRaw(pkt []byte) {
@@ -301,5 +269,6 @@ func (e *linkEndpoint) IsAttached() bool {
 	return e.dispatcher != nil
 }
 
-// Wait waits for the inbound reader, which ends when the device is closed.
+// Wait waits for the inbound reader, which ends when the device is closed,
+// and for the outbound writer, which ends with stopOutbound.
 func (e *linkEndpoint) Wait() { e.wg.Wait() }

@@ -242,7 +242,11 @@ func (st *Stack) Close() error {
 		if st.ping != nil {
 			st.ping.close()
 		}
+		// The resets of the flows just ended are queued: they reach
+		// the clients before the device goes.
+		st.link.flushOutbound(time.Second)
 		err = st.cfg.Device.Close()
+		st.link.stopOutbound()
 		st.closeStack()
 	})
 	return err

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -38,8 +39,9 @@ func TestMain(m *testing.M) {
 // a real kernel object that keeps packet boundaries as a TUN fd does, so the
 // stack can be tested without root (the approach of gVisor's fdbased tests).
 type seqpacketDevice struct {
-	f   *os.File
-	mtu int
+	resets atomic.Int64 // TCP RSTs written
+	f      *os.File
+	mtu    int
 }
 
 func (d *seqpacketDevice) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
@@ -55,6 +57,11 @@ func (d *seqpacketDevice) Write(bufs [][]byte, offset int) (int, error) {
 	for i, b := range bufs {
 		if _, err := d.f.Write(b[offset:]); err != nil {
 			return i, err
+		}
+		if pkt := b[offset:]; transportProtocol(pkt) == header.TCPProtocolNumber && header.IPVersion(pkt) == header.IPv4Version {
+			if tcp := header.TCP(pkt[header.IPv4(pkt).HeaderLength():]); len(tcp) >= header.TCPMinimumSize && tcp.Flags().Contains(header.TCPFlagRst) {
+				d.resets.Add(1)
+			}
 		}
 	}
 	return len(bufs), nil
@@ -89,6 +96,7 @@ type peer struct {
 	client *gstack.Stack
 	st     *Stack
 	dialer *redirectDialer
+	dev    *seqpacketDevice
 }
 
 func newPeer(t testing.TB, cfg Config) *peer {
@@ -107,7 +115,7 @@ func newPeer(t testing.TB, cfg Config) *peer {
 	}
 	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: 1500}
 
-	p := &peer{dialer: &redirectDialer{}}
+	p := &peer{dialer: &redirectDialer{}, dev: dev}
 	cfg.Device = dev
 	cfg.Dialer = p.dialer
 	if cfg.Logger == nil && testing.Verbose() {
@@ -416,6 +424,13 @@ func TestCloseResetsFlows(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not return with flows open")
+	}
+	// Every flow's reset was written before the device closed
+	// (flushOutbound), so no client waits for a timeout. (Whether this
+	// client stack reads them after its peer closed is its own business;
+	// the namespace test checks a kernel client sees ECONNRESET.)
+	if got := p.dev.resets.Load(); got != int64(len(conns)) {
+		t.Errorf("%d resets written by Close, want %d", got, len(conns))
 	}
 }
 
