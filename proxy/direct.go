@@ -21,9 +21,15 @@ type Direct struct {
 	// KeepAlive is the TCP keep-alive period, as in net.Dialer: 0 means Go's
 	// default (15s), negative turns keep-alives off.
 	KeepAlive time.Duration
-	// Control, if not nil, is called with each socket before it connects,
-	// as net.Dialer.Control is (for SO_MARK, say). Its error aborts the dial.
+	// Control, if not nil, is called with each socket before it connects
+	// or binds, as net.Dialer.Control is: netstackd sets SO_MARK with it in
+	// host-wide mode, so that its own sockets bypass the TUN. Its error
+	// aborts the dial.
 	Control func(network, address string, c syscall.RawConn) error
+	// Resolver looks up the names given to DialContext and to the WriteTo
+	// of a ListenPacket conn; nil means net.DefaultResolver. Host-wide mode
+	// gives one whose own sockets carry the mark too.
+	Resolver *net.Resolver
 }
 
 // DialContext connects to address and returns the *net.TCPConn. Errors keep
@@ -37,6 +43,7 @@ func (d Direct) DialContext(ctx context.Context, network, address string) (net.C
 		Timeout:   d.Timeout,
 		KeepAlive: d.KeepAlive,
 		Control:   d.Control,
+		Resolver:  d.Resolver,
 	}
 	if nd.Timeout == 0 {
 		nd.Timeout = defaultTimeout

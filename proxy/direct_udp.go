@@ -18,7 +18,7 @@ import (
 // WriteToUDPAddrPort and the rest are the kernel socket's own; callers find
 // them by asserting an interface, not the concrete *net.UDPConn. Only
 // WriteTo differs: an address that is not an *net.UDPAddr is taken as
-// "host:port" and a name in it is resolved with net.DefaultResolver, each
+// "host:port" and a name in it is resolved with d.Resolver, each
 // lookup bounded by 2s and remembered for 30s (up to 256 names per conn), so
 // that a datagram to a name waits at most once per name and half-minute.
 // A v4-only socket asks only for IPv4 addresses.
@@ -43,7 +43,11 @@ func (d Direct) ListenPacket(ctx context.Context, network, address string) (net.
 		return nil, fmt.Errorf("listen %s %s direct: %w", network, address, err)
 	}
 	uc := pc.(*net.UDPConn)
-	return &directPacketConn{UDPConn: uc, names: newNameCache(lookupNetwork(network, uc))}, nil
+	names := newNameCache(lookupNetwork(network, uc))
+	if d.Resolver != nil {
+		names.lookupNetIP = d.Resolver.LookupNetIP
+	}
+	return &directPacketConn{UDPConn: uc, names: names}, nil
 }
 
 // lookupNetwork returns the resolver network that suits the socket uc:

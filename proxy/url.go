@@ -19,7 +19,7 @@ const urlForms = "want direct://, socks5://[user:pass@]host:port, socks4://[user
 
 // FromURL returns the Dialer that raw names:
 //
-//	direct:// (or direct)               Direct{}
+//	direct:// (or direct)               forward if it is a Direct, else Direct{}
 //	socks5://[user[:pass]@]host:port    SOCKS5, with Forward set to forward
 //	socks4://[userid@]host:port         SOCKS4, with Forward set to forward
 //	http://[user[:pass]@]host:port      HTTPConnect, with Forward set to forward
@@ -50,8 +50,11 @@ func FromURL(raw string, forward Dialer) (Dialer, error) {
 }
 
 func fromURL(raw string, forward Dialer) (Dialer, error) {
+	// Direct connections are made by forward itself when it is a Direct,
+	// so that its Control (SO_MARK) and Resolver apply to them too.
+	direct, _ := forward.(Direct)
 	if strings.EqualFold(raw, "direct") {
-		return Direct{}, nil
+		return direct, nil
 	}
 	// Without "://" url.Parse reads "host:port" as a scheme and an opaque
 	// part, or fails on a path; neither error would help.
@@ -75,7 +78,7 @@ func fromURL(raw string, forward Dialer) (Dialer, error) {
 		if u.Host != "" || u.User != nil || (u.Path != "" && u.Path != "/") || hasQueryOrFragment(u) {
 			return nil, errors.New("direct:// takes nothing after the scheme")
 		}
-		return Direct{}, nil
+		return direct, nil
 	case "socks5", "socks5h":
 		return socks5FromURL(u, forward)
 	case "socks4", "socks4a":

@@ -6,8 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -20,6 +23,7 @@ type options struct {
 	routes        []netip.Prefix
 	routesSet     bool
 	mtu           int
+	noOffload     bool // open the TUN without IFF_VNET_HDR
 	proxyURL      string
 	logLevel      slog.Level
 	dialTimeout   time.Duration
@@ -34,7 +38,12 @@ type options struct {
 	command       []string // `run`: the program and its arguments
 	publish       []publishSpec
 	cpuProfile    string
-	tunFD         int // serve this inherited TUN descriptor; -1: create one
+	tunFD         int            // serve this inherited TUN descriptor; -1: create one
+	hostWide      bool           // default routes in netstackd's own namespace: policy routing (hostwide.go)
+	fwmark        uint32         // SO_MARK of netstackd's own upstream sockets; 0: none
+	table         int            // host-wide mode's routing table
+	excludes      []netip.Prefix // kept off the TUN in host-wide mode
+	user          *userSpec      // --user: switch to it once set up; nil: stay
 }
 
 // errHelp is returned when the user asked for the usage text.
@@ -123,6 +132,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
 	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
 	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
+	fs.BoolVar(&o.noOffload, "no-offload", false, "open the TUN without IFF_VNET_HDR: no TSO/USO, one packet per system call (for comparison and old kernels)")
 	fs.Func("publish", "forward `[IP:]HOSTPORT:NSPORT[/udp]` from netstackd's side to that port behind the TUN, repeatable (without IP: all addresses)", func(v string) error {
 		p, err := parsePublish(v)
 		if err != nil {
@@ -154,6 +164,11 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	})
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver `HOST:PORT` for remote mode and the query types fake-ip does not answer (default: the first nameserver in /etc/resolv.conf), reached over TCP through the proxy")
 	fs.DurationVar(&o.udpTimeout, "udp-timeout", 60*time.Second, "a UDP association idle this long is closed")
+	fwmark := fs.String("fwmark", fmt.Sprintf("%#x", defaultFwmark), "firewall `mark` (SO_MARK) on netstackd's own upstream sockets; host-wide mode routes marked traffic by the main table, so it does not loop into the TUN (set outside host-wide mode, it marks them for rules of your own)")
+	fs.IntVar(&o.table, "table", defaultTable, "routing `table` that holds host-wide mode's routes through the TUN")
+	var excludesSet bool
+	fs.Var(prefixList{&o.excludes, &excludesSet}, "exclude", "host-wide mode: keep `CIDR` off the TUN (it goes by the main table), repeatable; the proxy server's addresses are excluded by themselves")
+	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -228,6 +243,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	if !o.routesSet && (o.netns != "" || runMode) {
 		o.routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 	}
+	if err := o.hostWideFlags(fs, runMode, *fwmark, *userFlag); err != nil {
+		return nil, err
+	}
 	if o.dnsMode == "fake-ip" && len(o.routes) > 0 {
 		// Fake addresses only work if they reach the TUN.
 		for _, r := range o.fakeRanges {
@@ -237,6 +255,62 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		}
 	}
 	return o, nil
+}
+
+// hostWideFlags decides whether host-wide mode is on and checks the flags
+// that belong to it: --fwmark, --table, --exclude and --user.
+//
+// Host-wide mode is on when a --route is a default route (0.0.0.0/0 or ::/0)
+// and the TUN is in netstackd's own namespace: neither --netns nor run
+// (whose TUN is in another namespace, so netstackd's sockets cannot loop
+// into it) nor --tun-fd (whose interface netstackd does not configure).
+func (o *options) hostWideFlags(fs *flag.FlagSet, runMode bool, fwmark, user string) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	o.hostWide = !runMode && o.netns == "" && o.tunFD < 0 && slices.ContainsFunc(o.routes, func(p netip.Prefix) bool { return p.Bits() == 0 })
+	const hostWideOnly = "applies to host-wide mode only (a --route of 0.0.0.0/0 or ::/0 without --netns, run or --tun-fd)"
+	m, err := strconv.ParseUint(fwmark, 0, 32)
+	if err != nil || m == 0 {
+		return fmt.Errorf("--fwmark %q: want a non-zero 32-bit mark, such as 0x6e73", fwmark)
+	}
+	if o.hostWide || set["fwmark"] {
+		o.fwmark = uint32(m)
+	}
+	if set["table"] && !o.hostWide {
+		return errors.New("--table " + hostWideOnly)
+	}
+	if o.table <= 0 || (o.table >= 253 && o.table <= 255) || int64(o.table) > math.MaxUint32 {
+		return fmt.Errorf("--table %d: want 1 to 252 or 256 to 4294967295 (253 to 255 are default, main and local)", o.table)
+	}
+	if len(o.excludes) > 0 && !o.hostWide {
+		return errors.New("--exclude " + hostWideOnly)
+	}
+	for _, x := range o.excludes {
+		if x != x.Masked() {
+			return fmt.Errorf("--exclude %s: host bits set (did you mean %s?)", x, x.Masked())
+		}
+		if x.Bits() == 0 {
+			return fmt.Errorf("--exclude %s: would keep every destination off the TUN", x)
+		}
+	}
+	if o.hostWide {
+		// All of them go into the table, none into main: a route in
+		// main would catch netstackd's own marked sockets too.
+		for _, r := range o.routes {
+			if r != r.Masked() {
+				return fmt.Errorf("--route %s: host bits set (did you mean %s?)", r, r.Masked())
+			}
+		}
+	}
+	if user != "" {
+		if runMode {
+			return errors.New("run: --user does not apply: run needs no root, start it as the user instead")
+		}
+		if o.user, err = parseUser(user); err != nil {
+			return fmt.Errorf("--user %q: %w", user, err)
+		}
+	}
+	return nil
 }
 
 // covered reports whether some route in routes contains all of p.

@@ -70,6 +70,18 @@ func TestParseFlags(t *testing.T) {
 			}
 			return ""
 		}},
+		{name: "offloads by default", args: nil, check: func(o *options) string {
+			if o.noOffload {
+				return "noOffload set without --no-offload"
+			}
+			return ""
+		}},
+		{name: "no offload", args: []string{"--no-offload"}, check: func(o *options) string {
+			if !o.noOffload {
+				return "--no-offload not taken"
+			}
+			return ""
+		}},
 		{name: "socks and proxy", args: []string{"--socks", "a:1", "--proxy", "direct://"}, errHas: "both"},
 		{name: "socks without port", args: []string{"--socks", "host"}, errHas: "HOST:PORT"},
 		{name: "bad cidr", args: []string{"--addr", "nonsense"}, errHas: "not a CIDR"},
@@ -176,5 +188,105 @@ func TestGateways(t *testing.T) {
 	gw4, gw6, target = gateways(o)
 	if gw4.String() != "198.18.0.1" || gw6.String() != "fd01::1" || target.String() != "198.18.0.2" {
 		t.Errorf("gateways %v %v target %v: must avoid the TUN's own addresses", gw4, gw6, target)
+	}
+}
+
+// TestParseFlagsHostWide: when host-wide mode is on, and the flags that only
+// it takes.
+func TestParseFlagsHostWide(t *testing.T) {
+	tests := []struct {
+		name     string
+		args     []string
+		run      bool
+		hostWide bool
+		fwmark   uint32
+		table    int
+		excludes []string
+		errHas   string
+	}{
+		{name: "default route", args: []string{"--socks", "h:1080", "--route", "0.0.0.0/0", "--route", "::/0"}, hostWide: true, fwmark: 0x6e73, table: 28275},
+		{name: "ipv6 default only", args: []string{"--route", "::/0"}, hostWide: true, fwmark: 0x6e73, table: 28275},
+		{name: "no routes", args: nil, fwmark: 0, table: 28275},
+		{name: "specific route", args: []string{"--route", "10.0.0.0/8"}, fwmark: 0},
+		{name: "netns default routes", args: []string{"--netns", "/x"}, fwmark: 0},
+		{name: "netns explicit default", args: []string{"--netns", "/x", "--route", "0.0.0.0/0"}, fwmark: 0},
+		{name: "run", args: []string{"--", "true"}, run: true, fwmark: 0},
+		{name: "tun-fd", args: []string{"--tun-fd", "3", "--route", "0.0.0.0/0"}, fwmark: 0},
+		{name: "fwmark hex and table", args: []string{"--route", "0.0.0.0/0", "--fwmark", "0x10", "--table", "100"}, hostWide: true, fwmark: 0x10, table: 100},
+		{name: "fwmark decimal", args: []string{"--route", "0.0.0.0/0", "--fwmark", "51820"}, hostWide: true, fwmark: 51820},
+		{name: "fwmark outside host-wide marks", args: []string{"--fwmark", "7"}, fwmark: 7},
+		{name: "excludes", args: []string{"--route", "0.0.0.0/0", "--exclude", "192.168.0.0/16", "--exclude", "2001:db8::1"}, hostWide: true, fwmark: 0x6e73,
+			excludes: []string{"192.168.0.0/16", "2001:db8::1/128"}},
+		{name: "fwmark zero", args: []string{"--route", "0.0.0.0/0", "--fwmark", "0"}, errHas: "--fwmark"},
+		{name: "fwmark junk", args: []string{"--fwmark", "mark"}, errHas: "--fwmark"},
+		{name: "fwmark too big", args: []string{"--fwmark", "0x100000000"}, errHas: "--fwmark"},
+		{name: "table main", args: []string{"--route", "0.0.0.0/0", "--table", "254"}, errHas: "--table 254"},
+		{name: "table without host-wide", args: []string{"--table", "100"}, errHas: "host-wide mode only"},
+		{name: "exclude without host-wide", args: []string{"--exclude", "10.0.0.0/8"}, errHas: "host-wide mode only"},
+		{name: "exclude with netns", args: []string{"--netns", "/x", "--exclude", "10.0.0.0/8"}, errHas: "host-wide mode only"},
+		{name: "exclude host bits", args: []string{"--route", "0.0.0.0/0", "--exclude", "10.1.2.3/8"}, errHas: "did you mean 10.0.0.0/8"},
+		{name: "exclude everything", args: []string{"--route", "0.0.0.0/0", "--exclude", "0.0.0.0/0"}, errHas: "every destination"},
+		{name: "route host bits", args: []string{"--route", "0.0.0.0/0", "--route", "10.1.2.3/8"}, errHas: "did you mean 10.0.0.0/8"},
+		{name: "user with run", args: []string{"--user", "nobody", "--", "true"}, run: true, errHas: "run: --user"},
+		{name: "user root", args: []string{"--user", "0:0"}, errHas: "drops nothing"},
+		{name: "user unknown name", args: []string{"--user", "no-such-user-netstackd"}, errHas: "--user"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			o, err := parseFlags(tc.args, tc.run, io.Discard)
+			if tc.errHas != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errHas) {
+					t.Fatalf("error %v, want one containing %q", err, tc.errHas)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if o.hostWide != tc.hostWide || o.fwmark != tc.fwmark {
+				t.Errorf("hostWide %v fwmark %#x, want %v %#x", o.hostWide, o.fwmark, tc.hostWide, tc.fwmark)
+			}
+			if tc.table != 0 && o.table != tc.table {
+				t.Errorf("table %d, want %d", o.table, tc.table)
+			}
+			if got := prefixStrings(o.excludes); !slices.Equal(got, tc.excludes) && (len(got) > 0 || len(tc.excludes) > 0) {
+				t.Errorf("excludes %v, want %v", got, tc.excludes)
+			}
+		})
+	}
+}
+
+func TestParseUser(t *testing.T) {
+	for _, tc := range []struct {
+		spec     string
+		uid, gid int
+		errHas   string
+	}{
+		{spec: "nobody", uid: 65534, gid: 65534},
+		{spec: "65534", uid: 65534, gid: 65534},
+		{spec: "nobody:123", uid: 65534, gid: 123},
+		{spec: "4242:4343", uid: 4242, gid: 4343},
+		{spec: "4242", errHas: "UID:GID"},
+		{spec: "0", errHas: "drops nothing"},
+		{spec: "nobody:0", errHas: "drops nothing"},
+		{spec: ":12", errHas: "want NAME"},
+		{spec: "12:", errHas: "want NAME"},
+		{spec: "-1:5", errHas: "unknown user"},
+	} {
+		t.Run(tc.spec, func(t *testing.T) {
+			u, err := parseUser(tc.spec)
+			if tc.errHas != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errHas) {
+					t.Fatalf("parseUser(%q) = %+v, %v; want an error containing %q", tc.spec, u, err, tc.errHas)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseUser(%q): %v", tc.spec, err)
+			}
+			if u.uid != tc.uid || u.gid != tc.gid {
+				t.Errorf("parseUser(%q) = uid %d gid %d, want %d %d", tc.spec, u.uid, u.gid, tc.uid, tc.gid)
+			}
+		})
 	}
 }

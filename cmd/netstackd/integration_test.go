@@ -455,11 +455,38 @@ func expectRefused(t *testing.T, tp *netnstest.Topology, addr string) {
 }
 
 // testStop ends d with sig (SIGTERM or SIGINT): exit status 0 within
-// stopWithin, and the TUN gone from the client namespace.
+// stopWithin, the TUN gone from the client namespace, and an open flow
+// reset, so that its client learns at once that it is gone.
 func testStop(t *testing.T, tp *netnstest.Topology, d *netnstest.Process, sig syscall.Signal) {
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	// Topologies that serve no TCP (the UDP and DNS tests) refuse the
+	// flow: there is nothing open to reset then.
+	open, err := tp.Client.DialContext(ctx, "tcp", serverAddr(netnstest.ServerIPv4, netnstest.EchoPort))
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		t.Logf("no TCP echo server here (%v): the reset of open flows is not checked", err)
+		open = nil
+	} else if err != nil {
+		t.Fatalf("open a flow before %v: %v", sig, err)
+	}
+	if open != nil {
+		defer open.Close()
+		if _, err := open.Write([]byte("x")); err != nil {
+			t.Fatalf("write before %v: %v", sig, err)
+		}
+		if _, err := io.ReadFull(open, make([]byte, 1)); err != nil {
+			t.Fatalf("echo before %v: %v", sig, err)
+		}
+	}
 	start := time.Now()
 	if err := d.Signal(sig); err != nil {
 		t.Fatalf("%v to %s: %v", sig, d, err)
+	}
+	if open != nil {
+		open.SetReadDeadline(time.Now().Add(stopWithin))
+		if _, err := open.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("open flow after %v: read returned %v, want ECONNRESET", sig, err)
+		}
 	}
 	st := d.Wait(stopWithin)
 	took := time.Since(start)
@@ -471,8 +498,6 @@ func testStop(t *testing.T, tp *netnstest.Topology, d *netnstest.Process, sig sy
 	default:
 		t.Logf("%s exited 0 %v after %v", d, took.Round(time.Millisecond), sig)
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
 	if ok, err := tp.Client.HasLink(ctx, tunName); ok || err != nil {
 		t.Errorf("%s still in %s after netstackd exited (err %v)", tunName, tp.Client, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -48,11 +49,19 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netstackd: %v (see netstackd --help)\n", err)
 		return exitUsage
 	}
-	dialer, err := proxy.FromURL(opts.proxyURL, nil)
-	if err != nil {
-		fmt.Fprintf(stderr, "netstackd: --proxy: %v\n", err)
+	if opts.user != nil && opts.hostWide && !canKeepCaps() {
+		fmt.Fprintf(stderr, "netstackd: %v\n", errNeedsNoCgo)
 		return exitUsage
 	}
+	up, err := newUpstream(context.Background(), opts)
+	if err != nil {
+		fmt.Fprintf(stderr, "netstackd: --proxy: %v\n", err)
+		if errors.Is(err, errResolveProxy) {
+			return exitFail
+		}
+		return exitUsage
+	}
+	dialer := up.dialer
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	if opts.cpuProfile != "" {
 		f, err := os.Create(opts.cpuProfile)
@@ -68,7 +77,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			f.Close()
 		}()
 	}
-	resolver, err := newDNS(opts, dialer, log)
+	resolver, err := newDNS(opts, dialer, up.direct.Resolver, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: %v\n", err)
 		return exitUsage
@@ -84,7 +93,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	defer pubs.close()
 	serveTUN := func(dev *tundev.Device) (func() error, error) {
-		st, err := startStack(dev, opts, dialer, resolver, gw4, gw6, log)
+		st, err := startStack(dev, opts, up, resolver, gw4, gw6, log)
 		if err != nil {
 			return nil, err
 		}
@@ -108,7 +117,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := serve(ctx, opts, serveTUN, log); err != nil {
+	if err := serve(ctx, opts, hostWideExcludes(opts, up), serveTUN, log); err != nil {
 		log.Error("netstackd failed", "err", err)
 		return exitFail
 	}
@@ -116,10 +125,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 // startStack runs the stack on dev; closing the stack closes dev.
-func startStack(dev *tundev.Device, opts *options, dialer proxy.Dialer, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
+func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
+	dialer := up.dialer
 	cfg := stack.Config{
 		Device:        dev,
 		Dialer:        dialer,
+		PingControl:   up.direct.Control,
 		Logger:        log,
 		MaxFlows:      opts.maxFlows,
 		DialTimeout:   opts.dialTimeout,
@@ -189,8 +200,10 @@ func gateways(opts *options) (gw4, gw6, target netip.Addr) {
 	return gw4, gw6, target
 }
 
-// newDNS builds the resolver for the chosen mode; nil in off mode.
-func newDNS(opts *options, dialer proxy.Dialer, log *slog.Logger) (*dns.Server, error) {
+// newDNS builds the resolver for the chosen mode; nil in off mode. direct,
+// if not nil, resolves the names under --dns-direct (host-wide mode's
+// marked resolver).
+func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.Logger) (*dns.Server, error) {
 	mode, err := dns.ParseMode(opts.dnsMode)
 	if err != nil {
 		return nil, fmt.Errorf("--dns: %w", err)
@@ -198,14 +211,18 @@ func newDNS(opts *options, dialer proxy.Dialer, log *slog.Logger) (*dns.Server, 
 	if mode == dns.ModeOff {
 		return nil, nil
 	}
-	srv, err := dns.New(dns.Config{
+	cfg := dns.Config{
 		Mode:           mode,
 		FakeRanges:     opts.fakeRanges,
 		DirectSuffixes: opts.dnsDirect,
 		Upstream:       opts.dnsUpstream,
 		Dialer:         dialer,
 		Logger:         log.With("component", "dns"),
-	})
+	}
+	if direct != nil {
+		cfg.DirectResolver = direct
+	}
+	srv, err := dns.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
 	}
@@ -215,7 +232,10 @@ func newDNS(opts *options, dialer proxy.Dialer, log *slog.Logger) (*dns.Server, 
 // serve brings the data path up in the order that makes readiness
 // observable: the stack serves the TUN before the link goes up, and the routes
 // appear last, so a caller that sees them knows every packet will be answered.
-func serve(ctx context.Context, opts *options, serveTUN func(*tundev.Device) (func() error, error), log *slog.Logger) error {
+// In host-wide mode the routes go into their own table and the rules that
+// lead to it come last (hostwide.go). Privileges are dropped (--user) once
+// all of that is in place, before readiness is reported.
+func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN func(*tundev.Device) (func() error, error), log *slog.Logger) error {
 	var dev *tundev.Device
 	var err error
 	if opts.tunFD >= 0 {
@@ -223,14 +243,19 @@ func serve(ctx context.Context, opts *options, serveTUN func(*tundev.Device) (fu
 		// configuration: netstackd only moves packets.
 		dev, err = tundev.FromFile(os.NewFile(uintptr(opts.tunFD), "tun-fd"), opts.mtu)
 	} else {
-		dev, err = tundev.Create(tundev.Config{
+		cfg := tundev.Config{
 			Name:      opts.tun,
 			NetnsPath: opts.netns,
 			MTU:       opts.mtu,
 			Addrs:     opts.addrs,
 			Routes:    opts.routes,
+			NoOffload: opts.noOffload,
 			Logger:    log,
-		})
+		}
+		if opts.hostWide {
+			cfg.Routes = nil // into the policy table below, not main
+		}
+		dev, err = tundev.Create(cfg)
 	}
 	if err != nil {
 		return err
@@ -249,8 +274,36 @@ func serve(ctx context.Context, opts *options, serveTUN func(*tundev.Device) (fu
 	if err := dev.Up(); err != nil {
 		return err
 	}
-	log.Info("ready", "tun", dev.Name(), "netns", opts.netns, "mtu", dev.MTU(),
-		"addrs", fmt.Sprint(opts.addrs), "routes", fmt.Sprint(opts.routes), "via", opts.proxyURL)
+	if opts.hostWide {
+		warnStrictRPFilter(dev.Name(), log)
+		pol, err := tundev.InstallPolicy(tundev.PolicyConfig{
+			Link:    dev.Name(),
+			Routes:  opts.routes,
+			Exclude: excludes,
+			Mark:    opts.fwmark,
+			Table:   opts.table,
+			Logger:  log,
+		})
+		if err != nil {
+			return err
+		}
+		// Deferred after stopStack, so it runs first: traffic leaves
+		// the TUN's table before the TUN goes.
+		defer func() {
+			if err := pol.Close(); err != nil {
+				log.Warn("remove host-wide routing", "err", err)
+			}
+		}()
+	}
+	if opts.user != nil {
+		if err := dropPrivileges(*opts.user, opts.hostWide); err != nil {
+			return fmt.Errorf("--user %s: %w", opts.user.spec, err)
+		}
+		log.Info("privileges dropped", "uid", opts.user.uid, "gid", opts.user.gid, "keep", keptCaps(opts.hostWide))
+	}
+	log.Info("ready", "tun", dev.Name(), "netns", opts.netns, "mtu", dev.MTU(), "offloads", dev.Offloads(),
+		"addrs", fmt.Sprint(opts.addrs), "routes", fmt.Sprint(opts.routes), "via", opts.proxyURL,
+		"hostwide", opts.hostWide)
 	if err := notify("READY=1"); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}

@@ -34,12 +34,14 @@ const (
 
 // childConfig is what the child needs to set up its namespace.
 type childConfig struct {
-	Tun     string         `json:"tun"`
-	MTU     int            `json:"mtu"`
-	Addrs   []netip.Prefix `json:"addrs"`
-	Routes  []netip.Prefix `json:"routes"`
-	DNS     netip.Addr     `json:"dns,omitzero"`
-	Command []string       `json:"command"`
+	Tun string `json:"tun"`
+	MTU int    `json:"mtu"`
+	// NoOffload: --no-offload, for the TUN the child creates.
+	NoOffload bool           `json:"no_offload"`
+	Addrs     []netip.Prefix `json:"addrs"`
+	Routes    []netip.Prefix `json:"routes"`
+	DNS       netip.Addr     `json:"dns,omitzero"`
+	Command   []string       `json:"command"`
 }
 
 // runCommand is the parent side of `netstackd run`. It returns the exit
@@ -53,7 +55,7 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (stop func() er
 	childEnd := os.NewFile(uintptr(fds[1]), "run-child")
 	defer parentEnd.Close()
 
-	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, Addrs: opts.addrs, Routes: opts.routes, Command: opts.command}
+	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Command: opts.command}
 	if opts.dnsMode != "off" {
 		cfg.DNS = opts.dnsAddr
 	}
@@ -233,6 +235,7 @@ func runChild(blob string) int {
 	}
 	dev, err := tundev.Create(tundev.Config{
 		Name: cfg.Tun, NetnsPath: "/proc/self/ns/net", MTU: cfg.MTU, Addrs: cfg.Addrs, Routes: cfg.Routes,
+		NoOffload: cfg.NoOffload,
 	})
 	if err != nil {
 		return fail(err)

@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/proxy"
+)
+
+// Host-wide mode: the TUN gets the default routes of netstackd's own
+// namespace. Its routes go into a table of their own (--table) that only
+// unmarked traffic consults, and every socket netstackd opens towards the
+// outside carries the firewall mark (--fwmark): flows, the proxy server's
+// connection, direct UDP, ping sockets, DNS forwarding and netstackd's own
+// name lookups. Marked traffic is routed by the main table as if netstackd
+// were not there, so nothing loops back into the TUN. tundev/policy_linux.go
+// holds the rules and routes.
+
+const (
+	// defaultFwmark and defaultTable: "ns" in ASCII, 28275.
+	defaultFwmark = 0x6e73
+	defaultTable  = 0x6e73
+)
+
+// markControl returns a Control func for net.Dialer and net.ListenConfig
+// that puts mark on the socket (SO_MARK needs CAP_NET_ADMIN).
+func markControl(mark uint32) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(mark))
+		})
+		if err = errors.Join(err, serr); err != nil {
+			return fmt.Errorf("set fwmark %#x: %w", mark, err)
+		}
+		return nil
+	}
+}
+
+// markedResolver is a pure-Go resolver (it reads /etc/resolv.conf as usual)
+// whose DNS sockets pass through control.
+func markedResolver(control func(network, address string, c syscall.RawConn) error) *net.Resolver {
+	return &net.Resolver{
+		PreferGo: true,
+		Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+			d := net.Dialer{Control: control}
+			return d.DialContext(ctx, network, address)
+		},
+	}
+}
+
+// upstream is how netstackd reaches the far end of its flows.
+type upstream struct {
+	dialer proxy.Dialer
+	// direct makes netstackd's own direct sockets and name lookups: marked
+	// when opts.fwmark is set.
+	direct proxy.Direct
+	// serverAddrs are the proxy server's addresses, resolved once at start
+	// in host-wide mode; nil otherwise or when direct.
+	serverAddrs []netip.Addr
+}
+
+// errResolveProxy marks a failure to resolve the proxy server at start: the
+// network's fault, not the command line's.
+var errResolveProxy = errors.New("resolve proxy server")
+
+// newUpstream builds the dialer of --proxy on top of a marked Direct. In
+// host-wide mode a proxy server given by name is resolved now, once, and
+// always dialed at those addresses, which are then excluded from the TUN: a
+// later lookup could go through the TUN (a local stub resolver forwards
+// without the mark) and come back with a fake address.
+func newUpstream(ctx context.Context, opts *options) (*upstream, error) {
+	up := &upstream{}
+	if opts.fwmark != 0 {
+		up.direct.Control = markControl(opts.fwmark)
+		up.direct.Resolver = markedResolver(up.direct.Control)
+	}
+	d, err := proxy.FromURL(opts.proxyURL, up.direct)
+	if err != nil {
+		return nil, err
+	}
+	up.dialer = d
+	if !opts.hostWide {
+		return up, nil
+	}
+	server, withForward := proxyServer(d)
+	if server == "" {
+		return up, nil
+	}
+	host, port, err := net.SplitHostPort(server)
+	if err != nil {
+		return nil, fmt.Errorf("proxy server %q: %w", server, err)
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		up.serverAddrs = []netip.Addr{a.Unmap()}
+		return up, nil
+	}
+	resolver := up.direct.Resolver
+	if resolver == nil {
+		resolver = net.DefaultResolver
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	addrs, err := resolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil, fmt.Errorf("%w %s: %w", errResolveProxy, host, err)
+	}
+	pinned := pinnedDialer{Direct: up.direct, server: server}
+	for _, a := range addrs {
+		a = a.Unmap()
+		up.serverAddrs = append(up.serverAddrs, a)
+		pinned.addrs = append(pinned.addrs, net.JoinHostPort(a.String(), port))
+	}
+	up.dialer = withForward(pinned)
+	return up, nil
+}
+
+// proxyServer returns the server of a proxy dialer and a func that gives a
+// copy of it with another Forward; "" for Direct.
+func proxyServer(d proxy.Dialer) (string, func(proxy.Dialer) proxy.Dialer) {
+	switch p := d.(type) {
+	case proxy.SOCKS5:
+		return p.Server, func(f proxy.Dialer) proxy.Dialer { p.Forward = f; return p }
+	case proxy.SOCKS4:
+		return p.Server, func(f proxy.Dialer) proxy.Dialer { p.Forward = f; return p }
+	case proxy.HTTPConnect:
+		return p.Server, func(f proxy.Dialer) proxy.Dialer { p.Forward = f; return p }
+	}
+	return "", nil
+}
+
+// pinnedDialer dials server at the addresses it was resolved to at start,
+// in order, and anything else as its Direct would. Its ListenPacket is the
+// Direct's, so the socket a SOCKS5 UDP association opens is marked too.
+type pinnedDialer struct {
+	proxy.Direct
+	server string   // "host:port" as the proxy dialer asks for it
+	addrs  []string // "ip:port"
+}
+
+func (p pinnedDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	if address != p.server {
+		return p.Direct.DialContext(ctx, network, address)
+	}
+	var errs []error
+	for _, a := range p.addrs {
+		c, err := p.Direct.DialContext(ctx, network, a)
+		if err == nil {
+			return c, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+// hostWideExcludes is --exclude plus the proxy server's own addresses
+// (loopback ones need nothing: the local table answers for them first).
+func hostWideExcludes(opts *options, up *upstream) []netip.Prefix {
+	ex := append([]netip.Prefix(nil), opts.excludes...)
+	for _, a := range up.serverAddrs {
+		if !a.IsLoopback() {
+			ex = append(ex, netip.PrefixFrom(a, a.BitLen()))
+		}
+	}
+	return ex
+}
+
+// warnStrictRPFilter warns about interfaces whose strict reverse-path
+// filter (rp_filter 1, the larger of "all" and the interface's value
+// applies) drops the replies to netstackd's marked IPv4 connections: the
+// kernel checks a reply's source without the mark, finds the TUN's route,
+// and the reply came in elsewhere. Loose mode (2) accepts them.
+func warnStrictRPFilter(tun string, log *slog.Logger) {
+	read := func(dev string) int {
+		b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv4/conf", dev, "rp_filter"))
+		if err != nil {
+			return 0
+		}
+		switch strings.TrimSpace(string(b)) {
+		case "1":
+			return 1
+		case "2":
+			return 2
+		}
+		return 0
+	}
+	all := read("all")
+	devs, _ := filepath.Glob("/proc/sys/net/ipv4/conf/*")
+	var strict []string
+	for _, d := range devs {
+		name := filepath.Base(d)
+		if name == "all" || name == "default" || name == "lo" || name == tun {
+			continue
+		}
+		if max(all, read(name)) == 1 {
+			strict = append(strict, name)
+		}
+	}
+	if len(strict) > 0 {
+		log.Warn("strict reverse-path filtering drops replies to netstackd's own IPv4 connections in host-wide mode: set loose mode (sysctl net.ipv4.conf.all.rp_filter=2 and on each interface listed)",
+			"interfaces", strings.Join(strict, ","))
+	}
+}
