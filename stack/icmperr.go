@@ -2,7 +2,6 @@ package stack
 
 import (
 	"errors"
-	"net"
 	"net/netip"
 	"syscall"
 	"unsafe"
@@ -12,20 +11,10 @@ import (
 )
 
 // A direct UDP association learns of ICMP errors (port unreachable, say)
-// for its datagrams through the socket's error queue (IP_RECVERR), and
-// passes them on to the client as the same ICMP error from the destination,
-// so a client's connected socket fails at once as it would on a kernel path.
-
-func enableRecvErr(c *net.UDPConn) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return
-	}
-	_ = rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVERR, 1)
-		_ = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVERR, 1)
-	})
-}
+// for its datagrams through the socket's error queue (IP_RECVERR, set in
+// openKernelSocket), and passes them on to the client as the same ICMP error
+// from the destination, so a client's connected socket fails at once as it
+// would on a kernel path.
 
 func isICMPError(err error) bool {
 	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) ||
@@ -35,23 +24,27 @@ func isICMPError(err error) bool {
 // relayICMPErrors drains the socket's error queue and sends the client a
 // port-unreachable for each port-unreachable the upstream socket received.
 func (a *udpAssoc) relayICMPErrors() {
-	rc, err := a.udpConn.SyscallConn()
-	if err != nil {
-		return
-	}
+	_ = a.rc.Control(func(fd uintptr) { a.relayICMPErrorsFD(fd) })
+}
+
+// relayICMPErrorsFD is relayICMPErrors on the socket's descriptor, for a
+// caller already in RawConn.Control or Read. It returns how many errors it
+// took from the queue.
+func (a *udpAssoc) relayICMPErrorsFD(fd uintptr) int {
 	var buf [64]byte
 	var oob [512]byte
-	_ = rc.Control(func(fd uintptr) {
-		for range 16 {
-			_, oobn, _, sa, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
-			if err != nil {
-				return
-			}
-			if portUnreachable(oob[:oobn]) {
-				a.sendPortUnreachable(sockaddrToAddrPort(sa))
-			}
+	n := 0
+	for range 16 {
+		_, oobn, _, sa, err := unix.Recvmsg(int(fd), buf[:], oob[:], unix.MSG_ERRQUEUE|unix.MSG_DONTWAIT)
+		if err != nil {
+			break
 		}
-	})
+		n++
+		if portUnreachable(oob[:oobn]) {
+			a.sendPortUnreachable(sockaddrToAddrPort(sa))
+		}
+	}
+	return n
 }
 
 // portUnreachable reports whether the control messages carry an extended

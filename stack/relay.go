@@ -15,9 +15,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// relayBufSize is what one direction of a flow reads at a time: a full
-// 32 KiB lets a bulk flow move two or more 16 KiB TSO-sized writes per call.
-const relayBufSize = 32 << 10
+// relayBufSize is what one direction of a flow reads at a time. A bulk flow
+// then hands gVisor up to two 64 KiB segments per write and reads its
+// socket in fewer calls: side by side, 128 KiB against 32 KiB moved 6.3
+// against 4.6 Gb/s toward the client (medians of 3). Buffers are borrowed
+// only while data is there, so idle flows do not pay for the size.
+const relayBufSize = 128 << 10
 
 var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -61,6 +62,17 @@ type udpTable struct {
 	droppedDNS   atomic.Uint64
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	droppedBig   atomic.Uint64 // replies too large for the link MTU
+
+	// Batched I/O on kernel sockets (udp_batch.go).
+	tx           udpTx
+	rxBatches    sync.Pool // *udpRxBatch
+	smallBufOnce sync.Once
+	sendCalls    atomic.Uint64 // sendmmsg calls
+	sent         atomic.Uint64 // datagrams they sent
+	droppedSend  atomic.Uint64 // datagrams a full or failing socket did not take
+	recvCalls    atomic.Uint64 // recvmmsg calls that returned datagrams or an error
+	received     atomic.Uint64 // datagrams they returned
+	rxHeld       atomic.Int64  // receive batches borrowed now
 }
 
 // udpAssoc is one client source's association.
@@ -74,8 +86,16 @@ type udpAssoc struct {
 
 	ready   chan struct{} // closed once conn is open or failed is set
 	conn    net.PacketConn
-	udpConn *net.UDPConn // conn, when it is a real socket: the fast path
+	udpConn *net.UDPConn    // conn, when it is a real socket: the fast path
+	rc      syscall.RawConn // udpConn's, for batched I/O
+	family  int             // udpConn's address family
 	failed  bool
+
+	// Guarded by t.tx.mu: this association's datagrams in the send queue,
+	// and whether its socket refused UDP GSO.
+	txQueued       bool
+	noGSO          bool
+	txHead, txTail int32
 
 	fakes fakeDests // fake destinations sent to, by name
 
@@ -90,8 +110,10 @@ type pendingDatagram struct {
 }
 
 func newUDPTable(st *Stack, dialer UDPDialer, timeout time.Duration, max int) *udpTable {
-	return &udpTable{st: st, dialer: dialer, timeout: timeout, max: max,
+	t := &udpTable{st: st, dialer: dialer, timeout: timeout, max: max,
 		assocs: make(map[netip.AddrPort]*udpAssoc), dnsSlots: make(chan struct{}, maxDNSInFlight)}
+	t.tx.init(t)
+	return t
 }
 
 // handlePacket is gVisor's default UDP handler: it runs on the device reader
@@ -115,7 +137,9 @@ func (t *udpTable) handlePacket(id gstack.TransportEndpointID, pkt *gstack.Packe
 		q = append(q, pkt.NetworkHeader().Slice()...)
 		return append(q, pkt.TransportHeader().Slice()...)
 	}
-	return t.handleDatagram(client, dst, payload, quote)
+	// gVisor may call this from goroutines other than the device reader,
+	// whose end of batch would flush a queue: send at once.
+	return t.handleDatagram(client, dst, payload, quote, false)
 }
 
 // handleRaw takes a whole IP packet from the device reader and carries it
@@ -168,12 +192,14 @@ func (t *udpTable) handleRaw(pkt []byte) bool {
 	client := netip.AddrPortFrom(src, u.SourcePort())
 	to := netip.AddrPortFrom(dst, u.DestinationPort())
 	quote := func() []byte { return append([]byte(nil), pkt[:min(len(pkt), hdrLen+udpHeaderLen)]...) }
-	return t.handleDatagram(client, to, seg[udpHeaderLen:], quote)
+	return t.handleDatagram(client, to, seg[udpHeaderLen:], quote, true)
 }
 
 // handleDatagram carries one datagram from client to dst. quote gives the
-// start of the client's packet, kept for ICMP errors.
-func (t *udpTable) handleDatagram(client, dst netip.AddrPort, payload []byte, quote func() []byte) bool {
+// start of the client's packet, kept for ICMP errors. With batched, the
+// caller is the device reader, and a datagram for a kernel socket may wait
+// in the send queue until the end of its read (flush).
+func (t *udpTable) handleDatagram(client, dst netip.AddrPort, payload []byte, quote func() []byte, batched bool) bool {
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
@@ -194,7 +220,7 @@ func (t *udpTable) handleDatagram(client, dst netip.AddrPort, payload []byte, qu
 	if created {
 		a.setQuote(quote())
 	}
-	a.send(dst, payload)
+	a.send(dst, payload, batched)
 	return true
 }
 
@@ -259,6 +285,9 @@ func (t *udpTable) close() {
 	}
 	t.mu.Unlock()
 	t.wg.Wait()
+	t.st.log.Debug("udp totals", "sent", t.sent.Load(), "send_calls", t.sendCalls.Load(), "dropped_send", t.droppedSend.Load(),
+		"received", t.received.Load(), "recv_calls", t.recvCalls.Load(), "dropped_big", t.droppedBig.Load(),
+		"dropped_opening", t.droppedQueue.Load(), "dropped_dns", t.droppedDNS.Load())
 }
 
 func (a *udpAssoc) touch() { a.last.Store(time.Now().UnixNano()) }
@@ -283,8 +312,9 @@ func (a *udpAssoc) setQuote(q []byte) {
 	a.mu.Unlock()
 }
 
-// send carries one datagram from the client towards dst.
-func (a *udpAssoc) send(dst netip.AddrPort, payload []byte) {
+// send carries one datagram from the client towards dst; with batched, it
+// may wait in the send queue until the next flush.
+func (a *udpAssoc) send(dst netip.AddrPort, payload []byte, batched bool) {
 	select {
 	case <-a.ready:
 	default:
@@ -310,10 +340,22 @@ func (a *udpAssoc) send(dst netip.AddrPort, payload []byte) {
 		udpBufs.Put(bp)
 		return
 	}
-	a.touch()
-	a.write(dst, payload)
+	names := a.t.st.cfg.Names
+	switch {
+	case a.udpConn == nil || names != nil && names.IsFake(dst.Addr()):
+		a.touch()
+		a.write(dst, payload)
+	case batched:
+		a.t.tx.mu.Lock()
+		a.t.tx.add(a, dst, payload)
+		a.t.tx.mu.Unlock()
+	default:
+		a.t.tx.sendNow(a, dst, payload)
+	}
 }
 
+// write sends one datagram with the conn's WriteTo: through a proxy, or
+// to a destination given by name.
 func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 	var err error
 	if names := a.t.st.cfg.Names; names != nil && names.IsFake(dst.Addr()) {
@@ -328,8 +370,6 @@ func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 			a.fakes.add(d)
 		}
 		_, err = a.conn.WriteTo(payload, hostAddr(d.hostport))
-	} else if a.udpConn != nil {
-		_, err = a.udpConn.WriteToUDPAddrPort(payload, dst)
 	} else {
 		_, err = a.conn.WriteTo(payload, net.UDPAddrFromAddrPort(dst))
 	}
@@ -348,6 +388,10 @@ func (a *udpAssoc) run() {
 	conn, err := a.t.dialer.ListenPacket(ctx, "udp", "")
 	cancel()
 
+	var udpConn *net.UDPConn
+	if err == nil {
+		udpConn = kernelSocket(conn)
+	}
 	a.mu.Lock()
 	pending := a.pending
 	a.pending = nil
@@ -355,7 +399,15 @@ func (a *udpAssoc) run() {
 		a.failed = true
 	} else {
 		a.conn = conn
-		a.udpConn = kernelSocket(conn)
+		a.udpConn = udpConn
+		if udpConn != nil {
+			if kerr := a.openKernelSocket(); kerr != nil {
+				// Without its raw conn the socket is used as a plain
+				// packet conn.
+				a.log.Debug("udp socket: no batched i/o", "err", kerr)
+				a.udpConn = nil
+			}
+		}
 	}
 	close(a.ready)
 	a.mu.Unlock()
@@ -363,7 +415,7 @@ func (a *udpAssoc) run() {
 	if err != nil {
 		a.log.Warn("udp association failed: datagrams from this source are refused", "err", err)
 		for _, d := range pending {
-			a.send(d.dst, d.payload)
+			a.send(d.dst, d.payload, false)
 		}
 		// Keep answering with ICMP errors for a while rather than retrying
 		// the upstream for every datagram.
@@ -376,12 +428,9 @@ func (a *udpAssoc) run() {
 		return
 	}
 	defer conn.Close()
-	if a.udpConn != nil {
-		enableRecvErr(a.udpConn)
-	}
 	a.log.Debug("udp association open", "local", conn.LocalAddr())
 	for _, d := range pending {
-		a.write(d.dst, d.payload)
+		a.send(d.dst, d.payload, false)
 	}
 	a.receive()
 }
@@ -389,15 +438,29 @@ func (a *udpAssoc) run() {
 // receive carries datagrams from the upstream to the client until the
 // association has been idle for the table's timeout or is aborted.
 func (a *udpAssoc) receive() {
+	var r *udpReceiver
+	if a.udpConn != nil {
+		r = newUDPReceiver(a)
+	}
+	// The deadline is moved only when it passes, not for every read: the
+	// association then lives until timeout after its last datagram.
+	deadlineSet := false
 	for {
-		idleUntil := time.Unix(0, a.last.Load()).Add(a.t.timeout)
-		_ = a.conn.SetReadDeadline(idleUntil)
+		if !deadlineSet {
+			_ = a.conn.SetReadDeadline(time.Unix(0, a.last.Load()).Add(a.t.timeout))
+			deadlineSet = true
+		}
 		// Checked after setting the deadline, so that an abort in between
 		// (which sets a past deadline) cannot be overwritten unseen.
 		if a.ctx.Err() != nil {
 			return
 		}
-		err := a.receiveOne()
+		var err error
+		if r != nil {
+			err = r.receive()
+		} else {
+			err = a.receiveOne()
+		}
 		if err == nil {
 			a.touch()
 			continue
@@ -410,6 +473,7 @@ func (a *udpAssoc) receive() {
 				a.log.Debug("udp association closed", "cause", "idle")
 				return
 			}
+			deadlineSet = false
 			continue // the client sent something meanwhile: not idle yet
 		}
 		a.log.Debug("udp association closed", "err", err)
@@ -417,61 +481,18 @@ func (a *udpAssoc) receive() {
 	}
 }
 
-// receiveOne reads one datagram and writes it to the client as a packet from
-// its true source.
+// receiveOne reads one datagram from a conn that is not a kernel socket (a
+// proxy's) and writes it to the client as a packet from its true source.
 func (a *udpAssoc) receiveOne() error {
-	var (
-		bp       *[]byte
-		n        int
-		from     netip.AddrPort
-		fromAddr net.Addr // as the upstream named it, when not a real socket
-	)
-	if a.udpConn != nil {
-		// Borrow a buffer only while a datagram is there, so that an idle
-		// association holds no buffer at all.
-		rc, err := a.udpConn.SyscallConn()
-		if err != nil {
-			return err
-		}
-		var rerr error
-		err = rc.Read(func(fd uintptr) bool {
-			bp = udpBufs.Get().(*[]byte)
-			var sa unix.Sockaddr
-			n, sa, rerr = unix.Recvfrom(int(fd), (*bp)[udpHeadroom:], unix.MSG_DONTWAIT)
-			if rerr == unix.EAGAIN {
-				udpBufs.Put(bp)
-				bp = nil
-				return false
-			}
-			from = sockaddrToAddrPort(sa)
-			return true
-		})
-		if err == nil {
-			err = rerr
-		}
-		if err != nil {
-			if bp != nil {
-				udpBufs.Put(bp)
-			}
-			if isICMPError(err) {
-				// An ICMP error for an earlier datagram: pass it on to the
-				// client, and go on.
-				a.relayICMPErrors()
-				return nil
-			}
-			return err
-		}
-	} else {
-		bp = udpBufs.Get().(*[]byte)
-		var err error
-		n, fromAddr, err = a.conn.ReadFrom((*bp)[udpHeadroom:])
-		if err != nil {
-			udpBufs.Put(bp)
-			return err
-		}
-		if ua, ok := fromAddr.(*net.UDPAddr); ok {
-			from = ua.AddrPort()
-		}
+	bp := udpBufs.Get().(*[]byte)
+	n, fromAddr, err := a.conn.ReadFrom((*bp)[udpHeadroom:])
+	if err != nil {
+		udpBufs.Put(bp)
+		return err
+	}
+	var from netip.AddrPort
+	if ua, ok := fromAddr.(*net.UDPAddr); ok {
+		from = ua.AddrPort()
 	}
 	defer udpBufs.Put(bp)
 	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())

@@ -60,6 +60,19 @@ func (l *link) setMTU(mtu int) error {
 	return nil
 }
 
+// setTxQueueLen sets the queue of packets the kernel holds for us to read
+// (the TUN's transmit queue). Only on an interface we created: a
+// persistent one keeps its owner's setting.
+func (l *link) setTxQueueLen(n int) error {
+	if !l.created {
+		return nil
+	}
+	if err := l.h.LinkSetTxQLen(l.nl, n); err != nil {
+		return fmt.Errorf("set txqueuelen %d on %s: %w", n, l.name, err)
+	}
+	return nil
+}
+
 // addAddr adds p to the interface. IPv6 addresses get IFA_F_NODAD: duplicate
 // address detection keeps an address "tentative", unusable as a source, for
 // about a second after the link goes up (RFC 4862 section 5.4), and on a

@@ -97,6 +97,9 @@ func TestCreateInNetns(t *testing.T) {
 	if link.Attrs().Flags&net.FlagUp == 0 {
 		t.Errorf("link is not up after Up")
 	}
+	if q := link.Attrs().TxQLen; q != tundev.DefaultTxQueueLen {
+		t.Errorf("txqueuelen = %d, want %d", q, tundev.DefaultTxQueueLen)
+	}
 	checkAddrs(t, h, link, []netip.Prefix{addr4, addr6}, nil) // not tentative once up either
 	checkRoutes(t, h, link, []netip.Prefix{route4, route6}, nil)
 

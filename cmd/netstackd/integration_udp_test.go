@@ -7,6 +7,7 @@ package main_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -17,6 +18,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/netstackd/netstackd/internal/netnstest"
 )
@@ -88,6 +92,8 @@ func TestIntegrationUDP(t *testing.T) {
 		t.Run("ping-unused-ipv6", func(t *testing.T) { testPing(t, tp, unusedIPv6, false, false) })
 		t.Run("mapping-ipv4", func(t *testing.T) { testUDPMapping(t, tp, echo, echo4, echo4b, netnstest.DaemonIPv4) })
 		t.Run("mapping-ipv6", func(t *testing.T) { testUDPMapping(t, tp, echo, echo6, echo6b, netnstest.DaemonIPv6) })
+		t.Run("segment-ipv4", func(t *testing.T) { testUDPSegment(t, tp, echo4) })
+		t.Run("segment-ipv6", func(t *testing.T) { testUDPSegment(t, tp, echo6) })
 		// closed-port-ipv4 fails as of f7ddf72: the direct association's
 		// socket is dual-stack ([::]), on which the kernel reports an
 		// ICMPv4 port unreachable as level SOL_IPV6, type IPV6_RECVERR,
@@ -115,6 +121,7 @@ func TestIntegrationUDP(t *testing.T) {
 		// keeps one association per client source, and Dante relays an
 		// association from one socket.
 		t.Run("mapping-ipv4", func(t *testing.T) { testUDPMapping(t, tp, echo, echo4, echo4b, netnstest.ServerIPv4) })
+		t.Run("segment-ipv4", func(t *testing.T) { testUDPSegment(t, tp, echo4) })
 		t.Run("sigterm", func(t *testing.T) { testStop(t, tp, d, syscall.SIGTERM) })
 	})
 
@@ -311,6 +318,70 @@ func testUDPMapping(t *testing.T, tp *netnstest.Topology, echo *netnstest.UDPEch
 	}
 	if sa[0].Addr() != via {
 		t.Errorf("the servers saw the client come from %s, want %s", sa[0].Addr(), via)
+	}
+}
+
+// testUDPSegment sends udpSegmentCount datagrams of udpSegmentSize bytes
+// in one send with UDP_SEGMENT (the client's kernel hands the TUN one USO
+// packet, which netstackd must cut) to the echo server at dst, and wants
+// every one back intact, each as a datagram of its own. Lost datagrams are
+// asked for again, the whole send at most udpEchoTries times.
+func testUDPSegment(t *testing.T, tp *netnstest.Topology, dst netip.AddrPort) {
+	const udpSegmentCount, udpSegmentSize = 10, 1000
+	ctx := netnstest.TestContext(t, 30*time.Second)
+	c, err := tp.Client.DialContext(ctx, "udp", dst.String())
+	if err != nil {
+		t.Fatalf("dial %s: %v", dst, err)
+	}
+	defer c.Close()
+	uc := c.(*net.UDPConn)
+	msg := make([]byte, udpSegmentCount*udpSegmentSize)
+	for i := range msg {
+		msg[i] = byte(i/udpSegmentSize*37 + i*11)
+	}
+	// struct cmsghdr with SOL_UDP, UDP_SEGMENT and the segment size.
+	oob := make([]byte, unix.CmsgSpace(2))
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = unix.SOL_UDP, unix.UDP_SEGMENT
+	h.SetLen(unix.CmsgLen(2))
+	binary.NativeEndian.PutUint16(oob[unix.CmsgLen(0):], udpSegmentSize)
+
+	got := make(map[int]bool)
+	buf := make([]byte, 64<<10)
+	for try := 0; try < udpEchoTries && len(got) < udpSegmentCount; try++ {
+		if _, _, err := uc.WriteMsgUDP(msg, oob, nil); err != nil {
+			if errors.Is(err, unix.EIO) || errors.Is(err, unix.EINVAL) {
+				t.Skipf("the client's kernel refuses UDP_SEGMENT on the TUN: %v", err)
+			}
+			t.Fatalf("send %d datagrams with UDP_SEGMENT: %v", udpSegmentCount, err)
+		}
+		for len(got) < udpSegmentCount {
+			uc.SetReadDeadline(time.Now().Add(udpEchoWait))
+			n, err := uc.Read(buf)
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("read echo: %v", err)
+			}
+			if n != udpSegmentSize {
+				t.Fatalf("echo of %d bytes, want %d: the datagrams were not cut apart (or were joined)", n, udpSegmentSize)
+			}
+			i := -1
+			for k := range udpSegmentCount {
+				if bytes.Equal(buf[:n], msg[k*udpSegmentSize:(k+1)*udpSegmentSize]) {
+					i = k
+					break
+				}
+			}
+			if i < 0 {
+				t.Fatalf("an echo of %d bytes matches none of the datagrams sent: damaged", n)
+			}
+			got[i] = true
+		}
+	}
+	if len(got) < udpSegmentCount {
+		t.Fatalf("%d of %d datagrams echoed after %d sends", len(got), udpSegmentCount, udpEchoTries)
 	}
 }
 
