@@ -93,7 +93,7 @@ fi
 
 PATHS=(kernel direct socks5)
 [[ -n $PEER ]] && PATHS+=("$PEER_NAME")
-MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp conns)
+MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp udpw conns)
 # Idle connections last: they raise the daemon's peak RSS, which is read
 # for the throughput rows just before.
 ((IDLE_N > 0)) && MEASUREMENTS+=(idle)
@@ -259,23 +259,24 @@ proc_cost() {
 declare -A VALS   # "row|path" -> space-separated values, one per round
 declare -A STATE  # "row|path" -> fail | na | (empty)
 declare -A NOTE   # "row|path" -> why na
-ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss conns cp50 cp99 cerr rss cpu idle_rss idle_kib drss dcpu)
+ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss udpw_gbps udpw_loss conns cp50 cp99 cerr rss cpu idle_rss idle_kib drss dcpu)
 declare -A LABEL=(
 	[tcp1]="tcp 1 stream Gb/s" [tcpR]="tcp reverse Gb/s" [tcp4]="tcp 4 streams Gb/s"
 	[tcp6]="tcp ipv6 1 stream Gb/s" [udp_gbps]="udp @$UDP_RATE delivered Gb/s"
-	[udp_loss]="udp @$UDP_RATE loss %" [conns]="short conns/s" [cp50]="connect p50 ms"
+	[udp_loss]="udp @$UDP_RATE loss %" [udpw_gbps]="udp @$UDP_RATE -w 4M Gb/s"
+	[udpw_loss]="udp @$UDP_RATE -w 4M loss %" [conns]="short conns/s" [cp50]="connect p50 ms"
 	[cp99]="connect p99 ms" [cerr]="conn errors" [rss]="daemon peak RSS MiB" [cpu]="daemon CPU s/round"
 	[drss]="danted peak RSS MiB" [dcpu]="danted CPU s/round"
 	[idle_rss]="$IDLE_N idle conns: RSS MiB" [idle_kib]="idle: daemon KiB/conn"
 )
-declare -A RATIO=([tcp1]=1 [tcpR]=1 [tcp4]=1 [tcp6]=1 [udp_gbps]=1 [conns]=1 [cp50]=1 [cp99]=1)
+declare -A RATIO=([tcp1]=1 [tcpR]=1 [tcp4]=1 [tcp6]=1 [udp_gbps]=1 [udpw_gbps]=1 [conns]=1 [cp50]=1 [cp99]=1)
 declare -A ROWS_OF=(
-	[tcp1]=tcp1 [tcpR]=tcpR [tcp4]=tcp4 [tcp6]=tcp6 [udp]="udp_gbps udp_loss"
+	[tcp1]=tcp1 [tcpR]=tcpR [tcp4]=tcp4 [tcp6]=tcp6 [udp]="udp_gbps udp_loss" [udpw]="udpw_gbps udpw_loss"
 	[conns]="conns cp50 cp99 cerr" [daemon]="rss cpu" [danted]="drss dcpu"
 	[idle]="idle_rss idle_kib"
 )
 declare -A GOUNIT=(
-	[tcp1]=Gb/s [tcpR]=Gb/s [tcp4]=Gb/s [tcp6]=Gb/s [udp_gbps]=Gb/s [udp_loss]=loss-%
+	[tcp1]=Gb/s [tcpR]=Gb/s [tcp4]=Gb/s [tcp6]=Gb/s [udp_gbps]=Gb/s [udp_loss]=loss-% [udpw_gbps]=Gb/s [udpw_loss]=loss-%
 	[conns]=conns/s [cp50]=connect-p50-ms [cp99]=connect-p99-ms [cerr]=errors [rss]=peak-RSS-MiB
 	[cpu]=CPU-s [drss]=peak-RSS-MiB [dcpu]=CPU-s [idle_rss]=idle-RSS-MiB [idle_kib]=KiB/conn
 )
@@ -285,7 +286,7 @@ optional() {
 	case "$1|$2" in
 	"tcp6|socks5") return 0 ;; # danted over IPv6 is not what is being measured
 	esac
-	[[ -n $PEER && $2 == "$PEER_NAME" && ($1 == tcp6 || $1 == udp) ]]
+	[[ -n $PEER && $2 == "$PEER_NAME" && ($1 == tcp6 || $1 == udp || $1 == udpw) ]]
 }
 
 # record MEAS PATH VALUE...: one value per row of MEAS, and a Go benchmark line.
@@ -563,29 +564,33 @@ measure_tcp() {
 	fi
 }
 
+# measure_udp MEAS PATH R [IPERF-ARGS...]: udp is iperf3's defaults; udpw
+# gives both ends 4 MiB socket buffers (-w 4M), which shows how much of the
+# loss is the receiving application's socket, not the path.
 measure_udp() {
-	local path=$1 r=$2 base="$WORK/udp.$1.r$2" rc=0
+	local meas=$1 path=$2 r=$3 base="$WORK/$1.$2.r$3" rc=0
+	shift 3
 	# One datagram first: a path that answers it with ICMP port unreachable
 	# does not carry UDP at all, which is "n/a", not a failed measurement.
 	run_bounded "$(client_ns "$path")" 10 "$base.probe" "$base.probe.err" \
 		"$WORK/connrate" -c "$(server_addr "$path" 4):$CONN_PORT" -udp-probe || rc=$?
 	if ((rc == 3)) && [[ $path != kernel ]]; then
-		record_na udp "$path" "refuses UDP (ICMP port unreachable)"
+		record_na "$meas" "$path" "refuses UDP (ICMP port unreachable)"
 		return
 	elif ((rc != 0)); then
-		record_fail udp "$path" "UDP probe: $(cat "$base.probe" "$base.probe.err" 2>/dev/null | tr '\n' ' ')"
+		record_fail "$meas" "$path" "UDP probe: $(cat "$base.probe" "$base.probe.err" 2>/dev/null | tr '\n' ' ')"
 		return
 	fi
-	iperf udp "$path" "$r" 4 -u -b "$UDP_RATE" -l 1400 || true
+	iperf "$meas" "$path" "$r" 4 -u -b "$UDP_RATE" -l 1400 "$@" || true
 	local bps loss
 	bps=$(jq -er '(.end.sum_received // .end.sum).bits_per_second' "$base.json" 2>/dev/null) || bps=""
 	loss=$(jq -er '(.end.sum_received // .end.sum).lost_percent' "$base.json" 2>/dev/null) || loss=""
 	if [[ -n $bps && -n $loss ]] && positive "$bps"; then
 		loss=$(awk -v l="$loss" 'BEGIN { printf "%.2f", l }')
-		record udp "$path" "$(gbps "$bps")" "$loss"
-		say "  udp $path: $(gbps "$bps") Gb/s delivered, $loss % lost"
+		record "$meas" "$path" "$(gbps "$bps")" "$loss"
+		say "  $meas $path: $(gbps "$bps") Gb/s delivered, $loss % lost"
 	else
-		record_fail udp "$path" "$(iperf_error udp "$path" "$r")"
+		record_fail "$meas" "$path" "$(iperf_error "$meas" "$path" "$r")"
 	fi
 }
 
@@ -670,7 +675,8 @@ measure() {
 	fi
 	case $meas in
 	tcp*) measure_tcp "$meas" "$path" "$r" ;;
-	udp) measure_udp "$path" "$r" ;;
+	udp) measure_udp udp "$path" "$r" ;;
+	udpw) measure_udp udpw "$path" "$r" -w 4M ;;
 	conns) measure_conns "$path" "$r" ;;
 	idle) measure_idle "$path" "$r" ;;
 	esac
