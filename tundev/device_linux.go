@@ -155,22 +155,12 @@ func Create(cfg Config) (_ *Device, err error) {
 			log.Warn("tun offloads reduced: every packet costs a read or write", "tun", name, "offloads", offloads, "err", oerr)
 		}
 	}
-	d := &Device{
-		file:     os.NewFile(uintptr(fd), "tun "+name),
-		name:     name,
-		mtu:      cfg.MTU,
-		netns:    cfg.NetnsPath,
-		log:      log,
-		routes:   slices.Clone(cfg.Routes),
-		vnet:     vnet,
-		offloads: offloads,
-	}
-	d.readQueued = d.readQueuedFD
-	if d.raw, err = d.file.SyscallConn(); err != nil {
-		d.file.Close()
+	d, err := newDevice(fd, name, cfg.MTU, vnet, offloads)
+	if err != nil {
 		h.Close()
 		return nil, fmt.Errorf("create tun %q in %s: %w", name, where, err)
 	}
+	d.netns, d.log, d.routes = cfg.NetnsPath, log, slices.Clone(cfg.Routes)
 	l, err := newLink(h, name, where, created, log)
 	if err != nil {
 		d.file.Close()
@@ -313,6 +303,17 @@ func FromFile(f *os.File, mtu int) (*Device, error) {
 	if name == "" {
 		name = f.Name()
 	}
+	d, err := newDevice(fd, name, mtu, vnet, offloads)
+	if err != nil {
+		return nil, fmt.Errorf("device from %s: %w", f.Name(), err)
+	}
+	f.Close()
+	return d, nil
+}
+
+// newDevice wraps a non-blocking TUN (or packet socket) fd, which it owns
+// from then on: on error the fd is closed.
+func newDevice(fd int, name string, mtu int, vnet bool, offloads Offloads) (*Device, error) {
 	d := &Device{
 		file:     os.NewFile(uintptr(fd), "tun "+name),
 		name:     name,
@@ -322,11 +323,11 @@ func FromFile(f *os.File, mtu int) (*Device, error) {
 		offloads: offloads,
 	}
 	d.readQueued = d.readQueuedFD
+	var err error
 	if d.raw, err = d.file.SyscallConn(); err != nil {
 		d.file.Close()
-		return nil, fmt.Errorf("device from %s: %w", f.Name(), err)
+		return nil, err
 	}
-	f.Close()
 	return d, nil
 }
 
