@@ -35,6 +35,7 @@ type resetter interface{ SetLinger(sec int) error }
 type flowConns struct {
 	client   *tcpConn
 	upstream net.Conn
+	up       *clientPipe // the client-to-upstream direction
 	once     sync.Once
 	reset    atomic.Bool // a side was reset, or we gave up on the flow
 }
@@ -84,17 +85,21 @@ func relay(ctx context.Context, client *tcpConn, upstream net.Conn, halfCloseIdl
 	defer stop()
 
 	var (
-		wg       sync.WaitGroup
 		res      relayResult
 		halfDone atomic.Bool
 	)
-	wg.Go(func() {
-		res.up, res.upErr = pipe(f, upstream, client, &halfDone, halfCloseIdle)
+	upDone := make(chan struct{})
+	f.up = newClientPipe(f, &halfDone, halfCloseIdle, func(total int64, err error) {
+		res.up, res.upErr = total, err
+		close(upDone)
 	})
+	f.up.running.Go(f.up.run)
 	// The caller's goroutine carries the other direction: a goroutine
-	// stack is most of what an idle flow costs.
+	// stack is most of what an idle flow costs, and the client-to-upstream
+	// direction holds none while it is idle (relay_park.go).
 	res.down, res.downErr = pipe(f, client, upstream, &halfDone, halfCloseIdle)
-	wg.Wait()
+	<-upDone
+	f.up.running.Wait() // no wake can start another once it is done
 	res.reset = f.reset.Load()
 	f.close()
 	return res
@@ -126,26 +131,36 @@ func pipe(f *flowConns, dst, src net.Conn, halfDone *atomic.Bool, halfCloseIdle 
 		if rerr == nil {
 			continue
 		}
-		if !errors.Is(rerr, io.EOF) {
-			f.abort()
-			return total, rerr
-		}
-		hc, ok := dst.(halfCloser)
-		if !ok {
-			f.abort()
-			return total, errors.New("destination cannot half-close")
-		}
-		if err := hc.CloseWrite(); err != nil && !errors.Is(err, os.ErrClosed) {
-			f.abort()
-			return total, err
-		}
-		if halfDone.Swap(true) {
-			return total, nil // both directions are done
-		}
-		// Wake the other direction so that it picks up its idle deadline.
-		_ = dst.SetReadDeadline(time.Now().Add(halfCloseIdle))
-		return total, nil
+		return total, finishDirection(f, dst, rerr, halfDone, halfCloseIdle)
 	}
+}
+
+// finishDirection ends one direction whose source returned rerr: EOF is
+// passed on as a FIN, anything else resets the flow.
+func finishDirection(f *flowConns, dst net.Conn, rerr error, halfDone *atomic.Bool, halfCloseIdle time.Duration) error {
+	if !errors.Is(rerr, io.EOF) {
+		f.abort()
+		return rerr
+	}
+	hc, ok := dst.(halfCloser)
+	if !ok {
+		f.abort()
+		return errors.New("destination cannot half-close")
+	}
+	if err := hc.CloseWrite(); err != nil && !errors.Is(err, os.ErrClosed) {
+		f.abort()
+		return err
+	}
+	if halfDone.Swap(true) {
+		return nil // both directions are done
+	}
+	// Wake the other direction so that it picks up its idle deadline: a
+	// read deadline for one blocked in a read, a timer for a parked one.
+	_ = dst.SetReadDeadline(time.Now().Add(halfCloseIdle))
+	if dst == net.Conn(f.client) && f.up != nil {
+		f.up.wake()
+	}
+	return nil
 }
 
 // readBorrowed reads from src into a pooled buffer that it takes only once

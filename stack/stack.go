@@ -247,6 +247,11 @@ func (st *Stack) Close() error {
 		st.link.flushOutbound(time.Second)
 		err = st.cfg.Device.Close()
 		st.link.stopOutbound()
+		// Our reader and writer stop here, not inside gVisor's Stack.Wait:
+		// that waits for the link holding the stack's lock, and a reader
+		// still delivering a packet may need that lock (a reset to an
+		// unknown flow finds its route under it).
+		st.link.Wait()
 		st.closeStack()
 	})
 	return err
