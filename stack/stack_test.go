@@ -5,12 +5,14 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -469,5 +471,50 @@ func TestReconnectSamePortAfterServerClose(t *testing.T) {
 	c2.Close()
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("reconnect from the same port took %v", d)
+	}
+}
+
+// TestIdleFlowsParkClientSide: an idle flow holds one goroutine (the
+// upstream read), not two: the client-to-upstream direction parks on
+// gVisor's readiness callback, and wakes when the client sends again.
+func TestIdleFlowsParkClientSide(t *testing.T) {
+	p := newPeer(t, Config{})
+	port := listen(t, echo)
+	const n = 40
+	base := runtime.NumGoroutine()
+	var conns []*clientConn
+	for range n {
+		c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	// The echo server's goroutines count too: one per connection. So an
+	// idle flow is 2 goroutines in all with parking, 3 without.
+	deadline := time.Now().Add(5 * time.Second)
+	perFlow := 0.0
+	for time.Now().Before(deadline) {
+		perFlow = float64(runtime.NumGoroutine()-base) / n
+		if perFlow <= 2.2 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if perFlow > 2.2 {
+		t.Errorf("%.2f goroutines per idle flow (with the echo server's), want about 2", perFlow)
+	}
+	// Parked flows still carry data at once.
+	for i, c := range conns {
+		msg := []byte(fmt.Sprintf("flow %d", i))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("write: %v", err)
+		}
+		got := make([]byte, len(msg))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("echo after idle: %q, %v", got, err)
+		}
 	}
 }
