@@ -457,7 +457,7 @@ func FuzzInboundUDPFromTUN(f *testing.F) {
 	}
 	// The seeds that are well formed are taken.
 	for _, pkt := range [][]byte{reply4, reply6} {
-		if !p.st.inUDP.handleRaw(pkt) || p.st.inUDP.refused.Load() != 0 {
+		if !p.st.inUDP.handleRaw(pkt, false) || p.st.inUDP.refused.Load() != 0 {
 			f.Fatalf("handleRaw did not deliver a reply on an association: % x", pkt)
 		}
 	}
@@ -471,7 +471,7 @@ func FuzzInboundUDPFromTUN(f *testing.F) {
 			return
 		}
 		toGateway := p.st.inUDP.isGateway(packetDst(pkt))
-		if p.st.inUDP.handleRaw(pkt) && !toGateway {
+		if p.st.inUDP.handleRaw(pkt, false) && !toGateway {
 			t.Fatalf("handleRaw took a packet to %v, not a gateway", packetDst(pkt))
 		}
 		if p.st.inUDP.handleICMPError(pkt) && !toGateway {

@@ -324,7 +324,8 @@ func (in *inboundUDP) isGateway(a netip.Addr) bool {
 // Fragments go on to gVisor, whose reassembled datagram comes back through
 // deliver (udpTable.handleDatagram) when the stack carries UDP at all, and
 // is refused by gVisor otherwise.
-func (in *inboundUDP) handleRaw(pkt []byte) bool {
+// verified is udpTable.handleRaw's: checksums the link checked already.
+func (in *inboundUDP) handleRaw(pkt []byte, verified bool) bool {
 	// The destination first: it rules out nearly every datagram at the
 	// cost of a comparison.
 	dst := packetDst(pkt)
@@ -336,7 +337,7 @@ func (in *inboundUDP) handleRaw(pkt []byte) bool {
 		return false // a fragment, or not for us to judge: gVisor's
 	}
 	u := header.UDP(seg)
-	if u.Checksum() != 0 || src.Is6() {
+	if !verified && (u.Checksum() != 0 || src.Is6()) {
 		if !u.IsChecksumValid(tcpipAddr(src), tcpipAddr(dst), checksum.Checksum(seg[udpHeaderLen:], 0)) {
 			return true // corrupt: dropped, as a kernel would
 		}

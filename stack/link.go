@@ -61,7 +61,9 @@ type linkEndpoint struct {
 
 	// intercept, when set before start, sees every inbound packet first and
 	// reports whether it took it (echo requests sent on for real).
-	intercept func(pkt []byte) bool
+	// verified says the packet's checksums were already checked (a device
+	// with a vnet header: by the kernel, or by deliverFrame).
+	intercept func(pkt []byte, verified bool) bool
 	// endBatch, when set before start, is called after the packets of one
 	// device read have been delivered, so that what they queued (datagrams
 	// for one upstream socket) can leave in one system call.
@@ -180,7 +182,7 @@ func (e *linkEndpoint) deliver(pkt []byte, kind inboundKind) {
 	}
 	// A long TCP segment is for gVisor alone; the shorter paths take
 	// single datagrams and echo requests.
-	if kind != inboundSegment && e.intercept != nil && e.intercept(pkt) {
+	if kind != inboundSegment && e.intercept != nil && e.intercept(pkt, e.vnet) {
 		return
 	}
 	e.mu.RLock()

@@ -365,17 +365,17 @@ func addrFrom(a tcpip.Address) netip.Addr {
 
 // intercept sees every inbound packet before gVisor does: echo requests
 // forwarded for real and plain UDP datagrams take a shorter path.
-func (st *Stack) intercept(pkt []byte) bool {
+func (st *Stack) intercept(pkt []byte, verified bool) bool {
 	// One look at the protocol keeps TCP, the bulk of the traffic, off
 	// both shorter paths.
 	switch transportProtocol(pkt) {
 	case header.UDPProtocolNumber:
 		// Datagrams to a gateway address belong to published ports
 		// (inbound_udp.go), never to the outbound NAT.
-		if st.inUDP.handleRaw(pkt) {
+		if st.inUDP.handleRaw(pkt, verified) {
 			return true
 		}
-		return st.udp != nil && st.udp.handleRaw(pkt)
+		return st.udp != nil && st.udp.handleRaw(pkt, verified)
 	case header.ICMPv4ProtocolNumber, header.ICMPv6ProtocolNumber:
 		if st.inUDP.handleICMPError(pkt) {
 			return true
