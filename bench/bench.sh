@@ -23,6 +23,9 @@ usage: bench/bench.sh [options]
   --udp-rate RATE   offered UDP rate for iperf3 -b (default 1G)
   --idle N          idle connections held through the daemon while its RSS is
                     read (default 10000; 0 skips)
+  --idle-settle S   seconds the connections stay idle before the RSS is read
+                    (default 15): long enough for every flow to park and for
+                    the daemon to give back what opening them freed
   --smoke           1 round of 1 s runs, every metric once, overall limit 110 s;
                     exits 0 only if every required measurement produced a number
   --gobench FILE    also write Go benchmark lines to FILE (benchstat -col /path FILE)
@@ -51,6 +54,7 @@ ROUNDS=3
 T=10
 UDP_RATE=1G
 IDLE_N=10000
+IDLE_SETTLE=15
 SMOKE=0
 GOBENCH=""
 PEER=""
@@ -64,6 +68,7 @@ while (($# > 0)); do
 	--time) T=${2:?--time needs a value}; shift 2 ;;
 	--udp-rate) UDP_RATE=${2:?--udp-rate needs a value}; shift 2 ;;
 	--idle) IDLE_N=${2:?--idle needs a value}; shift 2 ;;
+	--idle-settle) IDLE_SETTLE=${2:?--idle-settle needs a value}; shift 2 ;;
 	--smoke) SMOKE=1; shift ;;
 	--gobench) GOBENCH=${2:?--gobench needs a file}; shift 2 ;;
 	--peer) PEER=${2:?--peer needs a command}; shift 2 ;;
@@ -78,9 +83,11 @@ if ((SMOKE)); then
 	ROUNDS=1
 	T=1
 	IDLE_N=$((IDLE_N < 300 ? IDLE_N : 300))
+	IDLE_SETTLE=1
 	: "${MAX_TIME:=130}"
 fi
 [[ $IDLE_N =~ ^[0-9]+$ ]] || die "--idle: want a count, got $IDLE_N"
+[[ $IDLE_SETTLE =~ ^[0-9]+$ ]] && ((IDLE_SETTLE <= 50)) || die "--idle-settle: want 0..50 seconds, got $IDLE_SETTLE"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds: want a positive integer, got $ROUNDS"
 [[ $T =~ ^[1-9][0-9]*$ ]] || die "--time: want a positive integer, got $T"
 [[ $UDP_RATE =~ ^[1-9][0-9]*[KMG]?$ ]] || die "--udp-rate: want a rate like 500M or 1G, got $UDP_RATE"
@@ -652,6 +659,11 @@ measure_idle() {
 		sleep 0.1
 	done
 	held=$(kv held "$line")
+	# The connections are held for 60 s; the RSS that counts is that of
+	# idle flows, not of flows still opening.
+	if [[ -n $held ]] && ((IDLE_SETTLE > 0)) && alive "$client"; then
+		sleep "$IDLE_SETTLE"
+	fi
 	after=$(daemon_rss "$pid")
 	stop_pids "$client" || true
 	if [[ -n $held ]] && ((held == IDLE_N)); then

@@ -49,7 +49,7 @@ func (e *linkEndpoint) writeDatagrams(src, dst netip.AddrPort, payloads [][]byte
 			b.pkts = append(b.pkts, b.buf[starts[i]:ends[i]])
 		}
 		if len(b.pkts) > 0 {
-			if _, err := e.dev.Write(b.pkts, 0); err != nil && !errors.Is(err, os.ErrClosed) {
+			if _, err := e.writeDevice(b.pkts, 0); err != nil && !errors.Is(err, os.ErrClosed) {
 				e.log.Debug("write to device failed", "err", err)
 			}
 		}

@@ -57,7 +57,7 @@ func (st *Stack) ServeInbound(c net.Conn, dst netip.AddrPort) {
 			resetConn(c)
 			return
 		}
-		res := relay(st.ctx, inside, c, st.cfg.HalfCloseIdle)
+		res := st.relay.relayWait(inside, c)
 		log.Debug("flow closed", "up", res.down, "down", res.up, "reset", res.reset)
 	}()
 }

@@ -38,16 +38,32 @@ type offloadDevice interface {
 	TSO() bool
 }
 
+// multiQueueDevice is a Device of several queues, such as a multi-queue TUN
+// (IFF_MULTI_QUEUE): the kernel spreads flows over the queues, and the link
+// reads each queue with a dispatcher goroutine of its own. Read and Write
+// of the Device are then queue 0's. *tundev.Device satisfies it.
+type multiQueueDevice interface {
+	// NumQueues is the number of queues; 1 means Read and Write are all.
+	NumQueues() int
+	// ReadQueue is Read on queue q. Queues are read concurrently, each by
+	// one goroutine.
+	ReadQueue(q int, bufs [][]byte, sizes []int, offset int) (int, error)
+	// WriteQueue is Write on queue q.
+	WriteQueue(q int, bufs [][]byte, offset int) (int, error)
+}
+
 // maxPacket is the largest IP packet a read may return; reading into anything
 // smaller would truncate a packet silently.
 const maxPacket = 1 << 16
 
 // linkEndpoint is the gVisor NIC backed by a Device. Inbound packets are read
-// by one goroutine that it owns; outbound packets are written synchronously
-// from WritePackets, as gVisor's fdbased endpoint does, so no queue sits
-// between the stack and the device.
+// by one dispatcher goroutine per device queue, which it owns; outbound
+// packets are queued by WritePackets for one writer goroutine, which it owns
+// too (linkout.go).
 type linkEndpoint struct {
 	dev    Device
+	mq     multiQueueDevice // dev, when it has more than one queue; else nil
+	queues int              // device queues, each with a dispatcher: 1 or more
 	log    *slog.Logger
 	mtu    uint32
 	offset int
@@ -55,9 +71,10 @@ type linkEndpoint struct {
 	tso    bool // gVisor may hand us TCP segments of up to gsoMaxSize
 	uso    bool // datagrams of one flow may go out as one packet
 
-	splitBuf []byte // the reader's, for datagrams cut from a USO packet
-
 	droppedVnet atomic.Uint64 // inbound packets whose vnet header made no sense
+	// queueReads counts the packets read from each queue, so tests and
+	// operators can see how the kernel spread the flows.
+	queueReads []queueCounter
 
 	// intercept, when set before start, sees every inbound packet first and
 	// reports whether it took it (echo requests sent on for real).
@@ -66,13 +83,15 @@ type linkEndpoint struct {
 	intercept func(pkt []byte, verified bool) bool
 	// endBatch, when set before start, is called after the packets of one
 	// device read have been delivered, so that what they queued (datagrams
-	// for one upstream socket) can leave in one system call.
+	// for one upstream socket) can leave in one system call. With several
+	// queues, every dispatcher calls it, concurrently with the others and
+	// with their deliveries: it must take a lock of its own (udpTx.mu).
 	endBatch func()
 
 	mu         sync.RWMutex
 	dispatcher stack.NetworkDispatcher
 
-	wg sync.WaitGroup // the inbound reader and the outbound writer
+	wg sync.WaitGroup // the inbound dispatchers and the outbound writer
 
 	out     outQueue   // packets from gVisor for the writer (linkout.go)
 	writeMu sync.Mutex // guards scratch
@@ -83,8 +102,12 @@ type linkEndpoint struct {
 var _ stack.LinkEndpoint = (*linkEndpoint)(nil)
 
 func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
-	e := &linkEndpoint{dev: dev, log: log, mtu: uint32(dev.MTU())}
+	e := &linkEndpoint{dev: dev, log: log, mtu: uint32(dev.MTU()), queues: 1}
 	e.out.wake = make(chan struct{}, 1)
+	if mq, ok := dev.(multiQueueDevice); ok && mq.NumQueues() > 1 {
+		e.mq, e.queues = mq, mq.NumQueues()
+	}
+	e.queueReads = make([]queueCounter, e.queues)
 	if od, ok := dev.(offloadDevice); ok {
 		switch n := od.VnetHdrLen(); n {
 		case 0:
@@ -103,14 +126,47 @@ func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
 	return e
 }
 
-// start begins delivering packets read from the device. It returns at once;
-// the reader stops when the device is closed.
+// start begins delivering packets read from the device, one dispatcher per
+// queue. It returns at once; the dispatchers stop when the device is closed.
 func (e *linkEndpoint) start() {
-	e.wg.Go(e.readInbound)
+	for q := range e.queues {
+		d := &queueDispatcher{e: e, q: q}
+		e.wg.Go(d.readInbound)
+	}
 	e.wg.Go(e.writeOutbound)
 }
 
-func (e *linkEndpoint) readInbound() {
+// queueCounter is a counter of one dispatcher's, alone on its cache line
+// (64 bytes on the CPUs we run on), so that dispatchers on different CPUs
+// counting at once do not take the line from each other.
+type queueCounter struct {
+	atomic.Uint64
+	_ [56]byte
+}
+
+// queueDispatcher reads one queue of the device and delivers what it reads
+// to gVisor or to the stack's shorter paths (intercept). Its buffers are its
+// own, so dispatchers of different queues run in parallel: gVisor's NIC
+// takes packets from many goroutines at once (its fdbased endpoint runs one
+// dispatcher per fd the same way), and what the shorter paths share they
+// guard with locks of their own. A flow's packets all arrive on one queue,
+// so a flow is still delivered in order.
+type queueDispatcher struct {
+	e        *linkEndpoint
+	q        int
+	splitBuf []byte // for datagrams cut from a USO packet
+}
+
+// read reads one batch from the dispatcher's queue.
+func (d *queueDispatcher) read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	if d.e.mq != nil {
+		return d.e.mq.ReadQueue(d.q, bufs, sizes, offset)
+	}
+	return d.e.dev.Read(bufs, sizes, offset)
+}
+
+func (d *queueDispatcher) readInbound() {
+	e := d.e
 	n := max(e.dev.BatchSize(), 1)
 	bufs := make([][]byte, n)
 	sizes := make([]int, n)
@@ -121,17 +177,21 @@ func (e *linkEndpoint) readInbound() {
 	for i := range bufs {
 		bufs[i] = make([]byte, e.offset+room)
 	}
+	reads := &e.queueReads[d.q]
 	for {
-		count, err := e.dev.Read(bufs, sizes, e.offset)
+		count, err := d.read(bufs, sizes, e.offset)
 		for i := range count {
-			e.deliverFrame(bufs[i][e.offset : e.offset+sizes[i]])
+			d.deliverFrame(bufs[i][e.offset : e.offset+sizes[i]])
 		}
-		if count > 0 && e.endBatch != nil {
-			e.endBatch()
+		if count > 0 {
+			reads.Add(uint64(count))
+			if e.endBatch != nil {
+				e.endBatch()
+			}
 		}
 		if err != nil {
 			if !errors.Is(err, os.ErrClosed) {
-				e.log.Error("read from device stopped", "err", err)
+				e.log.Error("read from device stopped", "queue", d.q, "err", err)
 			}
 			return
 		}
@@ -140,7 +200,8 @@ func (e *linkEndpoint) readInbound() {
 
 // deliverFrame takes what one read returned: a packet, behind a vnet header
 // when the device has one.
-func (e *linkEndpoint) deliverFrame(frame []byte) {
+func (d *queueDispatcher) deliverFrame(frame []byte) {
+	e := d.e
 	if !e.vnet {
 		e.deliver(frame, inboundPlain)
 		return
@@ -157,10 +218,10 @@ func (e *linkEndpoint) deliverFrame(frame []byte) {
 		e.droppedVnet.Add(1)
 		return
 	case inboundDatagrams:
-		if e.splitBuf == nil {
-			e.splitBuf = make([]byte, maxPacket)
+		if d.splitBuf == nil {
+			d.splitBuf = make([]byte, maxPacket)
 		}
-		if !splitDatagrams(pkt, int(h.gsoSize), e.splitBuf, e.deliverValidated) {
+		if !splitDatagrams(pkt, int(h.gsoSize), d.splitBuf, e.deliverValidated) {
 			e.droppedVnet.Add(1)
 		}
 		return
@@ -213,7 +274,7 @@ func (e *linkEndpoint) writeRaw(pkt []byte) {
 		*bp = b
 		out = b
 	}
-	if _, err := e.dev.Write([][]byte{out}, 0); err != nil && !errors.Is(err, os.ErrClosed) {
+	if _, err := e.writeDevice([][]byte{out}, 0); err != nil && !errors.Is(err, os.ErrClosed) {
 		e.log.Debug("write to device failed", "err", err)
 	}
 }
@@ -271,6 +332,6 @@ func (e *linkEndpoint) IsAttached() bool {
 	return e.dispatcher != nil
 }
 
-// Wait waits for the inbound reader, which ends when the device is closed,
-// and for the outbound writer, which ends with stopOutbound.
+// Wait waits for the inbound dispatchers, which end when the device is
+// closed, and for the outbound writer, which ends with stopOutbound.
 func (e *linkEndpoint) Wait() { e.wg.Wait() }

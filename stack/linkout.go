@@ -1,6 +1,7 @@
 package stack
 
 import (
+	"encoding/binary"
 	"errors"
 	"os"
 	"sync"
@@ -142,40 +143,50 @@ func (e *linkEndpoint) writeScratchDone(s []*[]byte) {
 // writeOutbound is the writer goroutine: it takes everything queued and
 // writes it in one Device.Write, until stopOutbound.
 func (e *linkEndpoint) writeOutbound() {
-	q := &e.out
-	var batch []*[]byte
-	var bufs [][]byte
+	var sc outScratch
 	for {
-		<-q.wake
-		for {
-			q.mu.Lock()
-			batch, q.pending = q.pending, batch[:0]
-			q.bytes = 0
-			flushers := q.flushers
-			q.flushers = nil
-			stopped := q.stopped
-			q.mu.Unlock()
-			if len(batch) == 0 {
-				for _, f := range flushers {
-					close(f)
-				}
-				if stopped {
-					return
-				}
-				break
+		<-e.out.wake
+		if e.drainOutbound(&sc) {
+			return
+		}
+	}
+}
+
+// outScratch is what one drain of the queue works in.
+type outScratch struct {
+	batch []*[]byte
+	bufs  [][]byte
+}
+
+// drainOutbound writes what is queued until the queue is empty, and
+// reports whether the queue has been stopped.
+func (e *linkEndpoint) drainOutbound(sc *outScratch) (stopped bool) {
+	q := &e.out
+	for {
+		q.mu.Lock()
+		sc.batch, q.pending = q.pending, sc.batch[:0]
+		q.bytes = 0
+		flushers := q.flushers
+		q.flushers = nil
+		stopped = q.stopped
+		q.mu.Unlock()
+		if len(sc.batch) > 0 {
+			sc.bufs = sc.bufs[:0]
+			for _, bp := range sc.batch {
+				sc.bufs = append(sc.bufs, *bp)
 			}
-			bufs = bufs[:0]
-			for _, bp := range batch {
-				bufs = append(bufs, *bp)
-			}
-			e.writeAll(bufs)
-			for i, bp := range batch {
+			e.writeAll(sc.bufs)
+			for i, bp := range sc.batch {
 				putOutBuf(bp)
-				batch[i] = nil
+				sc.batch[i] = nil
 			}
-			for _, f := range flushers {
-				close(f)
-			}
+			clear(sc.bufs)
+		}
+		for _, f := range flushers {
+			close(f)
+		}
+		if len(sc.batch) == 0 {
+			return stopped
 		}
 	}
 }
@@ -183,7 +194,7 @@ func (e *linkEndpoint) writeOutbound() {
 // writeAll writes packets, going past one the kernel refuses.
 func (e *linkEndpoint) writeAll(bufs [][]byte) {
 	for len(bufs) > 0 {
-		n, err := e.dev.Write(bufs, e.offset)
+		n, err := e.writeDevice(bufs, e.offset)
 		if err == nil {
 			return
 		}
@@ -231,4 +242,98 @@ func (e *linkEndpoint) stopOutbound() {
 	case q.wake <- struct{}{}:
 	default:
 	}
+}
+
+// writeDevice writes packets, each bufs[i][offset:] behind a vnet header
+// when the device has one, and returns how many were written, as
+// Device.Write does.
+//
+// On a multi-queue device every packet goes to the queue of its flow
+// (flowQueue), in runs of consecutive packets for one queue. It is not for
+// the kernel's sake, which takes any packet on any queue, but for our
+// readers': a multi-queue TUN hands a flow's packets to the queue that last
+// wrote one of that flow (tun_flow_update, tun_automq_select_queue in
+// drivers/net/tun.c), so writing everything to queue 0 would pull every
+// answered flow onto queue 0 and leave the other dispatchers idle. Keeping
+// a flow on one queue also keeps its packets in order: one writer writes
+// them in sequence, and one dispatcher reads the flow's replies.
+func (e *linkEndpoint) writeDevice(bufs [][]byte, offset int) (int, error) {
+	if e.mq == nil {
+		return e.dev.Write(bufs, offset)
+	}
+	hdr := offset
+	if e.vnet {
+		hdr += vnetHdrLen
+	}
+	written := 0
+	for len(bufs) > 0 {
+		q := flowQueue(bufs[0][hdr:], e.queues)
+		n := 1
+		for n < len(bufs) && flowQueue(bufs[n][hdr:], e.queues) == q {
+			n++
+		}
+		w, err := e.mq.WriteQueue(q, bufs[:n], offset)
+		written += w
+		if err != nil {
+			return written, err
+		}
+		bufs = bufs[n:]
+	}
+	return written, nil
+}
+
+// flowQueue picks one of n queues for the flow of an IP packet: a hash of
+// its protocol, addresses and, for TCP and UDP, ports. Packets without
+// ports (ICMP, IP fragments after the first) hash their addresses alone. A
+// packet too short to read goes to queue 0.
+func flowQueue(pkt []byte, n int) int {
+	if n <= 1 || len(pkt) < 1 {
+		return 0
+	}
+	var h uint64
+	var l4 []byte
+	switch pkt[0] >> 4 {
+	case 4:
+		if len(pkt) < ipv4HeaderLen {
+			return 0
+		}
+		proto := pkt[9]
+		h = uint64(binary.BigEndian.Uint32(pkt[12:]))<<32 | uint64(binary.BigEndian.Uint32(pkt[16:]))
+		h ^= uint64(proto)
+		ihl := int(pkt[0]&0xf) * 4
+		// Only an unfragmented packet or a first fragment has ports.
+		if (proto == 6 || proto == 17) && binary.BigEndian.Uint16(pkt[6:])&0x1fff == 0 && ihl >= ipv4HeaderLen && len(pkt) >= ihl+4 {
+			l4 = pkt[ihl:]
+		}
+	case 6:
+		if len(pkt) < ipv6HeaderLen {
+			return 0
+		}
+		proto := pkt[6]
+		for i := 8; i < 40; i += 8 {
+			h = mix64(h ^ binary.BigEndian.Uint64(pkt[i:]))
+		}
+		h ^= uint64(proto)
+		if (proto == 6 || proto == 17) && len(pkt) >= ipv6HeaderLen+4 {
+			l4 = pkt[ipv6HeaderLen:]
+		}
+	default:
+		return 0
+	}
+	if l4 != nil {
+		h ^= uint64(binary.BigEndian.Uint32(l4)) << 8
+	}
+	// The high bits of a well-mixed hash, scaled to n without a division.
+	return int((mix64(h) >> 32) * uint64(n) >> 32)
+}
+
+// mix64 is the finalizer of MurmurHash3 (fmix64): every input bit flips
+// about half of the output bits, so nearby addresses and ports spread.
+func mix64(h uint64) uint64 {
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	h *= 0xc4ceb9fe1a85ec53
+	h ^= h >> 33
+	return h
 }

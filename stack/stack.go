@@ -85,6 +85,13 @@ type Config struct {
 	// HalfCloseIdle is how long the remaining direction of a half-closed
 	// flow may stay silent before the flow is reset. 0 means 2 minutes.
 	HalfCloseIdle time.Duration
+	// TCP tunes gVisor's TCP (buffers, SACK, congestion control); its zero
+	// value is netstackd's measured defaults (tcp_options.go).
+	TCP TCPOptions
+
+	// parkAfter is how long an upstream socket stays quiet before its
+	// flow parks it (relay_park.go); tests shorten it. 0 means 2s.
+	parkAfter time.Duration
 }
 
 func (c *Config) setDefaults() {
@@ -109,6 +116,9 @@ func (c *Config) setDefaults() {
 	if c.HalfCloseIdle <= 0 {
 		c.HalfCloseIdle = 2 * time.Minute
 	}
+	if c.parkAfter <= 0 {
+		c.parkAfter = 2 * time.Second
+	}
 }
 
 const nicID = 1
@@ -127,6 +137,8 @@ type Stack struct {
 
 	// inUDP holds the associations of published UDP ports (inbound_udp.go).
 	inUDP *inboundUDP
+	// relay carries the TCP flows' bytes (relay.go).
+	relay *relayer
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
@@ -150,6 +162,7 @@ func New(cfg Config) (*Stack, error) {
 	cfg.setDefaults()
 	st := &Stack{cfg: cfg, log: cfg.Logger, flowSlots: make(chan struct{}, cfg.MaxFlows)}
 	st.ctx, st.cancel = context.WithCancel(context.Background())
+	st.relay = &relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.parkAfter}
 
 	st.s = gstack.New(gstack.Options{
 		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
@@ -185,7 +198,7 @@ func New(cfg Config) (*Stack, error) {
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
-	fwd := tcp.NewForwarder(st.s, 0, cfg.MaxInFlight, st.handleTCP)
+	fwd := tcp.NewForwarder(st.s, cfg.TCP.forwarderReceiveWindow(), cfg.MaxInFlight, st.handleTCP)
 	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
 	if cfg.UDP != nil || cfg.DNS != nil {
 		st.udp = newUDPTable(st, cfg.UDP, cfg.UDPTimeout, cfg.MaxUDPFlows)
@@ -194,37 +207,19 @@ func New(cfg Config) (*Stack, error) {
 	if cfg.ForwardPing {
 		st.ping = newPingTable(st)
 	}
+	poller, perr := newUpstreamPoller(st.log)
+	if perr != nil {
+		// Flows then keep a goroutine in each upstream read: slower to
+		// scale, not wrong.
+		st.log.Warn("idle flows will not park their upstream sockets", "err", perr)
+	} else {
+		st.relay.poller = poller
+	}
 	st.link.intercept = st.intercept
 	st.link.endBatch = st.endBatch
 	st.link.start()
 	return st, nil
 }
-
-// configure sets the TCP options. Small default buffers keep many idle flows
-// cheap; receive-buffer auto-tuning and large maxima keep bulk flows fast.
-func (st *Stack) configure() error {
-	opts := []tcpip.SettableTransportProtocolOption{
-		ptr(tcpip.TCPSACKEnabled(true)),
-		ptr(tcpip.TCPModerateReceiveBufferOption(true)),
-		&tcpip.TCPReceiveBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
-		&tcpip.TCPSendBufferSizeRangeOption{Min: 4 << 10, Default: 128 << 10, Max: 8 << 20},
-		// gVisor hands a new SYN for a 4-tuple in TIME_WAIT only to a
-		// listening endpoint, and a forwarder has none: the SYN is dropped
-		// for as long as TIME_WAIT lasts (60s by default). A client reuses
-		// its port as soon as it closed second, so short connections that
-		// the server closes first would stall. On a TUN link no segment is
-		// delayed for long, so a short TIME_WAIT loses nothing.
-		ptr(tcpip.TCPTimeWaitTimeoutOption(timeWait)),
-	}
-	for _, o := range opts {
-		if err := st.s.SetTransportProtocolOption(tcp.ProtocolNumber, o); err != nil {
-			return fmt.Errorf("set tcp option %T: %w", o, goError("setsockopt", err))
-		}
-	}
-	return nil
-}
-
-func ptr[T any](v T) *T { return &v }
 
 // Close resets every flow, stops the stack and closes the device. It is safe
 // to call more than once.
@@ -235,7 +230,12 @@ func (st *Stack) Close() error {
 		st.closed = true
 		st.mu.Unlock()
 		st.cancel()
+		st.relay.abortAll()
 		st.flows.Wait()
+		st.relay.goroutines.Wait()
+		if st.relay.poller != nil {
+			st.relay.poller.close()
+		}
 		if st.udp != nil {
 			st.udp.close()
 		}
@@ -277,23 +277,35 @@ func (st *Stack) beginFlow() bool {
 // handleTCP runs on a goroutine of gVisor's forwarder, one per new SYN.
 // It dials the upstream first and only then completes the client's handshake,
 // so a refused or unreachable upstream reaches the client as a reset.
+// Once the flow is relayed it returns while the flow goes on: what the flow
+// holds (its count in st.flows, its slot, a fake address's name) is let go
+// when it ends.
 func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	if !st.beginFlow() {
 		req.Complete(false)
 		return
 	}
-	defer st.flows.Done()
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			st.flows.Done()
+		}
+	}()
 
 	id := req.ID()
 	client := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
 	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
-	log := st.log.With("flow", st.flowSeq.Add(1), "proto", "tcp", "src", client, "dst", dst)
+	log := flowLogger{base: st.log, seq: st.flowSeq.Add(1), src: client, dst: dst}
 
 	select {
 	case st.flowSlots <- struct{}{}:
-		defer func() { <-st.flowSlots }()
+		defer func() {
+			if !handedOff {
+				<-st.flowSlots
+			}
+		}()
 	default:
-		log.Warn("flow limit reached, resetting", "max_flows", st.cfg.MaxFlows)
+		log.log(slog.LevelWarn, "flow limit reached, resetting", "max_flows", st.cfg.MaxFlows)
 		req.Complete(true)
 		return
 	}
@@ -304,16 +316,20 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	}
 	address, release, err := st.upstreamAddress(dst)
 	if err != nil {
-		log.Info("refusing flow", "err", err)
+		log.log(slog.LevelInfo, "refusing flow", "err", err)
 		req.Complete(true)
 		return
 	}
-	defer release()
+	defer func() {
+		if !handedOff {
+			release()
+		}
+	}()
 	dialCtx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
 	upstream, err := st.cfg.Dialer.DialContext(dialCtx, "tcp", address)
 	cancel()
 	if err != nil {
-		log.Debug("dial failed, resetting client", "address", address, "err", err)
+		log.log(slog.LevelDebug, "dial failed, resetting client", "address", address, "err", err)
 		req.Complete(true)
 		return
 	}
@@ -323,7 +339,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	if terr != nil {
 		// The client reset or gave up during the handshake: the upstream,
 		// which has already accepted, sees a reset as well.
-		log.Debug("client handshake failed", "err", goError("accept", terr))
+		log.log(slog.LevelDebug, "client handshake failed", "err", goError("accept", terr))
 		req.Complete(true)
 		resetConn(upstream)
 		return
@@ -332,14 +348,44 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetKeepAlive(true)
 	conn := newTCPConn(ep, &wq, dst, client)
 
-	log.Debug("flow open", "upstream", upstream.RemoteAddr())
-	res := relay(st.ctx, conn, upstream, st.cfg.HalfCloseIdle)
-	log.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.logAttrs()...)
+	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
+	handedOff = true
+	st.relay.relay(conn, upstream, func(res relayResult) {
+		if l := log.logger(slog.LevelDebug); l != nil {
+			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.logAttrs()...)
+		}
+		release()
+		<-st.flowSlots
+		st.flows.Done()
+	})
+}
+
+// flowLogger logs a TCP flow's lines with its attributes. It builds the
+// logger only for a line that is logged: a logger With attributes costs a
+// few hundred bytes, which every idle flow would hold for nothing.
+type flowLogger struct {
+	base     *slog.Logger
+	seq      uint64
+	src, dst netip.AddrPort
+}
+
+// logger is the flow's logger if level is enabled, else nil.
+func (l flowLogger) logger(level slog.Level) *slog.Logger {
+	if !l.base.Enabled(context.Background(), level) {
+		return nil
+	}
+	return l.base.With("flow", l.seq, "proto", "tcp", "src", l.src, "dst", l.dst)
+}
+
+func (l flowLogger) log(level slog.Level, msg string, args ...any) {
+	if lg := l.logger(level); lg != nil {
+		lg.Log(context.Background(), level, msg, args...)
+	}
 }
 
 // serveDNSStream answers DNS over TCP on the stack itself: there is nothing
 // to dial first.
-func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.AddrPort, log *slog.Logger) {
+func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.AddrPort, log flowLogger) {
 	var wq waiter.Queue
 	ep, terr := req.CreateEndpoint(&wq)
 	if terr != nil {
@@ -352,7 +398,7 @@ func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.Add
 	stop := context.AfterFunc(st.ctx, conn.Abort)
 	defer stop()
 	if err := st.cfg.DNS.ServeStream(st.ctx, conn); err != nil {
-		log.Debug("dns over tcp ended", "err", err)
+		log.log(slog.LevelDebug, "dns over tcp ended", "err", err)
 	}
 }
 

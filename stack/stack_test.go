@@ -5,14 +5,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -101,42 +99,20 @@ type peer struct {
 	dev    *seqpacketDevice
 }
 
-func newPeer(t testing.TB, cfg Config) *peer {
+// newClientStack is the client's side of a test: a gVisor stack with the
+// client addresses, a default route, and an fdbased link over fds (one per
+// queue; it spreads flows over them by hash).
+func newClientStack(t testing.TB, fds []int) *gstack.Stack {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatalf("socketpair: %v", err)
-	}
-	for _, fd := range fds {
-		// Room for a burst of full-size packets each way.
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-	}
-	if err := unix.SetNonblock(fds[0], true); err != nil {
-		t.Fatalf("nonblock: %v", err)
-	}
-	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: 1500}
-
-	p := &peer{dialer: &redirectDialer{}, dev: dev}
-	cfg.Device = dev
-	cfg.Dialer = p.dialer
-	if cfg.Logger == nil && testing.Verbose() {
-		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	p.st, err = New(cfg)
-	if err != nil {
-		t.Fatalf("new stack: %v", err)
-	}
-
-	p.client = gstack.New(gstack.Options{
+	client := gstack.New(gstack.Options{
 		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
 	})
-	linkEP, err := fdbased.New(&fdbased.Options{FDs: []int{fds[1]}, MTU: 1500})
+	linkEP, err := fdbased.New(&fdbased.Options{FDs: fds, MTU: 1500})
 	if err != nil {
 		t.Fatalf("fdbased: %v", err)
 	}
-	if terr := p.client.CreateNIC(1, linkEP); terr != nil {
+	if terr := client.CreateNIC(1, linkEP); terr != nil {
 		t.Fatalf("client nic: %v", terr)
 	}
 	for _, a := range []netip.Addr{netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("fd00:1898::1")} {
@@ -145,14 +121,52 @@ func newPeer(t testing.TB, cfg Config) *peer {
 			proto = ipv6.ProtocolNumber
 		}
 		pa := tcpip.ProtocolAddress{Protocol: proto, AddressWithPrefix: tcpip.AddrFromSlice(a.AsSlice()).WithPrefix()}
-		if terr := p.client.AddProtocolAddress(1, pa, gstack.AddressProperties{}); terr != nil {
+		if terr := client.AddProtocolAddress(1, pa, gstack.AddressProperties{}); terr != nil {
 			t.Fatalf("client address: %v", terr)
 		}
 	}
-	p.client.SetRouteTable([]tcpip.Route{
+	client.SetRouteTable([]tcpip.Route{
 		{Destination: header.IPv4EmptySubnet, NIC: 1},
 		{Destination: header.IPv6EmptySubnet, NIC: 1},
 	})
+	return client
+}
+
+// packetPair is a SOCK_SEQPACKET socketpair with room for bursts of
+// full-size packets each way; fds[0], the stack's side, is non-blocking.
+func packetPair(t testing.TB) [2]int {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("socketpair: %v", err)
+	}
+	for _, fd := range fds {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		t.Fatalf("nonblock: %v", err)
+	}
+	return [2]int{fds[0], fds[1]}
+}
+
+func newPeer(t testing.TB, cfg Config) *peer {
+	t.Helper()
+	fds := packetPair(t)
+	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: 1500}
+
+	p := &peer{dialer: &redirectDialer{}, dev: dev}
+	cfg.Device = dev
+	cfg.Dialer = p.dialer
+	if cfg.Logger == nil && testing.Verbose() {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	var err error
+	if p.st, err = New(cfg); err != nil {
+		t.Fatalf("new stack: %v", err)
+	}
+
+	p.client = newClientStack(t, []int{fds[1]})
 	t.Cleanup(func() {
 		p.st.Close()
 		p.client.Close()
@@ -471,50 +485,5 @@ func TestReconnectSamePortAfterServerClose(t *testing.T) {
 	c2.Close()
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("reconnect from the same port took %v", d)
-	}
-}
-
-// TestIdleFlowsParkClientSide: an idle flow holds one goroutine (the
-// upstream read), not two: the client-to-upstream direction parks on
-// gVisor's readiness callback, and wakes when the client sends again.
-func TestIdleFlowsParkClientSide(t *testing.T) {
-	p := newPeer(t, Config{})
-	port := listen(t, echo)
-	const n = 40
-	base := runtime.NumGoroutine()
-	var conns []*clientConn
-	for range n {
-		c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
-		if err != nil {
-			t.Fatalf("dial: %v", err)
-		}
-		defer c.Close()
-		conns = append(conns, c)
-	}
-	// The echo server's goroutines count too: one per connection. So an
-	// idle flow is 2 goroutines in all with parking, 3 without.
-	deadline := time.Now().Add(5 * time.Second)
-	perFlow := 0.0
-	for time.Now().Before(deadline) {
-		perFlow = float64(runtime.NumGoroutine()-base) / n
-		if perFlow <= 2.2 {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if perFlow > 2.2 {
-		t.Errorf("%.2f goroutines per idle flow (with the echo server's), want about 2", perFlow)
-	}
-	// Parked flows still carry data at once.
-	for i, c := range conns {
-		msg := []byte(fmt.Sprintf("flow %d", i))
-		if _, err := c.Write(msg); err != nil {
-			t.Fatalf("write: %v", err)
-		}
-		got := make([]byte, len(msg))
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
-			t.Fatalf("echo after idle: %q, %v", got, err)
-		}
 	}
 }

@@ -33,7 +33,7 @@ type tcpConn struct {
 var _ net.Conn = (*tcpConn)(nil)
 
 func newTCPConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *tcpConn {
-	return &tcpConn{ep: ep, wq: wq, local: local, remote: remote, rd: newDeadline(), wd: newDeadline()}
+	return &tcpConn{ep: ep, wq: wq, local: local, remote: remote}
 }
 
 func (c *tcpConn) Read(b []byte) (int, error) {
@@ -176,48 +176,73 @@ func (c *tcpConn) opError(op string, err error) error {
 }
 
 // deadline is a channel that closes when a settable point in time passes.
+// The channel is made when someone first waits on it: most flows never
+// set a deadline, and each idle one would hold two channels for nothing.
 type deadline struct {
 	mu    sync.Mutex
 	timer *time.Timer
-	ch    chan struct{}
+	ch    chan struct{} // nil until expired is called or the deadline passes
+	gen   uint64        // which set call a timer belongs to
 }
-
-func newDeadline() deadline { return deadline{ch: make(chan struct{})} }
 
 func (d *deadline) expired() <-chan struct{} {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
 	return d.ch
 }
 
 func (d *deadline) set(t time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.timer != nil && !d.timer.Stop() {
-		// The old timer fired and closed ch: start from a fresh channel.
-		d.ch = make(chan struct{})
+	d.gen++
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
 	}
-	d.timer = nil
-	select {
-	case <-d.ch:
-		d.ch = make(chan struct{})
-	default:
+	if d.ch != nil {
+		select {
+		case <-d.ch:
+			d.ch = nil // passed before: start afresh
+		default:
+		}
 	}
 	if t.IsZero() {
 		return
 	}
 	wait := time.Until(t)
 	if wait <= 0 {
-		close(d.ch)
+		d.fire()
 		return
 	}
-	ch := d.ch
-	d.timer = time.AfterFunc(wait, func() { close(ch) })
+	gen := d.gen
+	d.timer = time.AfterFunc(wait, func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.gen == gen { // not replaced by a later set
+			d.fire()
+		}
+	})
+}
+
+// fire closes the channel; d.mu is held.
+func (d *deadline) fire() {
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
+	select {
+	case <-d.ch:
+	default:
+		close(d.ch)
+	}
 }
 
 func (d *deadline) stop() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.gen++
 	if d.timer != nil {
 		d.timer.Stop()
 		d.timer = nil

@@ -93,17 +93,7 @@ type rawPeer struct {
 
 func newRawPeer(t *testing.T) *rawPeer {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatalf("socketpair: %v", err)
-	}
-	for _, fd := range fds {
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
-	}
-	if err := unix.SetNonblock(fds[0], true); err != nil {
-		t.Fatalf("nonblock: %v", err)
-	}
+	fds := packetPair(t)
 	f := os.NewFile(uintptr(fds[0]), "stack-side")
 	rc, err := f.SyscallConn()
 	if err != nil {

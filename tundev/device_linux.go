@@ -68,6 +68,12 @@ type Config struct {
 	// a virtio_net_hdr in front of each packet and TCP segments of up to
 	// 64 KiB (see VnetHdrLen and Offloads).
 	NoOffload bool
+	// Queues is how many queues the device has; 0 or 1 means one, the
+	// classic single-queue TUN. With more, the interface is a multi-queue
+	// TUN (IFF_MULTI_QUEUE) opened Queues times: the kernel spreads flows
+	// over the queues, and each can be read by a goroutine of its own
+	// (ReadQueue). At most MaxQueues.
+	Queues int
 	// Logger receives configuration events; nil means discard.
 	Logger *slog.Logger
 }
@@ -75,15 +81,14 @@ type Config struct {
 // Device is an open TUN interface. Read and Write move whole IP packets and
 // may be called concurrently with each other and with Close.
 type Device struct {
-	file *os.File        // non-blocking, so the runtime poller owns it
-	raw  syscall.RawConn // of file, for reading a batch without parking
+	// queues holds one open fd per queue, at least one; Read and Write
+	// use queues[0].
+	queues []*queue
 
-	batch      readBatchState
-	readQueued func(fd uintptr) bool // d.readQueuedFD, made once
-	name       string
-	mtu        int
-	netns      string // Config.NetnsPath, for logs
-	log        *slog.Logger
+	name  string
+	mtu   int
+	netns string // Config.NetnsPath, for logs
+	log   *slog.Logger
 
 	vnet     bool     // every packet carries a virtio_net_hdr
 	offloads Offloads // what the kernel agreed to, with vnet
@@ -121,41 +126,47 @@ func Create(cfg Config) (_ *Device, err error) {
 
 	// The TUN must be opened by a thread inside the namespace; the netlink
 	// socket opened beside it keeps working there from any thread.
-	fd := -1
+	var fds []int
 	var name string
 	var created bool
 	var h *netlink.Handle
 	vnet := !cfg.NoOffload
+	closeFDs := func() {
+		// Closing the last fd deletes the interface if we created it.
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}
 	err = runInNetns(ns, func() error {
 		var err error
-		if fd, name, created, err = openTUN(cfg.Name, vnet); err != nil {
+		if fds, name, created, err = openTUNQueues(cfg.Name, vnet, cfg.Queues); err != nil {
 			return err
 		}
 		h, err = newHandle(noNetns)
 		return err
 	})
 	if err != nil {
-		if fd >= 0 {
-			unix.Close(fd) // deletes the interface if we created it
-		}
+		closeFDs()
 		return nil, fmt.Errorf("create tun %q in %s: %w", cfg.Name, where, err)
 	}
 	// Non-blocking before os.NewFile, so that the file is registered with
 	// the poller: a Read then parks in the runtime instead of a syscall,
 	// and Close wakes it with os.ErrClosed.
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
-		h.Close()
-		return nil, fmt.Errorf("create tun %q in %s: set non-blocking: %w", name, where, err)
+	for _, fd := range fds {
+		if err := unix.SetNonblock(fd, true); err != nil {
+			closeFDs()
+			h.Close()
+			return nil, fmt.Errorf("create tun %q in %s: set non-blocking: %w", name, where, err)
+		}
 	}
 	var offloads Offloads
 	if vnet {
 		var oerr error
-		if offloads, oerr = setOffloads(fd); oerr != nil {
+		if offloads, oerr = setQueueOffloads(fds); oerr != nil {
 			log.Warn("tun offloads reduced: every packet costs a read or write", "tun", name, "offloads", offloads, "err", oerr)
 		}
 	}
-	d, err := newDevice(fd, name, cfg.MTU, vnet, offloads)
+	d, err := newDevice(fds, name, cfg.MTU, vnet, offloads)
 	if err != nil {
 		h.Close()
 		return nil, fmt.Errorf("create tun %q in %s: %w", name, where, err)
@@ -163,7 +174,7 @@ func Create(cfg Config) (_ *Device, err error) {
 	d.netns, d.log, d.routes = cfg.NetnsPath, log, slices.Clone(cfg.Routes)
 	l, err := newLink(h, name, where, created, log)
 	if err != nil {
-		d.file.Close()
+		d.closeQueues()
 		return nil, err
 	}
 	d.link = l
@@ -192,7 +203,7 @@ func Create(cfg Config) (_ *Device, err error) {
 	if created {
 		verb = "tun created"
 	}
-	log.Info(verb, "tun", name, "netns", cfg.NetnsPath, "mtu", cfg.MTU, "addrs", fmt.Sprint(cfg.Addrs), "offloads", offloads)
+	log.Info(verb, "tun", name, "netns", cfg.NetnsPath, "mtu", cfg.MTU, "addrs", fmt.Sprint(cfg.Addrs), "offloads", offloads, "queues", len(d.queues))
 	return d, nil
 }
 
@@ -210,6 +221,12 @@ func (c *Config) normalize() error {
 	}
 	if c.TxQueueLen == 0 {
 		c.TxQueueLen = DefaultTxQueueLen
+	}
+	if c.Queues == 0 {
+		c.Queues = 1
+	}
+	if c.Queues < 1 || c.Queues > MaxQueues {
+		return fmt.Errorf("queues %d out of range [1, %d]", c.Queues, MaxQueues)
 	}
 	if c.TxQueueLen < 0 {
 		return fmt.Errorf("txqueuelen %d: want a positive count", c.TxQueueLen)
@@ -260,9 +277,10 @@ func checkName(name string) error {
 // f must be a TUN fd in IFF_TUN|IFF_NO_PI mode, or a socket that keeps
 // packet boundaries (SOCK_SEQPACKET, SOCK_DGRAM), which tests use in place
 // of a TUN. A TUN opened with IFF_VNET_HDR keeps it, and FromFile asks for
-// the same offloads Create does (Offloads tells what it got). On success
-// the Device owns the descriptor and f is closed; on error f is left as it
-// was.
+// the same offloads Create does (Offloads tells what it got). The device
+// has one queue (one descriptor of a multi-queue TUN is one of its queues).
+// On success the Device owns the descriptor and f is closed; on error f is
+// left as it was.
 func FromFile(f *os.File, mtu int) (*Device, error) {
 	if mtu == 0 {
 		mtu = DefaultMTU
@@ -303,7 +321,7 @@ func FromFile(f *os.File, mtu int) (*Device, error) {
 	if name == "" {
 		name = f.Name()
 	}
-	d, err := newDevice(fd, name, mtu, vnet, offloads)
+	d, err := newDevice([]int{fd}, name, mtu, vnet, offloads)
 	if err != nil {
 		return nil, fmt.Errorf("device from %s: %w", f.Name(), err)
 	}
@@ -311,24 +329,66 @@ func FromFile(f *os.File, mtu int) (*Device, error) {
 	return d, nil
 }
 
-// newDevice wraps a non-blocking TUN (or packet socket) fd, which it owns
-// from then on: on error the fd is closed.
-func newDevice(fd int, name string, mtu int, vnet bool, offloads Offloads) (*Device, error) {
+// newDevice wraps non-blocking TUN (or packet socket) fds, one per queue,
+// which it owns from then on: on error they are closed.
+func newDevice(fds []int, name string, mtu int, vnet bool, offloads Offloads) (*Device, error) {
 	d := &Device{
-		file:     os.NewFile(uintptr(fd), "tun "+name),
 		name:     name,
 		mtu:      mtu,
 		log:      slog.New(slog.DiscardHandler),
 		vnet:     vnet,
 		offloads: offloads,
 	}
-	d.readQueued = d.readQueuedFD
-	var err error
-	if d.raw, err = d.file.SyscallConn(); err != nil {
-		d.file.Close()
+	var errs []error
+	for i, fd := range fds {
+		fname := "tun " + name
+		if len(fds) > 1 {
+			fname = fmt.Sprintf("tun %s queue %d", name, i)
+		}
+		q, err := newQueue(fd, fname)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		d.queues = append(d.queues, q)
+	}
+	if err := errors.Join(errs...); err != nil {
+		d.closeQueues()
 		return nil, err
 	}
 	return d, nil
+}
+
+// queue is one open descriptor of the device.
+type queue struct {
+	file *os.File        // non-blocking, so the runtime poller owns it
+	raw  syscall.RawConn // of file, for reading a batch without parking
+
+	batch      readBatchState
+	readQueued func(fd uintptr) bool // q.readQueuedFD, made once
+}
+
+// newQueue wraps one non-blocking fd; on error it is closed.
+func newQueue(fd int, name string) (*queue, error) {
+	q := &queue{file: os.NewFile(uintptr(fd), name)}
+	q.readQueued = q.readQueuedFD
+	var err error
+	if q.raw, err = q.file.SyscallConn(); err != nil {
+		q.file.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+// closeQueues closes every queue's fd; the first error is kept.
+func (d *Device) closeQueues() error {
+	var errs []error
+	for _, q := range d.queues {
+		if err := q.file.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Up sets the link up and then adds Config.Routes, so a caller that sees the
@@ -365,7 +425,13 @@ func (d *Device) Up() error {
 // VnetHdrLen+65535 bytes. Without one, buffers need room for MTU bytes:
 // the kernel silently truncates a longer packet to the buffer
 // (tun_put_user), and only the IP header's length field then shows it.
+//
+// On a device with several queues, Read reads queue 0 only: see ReadQueue.
 func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return d.queues[0].read(d, bufs, sizes, offset)
+}
+
+func (q *queue) read(d *Device, bufs [][]byte, sizes []int, offset int) (int, error) {
 	if len(bufs) == 0 {
 		return 0, nil
 	}
@@ -374,7 +440,7 @@ func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			return 0, fmt.Errorf("read tun %s: %w", d.name, io.ErrShortBuffer)
 		}
 	}
-	n, err := d.file.Read(bufs[0][offset:])
+	n, err := q.file.Read(bufs[0][offset:])
 	if err != nil {
 		return 0, d.ioError(err)
 	}
@@ -385,16 +451,16 @@ func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	// The rest without parking: the poller would only wake us for what
 	// is already there. EAGAIN ends the batch. An error (closed under us)
 	// is left for the next Read to report.
-	d.batch = readBatchState{bufs: bufs, sizes: sizes, offset: offset, count: 1}
-	_ = d.raw.Read(d.readQueued)
-	count := d.batch.count
-	d.batch = readBatchState{}
+	q.batch = readBatchState{bufs: bufs, sizes: sizes, offset: offset, count: 1}
+	_ = q.raw.Read(q.readQueued)
+	count := q.batch.count
+	q.batch = readBatchState{}
 	return count, nil
 }
 
-// readBatchState is the Read in progress, kept in the Device so that the
+// readBatchState is the read in progress, kept in the queue so that the
 // callback given to RawConn.Read is made once and reading allocates
-// nothing. Read is not called concurrently with itself.
+// nothing. A queue's read is not called concurrently with itself.
 type readBatchState struct {
 	bufs   [][]byte
 	sizes  []int
@@ -402,8 +468,8 @@ type readBatchState struct {
 	count  int
 }
 
-func (d *Device) readQueuedFD(fd uintptr) bool {
-	b := &d.batch
+func (q *queue) readQueuedFD(fd uintptr) bool {
+	b := &q.batch
 	for b.count < len(b.bufs) {
 		n, err := unix.Read(int(fd), b.bufs[b.count][b.offset:])
 		if err != nil || n <= 0 {
@@ -419,10 +485,15 @@ func (d *Device) readQueuedFD(fd uintptr) bool {
 // written. With a vnet header, each starts with one (VnetHdrLen bytes). It
 // stops at the first packet the kernel refuses (EINVAL for one that is not
 // IPv4 or IPv6, or whose vnet header does not fit it) and returns its
-// error.
+// error. On a device with several queues, Write writes to queue 0: see
+// WriteQueue.
 func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
+	return d.queues[0].write(d, bufs, offset)
+}
+
+func (q *queue) write(d *Device, bufs [][]byte, offset int) (int, error) {
 	for i, b := range bufs {
-		if _, err := d.file.Write(b[offset:]); err != nil {
+		if _, err := q.file.Write(b[offset:]); err != nil {
 			return i, d.ioError(err)
 		}
 	}
@@ -465,14 +536,15 @@ func (d *Device) MTU() int { return d.mtu }
 // Name is the interface name.
 func (d *Device) Name() string { return d.name }
 
-// Close closes the fd, which wakes a blocked Read with os.ErrClosed, then
+// Close closes the fd of every queue, which wakes a blocked Read with
+// os.ErrClosed, then
 // deletes the interface if Create created it, or else removes the routes
 // and addresses it added and restores the MTU and link state. It works
 // whatever namespace the interface is in. Later calls return the first
 // call's result.
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
-		errs := []error{d.file.Close()}
+		errs := []error{d.closeQueues()}
 		d.mu.Lock()
 		d.closed = true
 		if d.link != nil {
@@ -488,9 +560,13 @@ func (d *Device) Close() error {
 
 // DupFile returns a duplicate of the device's descriptor, for handing the
 // TUN to another process (SCM_RIGHTS). The caller owns the duplicate; the
-// interface lives as long as any descriptor for it is open.
+// interface lives as long as any descriptor for it is open. A multi-queue
+// device has no single descriptor to hand over, and DupFile refuses it.
 func (d *Device) DupFile() (*os.File, error) {
-	rc, err := d.file.SyscallConn()
+	if len(d.queues) > 1 {
+		return nil, fmt.Errorf("dup %s: a device of %d queues has as many descriptors; open it with one queue to hand it over", d.name, len(d.queues))
+	}
+	rc, err := d.queues[0].file.SyscallConn()
 	if err != nil {
 		return nil, fmt.Errorf("dup %s: %w", d.name, err)
 	}

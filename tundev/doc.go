@@ -17,6 +17,12 @@
 // it (drivers/net/tun.c, tun_chr_open). That thread is created, locked and
 // discarded by this package.
 //
+// With Config.Queues above one, the interface is a multi-queue TUN
+// (IFF_MULTI_QUEUE) opened once per queue. The kernel hands each flow's
+// packets to one queue, and ReadQueue lets a caller read every queue with a
+// goroutine of its own; WriteQueue writes to a chosen queue, which also
+// tells the kernel where to send that flow's packets from then on.
+//
 // A Device undoes what it did: Close deletes an interface it created, and
 // on a persistent interface it only attached to (one made with `ip tuntap
 // add`) it removes the routes and addresses it added and restores the MTU

@@ -13,6 +13,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/netstackd/netstackd/stack"
+	"github.com/netstackd/netstackd/tundev"
 )
 
 // options are the parsed command line.
@@ -24,6 +27,7 @@ type options struct {
 	routesSet     bool
 	mtu           int
 	noOffload     bool // open the TUN without IFF_VNET_HDR
+	queues        int  // TUN queues (IFF_MULTI_QUEUE), each read by its own goroutine
 	proxyURL      string
 	logLevel      slog.Level
 	dialTimeout   time.Duration
@@ -44,6 +48,7 @@ type options struct {
 	table         int            // host-wide mode's routing table
 	excludes      []netip.Prefix // kept off the TUN in host-wide mode
 	user          *userSpec      // --user: switch to it once set up; nil: stay
+	tcp           stack.TCPOptions
 }
 
 // errHelp is returned when the user asked for the usage text.
@@ -109,6 +114,77 @@ func (f levelFlag) Set(v string) error {
 	return nil
 }
 
+// bufferRangeFlag is a "MIN,DEFAULT,MAX" byte range, as in the Linux
+// sysctls tcp_rmem and tcp_wmem, with optional K, M and G (binary) suffixes.
+type bufferRangeFlag struct{ r *stack.BufferRange }
+
+func (f bufferRangeFlag) String() string {
+	if f.r == nil {
+		return ""
+	}
+	return formatBytes(f.r.Min) + "," + formatBytes(f.r.Default) + "," + formatBytes(f.r.Max)
+}
+
+func (f bufferRangeFlag) Set(v string) error {
+	parts := strings.Split(v, ",")
+	if len(parts) != 3 {
+		return errors.New("want MIN,DEFAULT,MAX, such as 4K,128K,8M")
+	}
+	var n [3]int
+	for i, p := range parts {
+		b, err := parseBytes(p)
+		if err != nil {
+			return err
+		}
+		n[i] = b
+	}
+	r := stack.BufferRange{Min: n[0], Default: n[1], Max: n[2]}
+	if err := r.Validate(); err != nil {
+		return err
+	}
+	*f.r = r
+	return nil
+}
+
+// parseBytes reads a byte count such as 4096, 64K, 8M or 1G (binary units,
+// either case).
+func parseBytes(s string) (int, error) {
+	orig := s
+	s = strings.TrimSpace(s)
+	shift := 0
+	if s != "" {
+		switch s[len(s)-1] {
+		case 'k', 'K':
+			shift = 10
+		case 'm', 'M':
+			shift = 20
+		case 'g', 'G':
+			shift = 30
+		}
+	}
+	if shift > 0 {
+		s = s[:len(s)-1]
+	}
+	n, err := strconv.ParseUint(s, 10, 31)
+	if err != nil || n<<shift > math.MaxInt32 {
+		return 0, fmt.Errorf("size %q: want a whole number of bytes below 2G, with an optional K, M or G", orig)
+	}
+	return int(n << shift), nil
+}
+
+// formatBytes writes n with the largest binary suffix that divides it.
+func formatBytes(n int) string {
+	for _, u := range []struct {
+		shift  uint
+		suffix string
+	}{{30, "G"}, {20, "M"}, {10, "K"}} {
+		if n > 0 && n%(1<<u.shift) == 0 {
+			return strconv.Itoa(n>>u.shift) + u.suffix
+		}
+	}
+	return strconv.Itoa(n)
+}
+
 const usageHead = `netstackd: a userspace TCP/IP stack on a TUN device that relays every
 connection directly or through a proxy.
 
@@ -132,6 +208,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
 	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
 	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
+	fs.IntVar(&o.queues, "queues", 1, "open the TUN with `N` queues (IFF_MULTI_QUEUE), each read by a goroutine of its own; 1 to 16 (helps only with many parallel flows and idle CPUs)")
 	fs.BoolVar(&o.noOffload, "no-offload", false, "open the TUN without IFF_VNET_HDR: no TSO/USO, one packet per system call (for comparison and old kernels)")
 	fs.Func("publish", "forward `[IP:]HOSTPORT:NSPORT[/udp]` from netstackd's side to that port behind the TUN, repeatable (without IP: all addresses)", func(v string) error {
 		p, err := parsePublish(v)
@@ -168,6 +245,14 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.IntVar(&o.table, "table", defaultTable, "routing `table` that holds host-wide mode's routes through the TUN")
 	var excludesSet bool
 	fs.Var(prefixList{&o.excludes, &excludesSet}, "exclude", "host-wide mode: keep `CIDR` off the TUN (it goes by the main table), repeatable; the proxy server's addresses are excluded by themselves")
+	o.tcp = stack.DefaultTCPOptions()
+	fs.Var(bufferRangeFlag{&o.tcp.ReceiveBuffer}, "tcp-rmem", "TCP receive buffer `MIN,DEFAULT,MAX` in bytes (K, M, G suffixes), as Linux's net.ipv4.tcp_rmem; auto-tuning grows a busy flow's buffer up to MAX")
+	fs.Var(bufferRangeFlag{&o.tcp.SendBuffer}, "tcp-wmem", "TCP send buffer `MIN,DEFAULT,MAX` in bytes (K, M, G suffixes), as Linux's net.ipv4.tcp_wmem")
+	fs.StringVar(&o.tcp.CongestionControl, "tcp-cc", o.tcp.CongestionControl, "TCP congestion control `algorithm`: "+strings.Join(stack.CongestionControls(), "|"))
+	tcpSACK := fs.Bool("tcp-sack", true, "TCP selective acknowledgements (RFC 2018)")
+	tcpRACK := fs.Bool("tcp-rack", true, "TCP RACK loss detection (RFC 8985); false leaves three-duplicate-ACK fast retransmit")
+	tcpModerate := fs.Bool("tcp-moderate-rcvbuf", true, "TCP receive buffer auto-tuning between the --tcp-rmem bounds; false keeps every flow at DEFAULT")
+	fs.BoolVar(&o.tcp.Nagle, "tcp-nagle", false, "Nagle's algorithm on the flows' TUN side: coalesces small writes, at the cost of latency")
 	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
 	if err := fs.Parse(args); err != nil {
@@ -203,6 +288,12 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	}
 	if o.tunFD >= 0 && (o.netns != "" || runMode) {
 		return nil, errors.New("--tun-fd cannot be combined with --netns or run")
+	}
+	if o.queues < 1 || o.queues > tundev.MaxQueues {
+		return nil, fmt.Errorf("--queues %d: want 1 to %d", o.queues, tundev.MaxQueues)
+	}
+	if o.queues > 1 && (o.tunFD >= 0 || runMode) {
+		return nil, errors.New("--queues above 1 needs netstackd to open the TUN itself: not with --tun-fd or run, which pass one descriptor")
 	}
 	if o.udpTimeout <= 0 {
 		return nil, fmt.Errorf("--udp-timeout %s: want a positive duration", o.udpTimeout)
@@ -242,6 +333,14 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	}
 	if !o.routesSet && (o.netns != "" || runMode) {
 		o.routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+	}
+	o.tcp.NoSACK, o.tcp.NoRACK, o.tcp.NoModerateReceiveBuffer = !*tcpSACK, !*tcpRACK, !*tcpModerate
+	if !slices.Contains(stack.CongestionControls(), o.tcp.CongestionControl) {
+		return nil, fmt.Errorf("--tcp-cc %q: want %s", o.tcp.CongestionControl, strings.Join(stack.CongestionControls(), " or "))
+	}
+	if err := o.tcp.Validate(); err != nil {
+		// bufferRangeFlag checked each range; this catches what stack adds.
+		return nil, fmt.Errorf("tcp options: %w", err)
 	}
 	if err := o.hostWideFlags(fs, runMode, *fwmark, *userFlag); err != nil {
 		return nil, err

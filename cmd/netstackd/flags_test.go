@@ -2,11 +2,14 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/netstackd/netstackd/stack"
 )
 
 func TestParseFlagsDefaults(t *testing.T) {
@@ -93,6 +96,33 @@ func TestParseFlags(t *testing.T) {
 		{name: "run without command", args: nil, run: true, errHas: "no command"},
 		{name: "run with netns", args: []string{"--netns", "/x", "--", "true"}, run: true, errHas: "--netns"},
 		{name: "bad dial timeout", args: []string{"--dial-timeout", "-1s"}, errHas: "--dial-timeout"},
+		{name: "tcp defaults", args: nil, check: func(o *options) string {
+			if o.tcp != stack.DefaultTCPOptions() {
+				return fmt.Sprintf("tcp %+v, want the stack's defaults", o.tcp)
+			}
+			return ""
+		}},
+		{name: "tcp flags", args: []string{"--tcp-rmem", "8k,256K,16M", "--tcp-wmem", "4096,65536,4194304", "--tcp-cc", "cubic",
+			"--tcp-sack=false", "--tcp-rack=false", "--tcp-moderate-rcvbuf=false", "--tcp-nagle"}, check: func(o *options) string {
+			want := stack.TCPOptions{
+				ReceiveBuffer:     stack.BufferRange{Min: 8 << 10, Default: 256 << 10, Max: 16 << 20},
+				SendBuffer:        stack.BufferRange{Min: 4 << 10, Default: 64 << 10, Max: 4 << 20},
+				CongestionControl: "cubic", NoSACK: true, NoRACK: true, NoModerateReceiveBuffer: true, Nagle: true,
+			}
+			if o.tcp != want {
+				return fmt.Sprintf("tcp %+v, want %+v", o.tcp, want)
+			}
+			return ""
+		}},
+		{name: "tcp-rmem two numbers", args: []string{"--tcp-rmem", "4K,8M"}, errHas: "want MIN,DEFAULT,MAX"},
+		{name: "tcp-rmem not a size", args: []string{"--tcp-rmem", "4K,lots,8M"}, errHas: `size "lots"`},
+		{name: "tcp-rmem negative", args: []string{"--tcp-rmem", "-4,128K,8M"}, errHas: `size "-4"`},
+		{name: "tcp-rmem min zero", args: []string{"--tcp-rmem", "0,128K,8M"}, errHas: "min 0"},
+		{name: "tcp-wmem default below min", args: []string{"--tcp-wmem", "64K,4K,8M"}, errHas: "default 4096 below min 65536"},
+		{name: "tcp-wmem max below default", args: []string{"--tcp-wmem", "4K,1M,64K"}, errHas: "max 65536 below default"},
+		{name: "tcp-wmem too big", args: []string{"--tcp-wmem", "4K,1M,4G"}, errHas: "below 2G"},
+		{name: "tcp-cc unknown", args: []string{"--tcp-cc", "bbr"}, errHas: `--tcp-cc "bbr": want reno or cubic`},
+		{name: "tcp-sack not bool", args: []string{"--tcp-sack=maybe"}, errHas: "tcp-sack"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -288,5 +318,61 @@ func TestParseUser(t *testing.T) {
 				t.Errorf("parseUser(%q) = uid %d gid %d, want %d %d", tc.spec, u.uid, u.gid, tc.uid, tc.gid)
 			}
 		})
+	}
+}
+
+// TestTCPFlagsExitUsage: a bad TCP flag is a usage error, reported on one
+// line of stderr, before anything is set up.
+func TestTCPFlagsExitUsage(t *testing.T) {
+	for _, args := range [][]string{
+		{"--tcp-rmem", "4K,128K"},
+		{"--tcp-wmem", "1M,4K,8M"},
+		{"--tcp-cc", "vegas"},
+		{"--tcp-moderate-rcvbuf=perhaps"},
+	} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			var stdout, stderr strings.Builder
+			if code := run(args, &stdout, &stderr); code != exitUsage {
+				t.Fatalf("exit code %d, want %d (stderr %q)", code, exitUsage, stderr.String())
+			}
+			msg := stderr.String()
+			if !strings.HasPrefix(msg, "netstackd: ") || strings.Count(msg, "\n") != 1 || !strings.Contains(msg, strings.TrimLeft(strings.SplitN(args[0], "=", 2)[0], "-")) {
+				t.Errorf("stderr %q, want one line naming the flag", msg)
+			}
+		})
+	}
+}
+
+func TestParseBytes(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int
+		bad  bool
+	}{
+		{in: "4096", want: 4096},
+		{in: "4k", want: 4 << 10},
+		{in: "128K", want: 128 << 10},
+		{in: "8M", want: 8 << 20},
+		{in: "1G", want: 1 << 30},
+		{in: " 64K ", want: 64 << 10},
+		{in: "", bad: true},
+		{in: "K", bad: true},
+		{in: "1.5M", bad: true},
+		{in: "2G", bad: true},
+		{in: "8MB", bad: true},
+	} {
+		got, err := parseBytes(tc.in)
+		if tc.bad {
+			if err == nil {
+				t.Errorf("parseBytes(%q) = %d, want an error", tc.in, got)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("parseBytes(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+		}
+		if back, err := parseBytes(formatBytes(got)); err != nil || back != got {
+			t.Errorf("formatBytes(%d) = %q does not read back", got, formatBytes(got))
+		}
 	}
 }

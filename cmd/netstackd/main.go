@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"sync"
 	"syscall"
 	"time"
 
@@ -77,6 +78,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 			f.Close()
 		}()
 	}
+	// Give memory back after bursts (memtrim.go), for as long as we run.
+	trimCtx, stopTrim := context.WithCancel(context.Background())
+	var trimming sync.WaitGroup
+	trimming.Go(func() { newMemoryTrimmer(log).run(trimCtx, memoryTrimInterval) })
+	defer func() {
+		stopTrim()
+		trimming.Wait()
+	}()
 	resolver, err := newDNS(opts, dialer, up.direct.Resolver, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: %v\n", err)
@@ -136,6 +145,7 @@ func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.S
 		DialTimeout:   opts.dialTimeout,
 		HalfCloseIdle: opts.halfCloseIdle,
 		UDPTimeout:    opts.udpTimeout,
+		TCP:           opts.tcp,
 		Gateway4:      gw4,
 		Gateway6:      gw6,
 	}
@@ -250,6 +260,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 			Addrs:     opts.addrs,
 			Routes:    opts.routes,
 			NoOffload: opts.noOffload,
+			Queues:    opts.queues,
 			Logger:    log,
 		}
 		if opts.hostWide {

@@ -1,0 +1,59 @@
+package main_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/netstackd/netstackd/internal/netnstest"
+)
+
+// TestIntegrationTCPFlags runs netstackd with every TCP setting away from its
+// default: the daemon logs what it handed to the stack, and bulk transfers
+// both ways and both families still arrive intact with them.
+func TestIntegrationTCPFlags(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	d := startNetstackd(t, tp, "--tcp-rmem", "4K,64K,4M", "--tcp-wmem", "8K,256K,16M", "--tcp-cc", "cubic",
+		"--tcp-sack=false", "--tcp-rack=false", "--tcp-moderate-rcvbuf=false", "--tcp-nagle")
+	const want = `msg="tcp settings" rmem=4096,65536,4194304 wmem=8192,262144,16777216 cc=cubic sack=false moderate_rcvbuf=false rack=false nagle=true`
+	if log := d.Log(); !strings.Contains(log, want) {
+		t.Errorf("daemon log lacks %q:\n%s", want, log)
+	}
+	t.Run("get-ipv4", func(t *testing.T) { testGet(t, tp, netnstest.ServerIPv4) })
+	t.Run("get-ipv6", func(t *testing.T) { testGet(t, tp, netnstest.ServerIPv6) })
+	t.Run("download-20MB", func(t *testing.T) { testDownload(t, tp, 20<<20) })
+	t.Run("upload-10MB", func(t *testing.T) { testUpload(t, tp, 10<<20) })
+}
+
+// TestIntegrationBadTCPFlags: the binary refuses bad TCP settings with one
+// line and exit status 2, before it creates anything.
+func TestIntegrationBadTCPFlags(t *testing.T) {
+	requireBinary(t)
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"rmem-two-numbers", []string{"--tcp-rmem", "4K,8M"}},
+		{"rmem-order", []string{"--tcp-rmem", "1M,4K,8M"}},
+		{"wmem-suffix", []string{"--tcp-wmem", "4K,128KB,8M"}},
+		{"cc-unknown", []string{"--tcp-cc", "bbr"}},
+		{"sack-not-bool", []string{"--tcp-sack=sometimes"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := netnstest.NewNetns(t)
+			r := ns.Exec(t, 10*time.Second, append([]string{netstackdBin}, tc.args...)...)
+			stderr := strings.TrimSuffix(r.Stderr, "\n")
+			if r.ExitCode != 2 || !strings.Contains(stderr, strings.TrimPrefix(strings.SplitN(tc.args[0], "=", 2)[0], "--")) || strings.Contains(stderr, "\n") {
+				t.Errorf("netstackd %s: exit %d, stderr %q; want exit 2 and one line naming the flag", strings.Join(tc.args, " "), r.ExitCode, r.Stderr)
+			}
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			if ok, err := ns.HasLink(ctx, tunName); ok || err != nil {
+				t.Errorf("a bad flag left %s in the namespace (err %v)", tunName, err)
+			}
+		})
+	}
+}
