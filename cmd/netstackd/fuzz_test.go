@@ -1,0 +1,29 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/netstackd/netstackd/stack"
+)
+
+// FuzzBufferRangeFlag: any --tcp-rmem/--tcp-wmem value is refused with an
+// error or gives a range that validates and prints back to itself.
+func FuzzBufferRangeFlag(f *testing.F) {
+	for _, s := range []string{"4K,128K,8M", "4096,131072,8388608", "1M,4K,8M", "1,1,1", "0,0,0", "2G,2G,2G", " 4k , 64k, 1g", "4K,128K", "9999999999K,1,1", "-1,2,3", "4KK,1M,2M"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		var r stack.BufferRange
+		if err := (bufferRangeFlag{&r}).Set(v); err != nil {
+			return
+		}
+		if err := r.Validate(); err != nil {
+			t.Fatalf("%q accepted as %+v, which does not validate: %v", v, r, err)
+		}
+		printed := bufferRangeFlag{&r}.String()
+		var back stack.BufferRange
+		if err := (bufferRangeFlag{&back}).Set(printed); err != nil || back != r {
+			t.Fatalf("%q -> %+v prints as %q, which parses to %+v, %v", v, r, printed, back, err)
+		}
+	})
+}
