@@ -94,15 +94,7 @@ func newQueuesPeer(t testing.TB, n int, cfg Config) (*peer, *queuesDevice) {
 	t.Helper()
 	dev := newQueuesDevice(t, n)
 	p := &peer{dialer: &redirectDialer{}}
-	cfg.Device = dev
-	cfg.Dialer = p.dialer
-	if cfg.Logger == nil && testing.Verbose() {
-		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	var err error
-	if p.st, err = New(cfg); err != nil {
-		t.Fatalf("new stack: %v", err)
-	}
+	p.st = newTestStack(t, cfg, dev, p.dialer)
 	p.client = newClientStack(t, dev.far)
 	// Registered after newQueuesDevice's cleanup, so this runs first: the
 	// far ends close only once both stacks are done with them.

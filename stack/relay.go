@@ -262,11 +262,11 @@ func finishDirection(f *flowConns, dst net.Conn, rerr error, halfDone *atomic.Bo
 	if halfDone.Swap(true) {
 		return nil // both directions are done
 	}
-	// Wake the other direction so that it picks up its idle bound: a read
-	// deadline for one blocked in a read, a timer for a parked one.
+	// Wake the other direction so that it picks up its idle bound: a timer
+	// once it parks, or a read deadline for one blocked in a read. (The
+	// client side always parks: clientPipe reads only what is readable.)
 	switch {
 	case dst == net.Conn(f.client):
-		_ = dst.SetReadDeadline(time.Now().Add(halfCloseIdle))
 		f.up.wake()
 	case f.down != nil:
 		f.down.wake()

@@ -238,3 +238,39 @@ func TestParkWakeStress(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestParkedClientHalfCloseBounded: after the upstream's FIN, a client that
+// neither sends nor closes is given HalfCloseIdle, then both sides see a
+// reset: the parked client side is bounded by its timer.
+func TestParkedClientHalfCloseBounded(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	p := newPeer(t, Config{parkAfter: 50 * time.Millisecond, HalfCloseIdle: idle})
+	upstreamErr := make(chan error, 1)
+	port := listen(t, func(c *net.TCPConn) {
+		c.Write([]byte("bye"))
+		c.CloseWrite()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err := io.ReadAll(c)
+		upstreamErr <- err
+	})
+	c := dialMany(t, p, port, 1)[0]
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "bye" {
+		t.Fatalf("read to the upstream's FIN: %q, %v", got, err)
+	}
+	start := time.Now()
+	// The client stays silent; the flow must not stay open for ever.
+	select {
+	case err := <-upstreamErr:
+		took := time.Since(start)
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("upstream read ended with %v, want a reset", err)
+		}
+		if took > 5*time.Second {
+			t.Errorf("reset after %v, want about %v", took, idle)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lingering client side was never bounded")
+	}
+}

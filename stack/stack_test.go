@@ -150,21 +150,29 @@ func packetPair(t testing.TB) [2]int {
 	return [2]int{fds[0], fds[1]}
 }
 
+// newTestStack starts the stack under test on dev, with its logs on stderr
+// under -v.
+func newTestStack(t testing.TB, cfg Config, dev Device, dialer Dialer) *Stack {
+	t.Helper()
+	cfg.Device = dev
+	cfg.Dialer = dialer
+	if cfg.Logger == nil && testing.Verbose() {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	st, err := New(cfg)
+	if err != nil {
+		t.Fatalf("new stack: %v", err)
+	}
+	return st
+}
+
 func newPeer(t testing.TB, cfg Config) *peer {
 	t.Helper()
 	fds := packetPair(t)
 	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: 1500}
 
 	p := &peer{dialer: &redirectDialer{}, dev: dev}
-	cfg.Device = dev
-	cfg.Dialer = p.dialer
-	if cfg.Logger == nil && testing.Verbose() {
-		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	var err error
-	if p.st, err = New(cfg); err != nil {
-		t.Fatalf("new stack: %v", err)
-	}
+	p.st = newTestStack(t, cfg, dev, p.dialer)
 
 	p.client = newClientStack(t, []int{fds[1]})
 	t.Cleanup(func() {
