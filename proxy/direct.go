@@ -35,6 +35,10 @@ type Direct struct {
 // DialContext connects to address and returns the *net.TCPConn. Errors keep
 // their cause: errors.Is(err, syscall.ECONNREFUSED) holds for a refused
 // connect.
+//
+// It dials with net.Dialer, whose Control hook also starts the connect
+// (connectEarly), so that a handshake the kernel completes within connect,
+// as on a veth or loopback, does not wait for the poller.
 func (d Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if err := checkNetwork(network); err != nil {
 		return nil, fmt.Errorf("dial %s direct: %w", address, err)
@@ -42,7 +46,7 @@ func (d Direct) DialContext(ctx context.Context, network, address string) (net.C
 	nd := net.Dialer{
 		Timeout:   d.Timeout,
 		KeepAlive: d.KeepAlive,
-		Control:   d.Control,
+		Control:   d.controlConnect,
 		Resolver:  d.Resolver,
 	}
 	if nd.Timeout == 0 {
@@ -53,6 +57,18 @@ func (d Direct) DialContext(ctx context.Context, network, address string) (net.C
 		return nil, fmt.Errorf("dial %s direct: %w", address, err)
 	}
 	return c, nil
+}
+
+// controlConnect is the Control of DialContext's net.Dialer: d.Control
+// first, which may set options that must precede the connect (SO_MARK),
+// then connectEarly.
+func (d Direct) controlConnect(network, address string, c syscall.RawConn) error {
+	if d.Control != nil {
+		if err := d.Control(network, address, c); err != nil {
+			return err
+		}
+	}
+	return connectEarly(network, address, c)
 }
 
 // String returns "direct".

@@ -27,7 +27,7 @@ func listen(t *testing.T, network, address string) net.Listener {
 // serve runs handle on its own goroutine for every conn ln accepts. When the
 // test ends it closes ln and every conn still open, and waits for the
 // handlers, so that none outlives the test.
-func serve(t *testing.T, ln net.Listener, handle func(net.Conn)) {
+func serve(t testing.TB, ln net.Listener, handle func(net.Conn)) {
 	t.Helper()
 	var (
 		wg     sync.WaitGroup
