@@ -14,7 +14,13 @@ import (
 // Stack and its relay to a loopback sink: the link endpoint, gVisor's TCP and
 // the relay, without a TUN.
 func BenchmarkTCPRelay(b *testing.B) {
-	p := newPeer(b, Config{})
+	b.Run("mtu=1500", func(b *testing.B) { benchTCPRelay(b, 1500) })
+	// Packets as long as TSO segments: the path of a TUN with offloads.
+	b.Run("mtu=65000", func(b *testing.B) { benchTCPRelay(b, 65000) })
+}
+
+func benchTCPRelay(b *testing.B, mtu int) {
+	p := newPeerMTU(b, Config{}, mtu)
 	port := listen(b, func(c *net.TCPConn) { io.Copy(io.Discard, c) })
 	c, err := p.dial(b, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
 	if err != nil {

@@ -150,6 +150,7 @@ type relayFlow struct {
 	next     *relayFlow
 	upPipe   clientPipe
 	downPipe upstreamPipe
+	sender   socketSender
 }
 
 // relay copies both directions of a flow and calls done once both have
@@ -168,9 +169,11 @@ func (r *relayer) relay(client *tcpConn, upstream net.Conn, done func(relayResul
 	fl.pending.Store(2)
 	fl.upPipe.init(fl)
 	fl.up = &fl.upPipe
-	if r.poller != nil {
-		if sc, ok := upstream.(syscall.Conn); ok {
-			if rc, err := sc.SyscallConn(); err == nil {
+	if sc, ok := upstream.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			fl.sender.rc = rc
+			fl.upPipe.sender = &fl.sender
+			if r.poller != nil {
 				fl.downPipe.init(fl, rc)
 				fl.down = &fl.downPipe
 			}

@@ -32,8 +32,9 @@ import (
 
 // clientPipe copies the client's endpoint to the upstream connection.
 type clientPipe struct {
-	fl    *relayFlow
-	total int64
+	fl     *relayFlow
+	total  int64
+	sender *socketSender // nil when the upstream is not a socket
 	parking
 	entry  waiter.Entry
 	linger lingerTimer
@@ -81,6 +82,24 @@ func (p *clientPipe) run() {
 				return
 			}
 			continue
+		}
+		if p.sender != nil {
+			n, rerr, werr := p.sendReadable(p.sender)
+			p.total += n
+			if werr != nil {
+				fl.abort()
+				fl.directionDone(true, p.total, werr)
+				return
+			}
+			if rerr == nil {
+				continue
+			}
+			p.sender.release()
+			if p.linger.expired() {
+				rerr = fl.client.opError("read", os.ErrDeadlineExceeded)
+			}
+			fl.directionDone(true, p.total, finishDirection(&fl.flowConns, fl.upstream, rerr, &fl.halfDone, fl.r.halfCloseIdle))
+			return
 		}
 		bp, n, rerr := readBorrowed(fl.client) // does not wait: readable
 		if n > 0 {

@@ -104,11 +104,16 @@ type peer struct {
 // queue; it spreads flows over them by hash).
 func newClientStack(t testing.TB, fds []int) *gstack.Stack {
 	t.Helper()
+	return newClientStackMTU(t, fds, 1500)
+}
+
+func newClientStackMTU(t testing.TB, fds []int, mtu uint32) *gstack.Stack {
+	t.Helper()
 	client := gstack.New(gstack.Options{
 		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
 		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol},
 	})
-	linkEP, err := fdbased.New(&fdbased.Options{FDs: fds, MTU: 1500})
+	linkEP, err := fdbased.New(&fdbased.Options{FDs: fds, MTU: mtu})
 	if err != nil {
 		t.Fatalf("fdbased: %v", err)
 	}
@@ -168,13 +173,20 @@ func newTestStack(t testing.TB, cfg Config, dev Device, dialer Dialer) *Stack {
 
 func newPeer(t testing.TB, cfg Config) *peer {
 	t.Helper()
+	return newPeerMTU(t, cfg, 1500)
+}
+
+// newPeerMTU is newPeer on a link of the given MTU: up to 65535, where one
+// packet carries what a TSO segment would.
+func newPeerMTU(t testing.TB, cfg Config, mtu int) *peer {
+	t.Helper()
 	fds := packetPair(t)
-	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: 1500}
+	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: mtu}
 
 	p := &peer{dialer: &redirectDialer{}, dev: dev}
 	p.st = newTestStack(t, cfg, dev, p.dialer)
 
-	p.client = newClientStack(t, []int{fds[1]})
+	p.client = newClientStackMTU(t, []int{fds[1]}, uint32(mtu))
 	t.Cleanup(func() {
 		p.st.Close()
 		p.client.Close()
