@@ -2,6 +2,7 @@ package stack
 
 import (
 	"bytes"
+	"slices"
 	"testing"
 
 	"gvisor.dev/gvisor/pkg/buffer"
@@ -9,33 +10,46 @@ import (
 )
 
 // TestInboundPayloadViews checks how an inbound packet is laid out in
-// gVisor's buffer: a packet with a long payload has its IP header in a view
-// of its own (so gVisor's re-read of the header copies the header, not the
-// packet), a short or malformed one stays in one view, and the bytes are
-// the packet's either way.
+// gVisor's buffer: a packet with a long payload has its IP header, and its
+// TCP header, each in a view of its own (so gVisor's re-reads of headers copy
+// a header, not the packet), a short or malformed one stays in one view, and
+// the bytes are the packet's either way.
 func TestInboundPayloadViews(t *testing.T) {
-	v4 := func(ihl byte, total int) []byte {
+	// ip builds a packet: IPv4 with the given IHL, or IPv6 for ihl 0, with
+	// the given transport protocol and TCP data offset (in 32-bit words).
+	ip := func(ihl byte, proto uint8, tcpWords byte, total int) []byte {
 		p := make([]byte, total)
-		p[0] = 0x40 | ihl
-		for i := 20; i < total; i++ {
+		for i := range p {
 			p[i] = byte(i)
+		}
+		hlen := int(ihl) * 4
+		if ihl == 0 {
+			hlen = header.IPv6MinimumSize
+			p[0], p[6] = 0x60, proto
+		} else {
+			p[0], p[9] = 0x40|ihl, proto
+		}
+		if hlen+12 < total {
+			p[hlen+12] = tcpWords << 4
 		}
 		return p
 	}
-	v6 := make([]byte, header.IPv6MinimumSize+1400)
-	v6[0] = 0x60
+	const tcp, udp = uint8(header.TCPProtocolNumber), uint8(header.UDPProtocolNumber)
 	for _, tc := range []struct {
-		name      string
-		pkt       []byte
-		headerLen int // 0: one view
+		name  string
+		pkt   []byte
+		views []int // the leading views' sizes; nil: one view
 	}{
-		{"ipv4 long", v4(5, 20+splitPayloadMin), 20},
-		{"ipv4 options long", v4(15, 60+4000), 60},
-		{"ipv4 short", v4(5, 20+splitPayloadMin-1), 0},
-		{"ipv4 bad ihl", v4(2, 1500), 0},
-		{"ipv4 ihl past the end", v4(15, 40), 0},
-		{"ipv6 long", v6, header.IPv6MinimumSize},
-		{"ipv4 segment", v4(5, 65535), 20},
+		{"ipv4 tcp", ip(5, tcp, 5, 20+20+splitPayloadMin), []int{20, 20}},
+		{"ipv4 options, tcp options", ip(15, tcp, 15, 60+4000), []int{60, 60}},
+		{"ipv4 tcp bad data offset", ip(5, tcp, 4, 1500), []int{20}},
+		{"ipv4 udp", ip(5, udp, 0, 1500), []int{20}},
+		{"ipv4 short", ip(5, tcp, 5, 20+splitPayloadMin-1), nil},
+		{"ipv4 bad ihl", ip(2, tcp, 5, 1500), nil},
+		{"ipv4 ihl past the end", ip(15, tcp, 5, 40), nil},
+		{"ipv6 tcp", ip(0, tcp, 8, 40+1400), []int{40, 32}},
+		{"ipv6 udp", ip(0, udp, 0, 40+1400), []int{40}},
+		{"ipv4 tcp segment", ip(5, tcp, 5, 65535), []int{20, 20}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := inboundPayload(tc.pkt)
@@ -45,11 +59,12 @@ func TestInboundPayloadViews(t *testing.T) {
 			}
 			var sizes []int
 			b.Apply(func(v *buffer.View) { sizes = append(sizes, v.Size()) })
-			switch {
-			case tc.headerLen == 0 && len(sizes) != 1:
-				t.Fatalf("views %v, want the packet in one", sizes)
-			case tc.headerLen != 0 && (len(sizes) < 2 || sizes[0] != tc.headerLen):
-				t.Fatalf("views %v, want the %d-byte header alone first", sizes, tc.headerLen)
+			want := len(tc.views) + 1
+			if tc.views == nil {
+				want = 1
+			}
+			if len(sizes) != want || !slices.Equal(sizes[:len(tc.views)], tc.views) {
+				t.Fatalf("views %v, want %v then the rest", sizes, tc.views)
 			}
 		})
 	}
