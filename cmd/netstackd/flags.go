@@ -42,6 +42,7 @@ type options struct {
 	command       []string // `run`: the program and its arguments
 	publish       []publishSpec
 	cpuProfile    string
+	procs         int            // CPUs for Go code (GOMAXPROCS); 0: half of them (procs.go)
 	tunFD         int            // serve this inherited TUN descriptor; -1: create one
 	hostWide      bool           // default routes in netstackd's own namespace: policy routing (hostwide.go)
 	fwmark        uint32         // SO_MARK of netstackd's own upstream sockets; 0: none
@@ -218,6 +219,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		o.publish = append(o.publish, p)
 		return nil
 	})
+	fs.IntVar(&o.procs, "procs", 0, "run Go code on at most `N` CPUs at once (GOMAXPROCS); 0 means half the CPUs netstackd may use, at least 1, leaving the rest to the kernel work of its system calls and to the programs it serves (the GOMAXPROCS environment variable, when set, replaces that default)")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) of the whole run to `file`, for performance work")
 	fs.IntVar(&o.tunFD, "tun-fd", -1, "serve the TUN `descriptor` N that a container runtime opened and passed in (IFF_TUN|IFF_NO_PI); netstackd configures nothing on it")
 	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
@@ -288,6 +290,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	}
 	if o.tunFD >= 0 && (o.netns != "" || runMode) {
 		return nil, errors.New("--tun-fd cannot be combined with --netns or run")
+	}
+	if o.procs < 0 {
+		return nil, fmt.Errorf("--procs %d: want 0 (half the CPUs) or more", o.procs)
 	}
 	if o.queues < 1 || o.queues > tundev.MaxQueues {
 		return nil, fmt.Errorf("--queues %d: want 1 to %d", o.queues, tundev.MaxQueues)

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/pprof"
 	"sync"
 	"syscall"
@@ -64,6 +65,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	dialer := up.dialer
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	_, envProcs := os.LookupEnv("GOMAXPROCS")
+	procs := chooseProcs(opts.procs, runtime.GOMAXPROCS(0), envProcs)
+	runtime.GOMAXPROCS(procs)
+	log.Info("CPUs for Go code", "procs", procs, "cpus", runtime.NumCPU())
 	if opts.cpuProfile != "" {
 		f, err := os.Create(opts.cpuProfile)
 		if err == nil {
