@@ -2,12 +2,8 @@ package stack
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
-	"fmt"
-	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net/netip"
 	"os"
 	"runtime/pprof"
@@ -173,38 +169,6 @@ func TestLinkQueues(t *testing.T) {
 	if got := waitDispatchers(before) - before; got != 0 {
 		t.Errorf("%d dispatcher goroutines still running after Close", got)
 	}
-}
-
-// echoFlow sends size patterned bytes over one connection through the
-// stack and checks that the echo matches.
-func echoFlow(t testing.TB, p *peer, dst netip.AddrPort, seed, size int) error {
-	c, err := p.dial(t, dst)
-	if err != nil {
-		return fmt.Errorf("flow %d: dial %s: %w", seed, dst, err)
-	}
-	defer c.Close()
-	data := make([]byte, size)
-	rand.NewChaCha8([32]byte{byte(seed)}).Read(data)
-	errc := make(chan error, 1)
-	go func() {
-		_, err := c.Write(data)
-		if err == nil {
-			err = c.CloseWrite()
-		}
-		errc <- err
-	}()
-	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
-	got, err := io.ReadAll(c)
-	if werr := <-errc; werr != nil {
-		return fmt.Errorf("flow %d: write: %w", seed, werr)
-	}
-	if err != nil {
-		return fmt.Errorf("flow %d: read echo: %w", seed, err)
-	}
-	if sha256.Sum256(got) != sha256.Sum256(data) {
-		return fmt.Errorf("flow %d: echo differs: got %d bytes, want %d", seed, len(got), len(data))
-	}
-	return nil
 }
 
 // TestLinkQueuesUDP sends datagrams of many flows into every queue at once,

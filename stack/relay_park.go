@@ -83,37 +83,18 @@ func (p *clientPipe) run() {
 			}
 			continue
 		}
+		var n int64
+		var rerr, werr error
 		if p.sender != nil {
-			n, rerr, werr := p.sendReadable(p.sender)
-			p.total += n
-			if werr != nil {
-				fl.abort()
-				fl.directionDone(true, p.total, werr)
-				return
-			}
-			if rerr == nil {
-				continue
-			}
-			p.sender.release()
-			if p.linger.expired() {
-				rerr = fl.client.opError("read", os.ErrDeadlineExceeded)
-			}
-			fl.directionDone(true, p.total, finishDirection(&fl.flowConns, fl.upstream, rerr, &fl.halfDone, fl.r.halfCloseIdle))
+			n, rerr, werr = p.sendReadable()
+		} else {
+			n, rerr, werr = p.copyReadable()
+		}
+		p.total += n
+		if werr != nil {
+			fl.abort()
+			fl.directionDone(true, p.total, werr)
 			return
-		}
-		bp, n, rerr := readBorrowed(fl.client) // does not wait: readable
-		if n > 0 {
-			_, werr := fl.upstream.Write((*bp)[:n])
-			if werr != nil {
-				relayBufs.Put(bp)
-				fl.abort()
-				fl.directionDone(true, p.total, werr)
-				return
-			}
-			p.total += int64(n)
-		}
-		if bp != nil {
-			relayBufs.Put(bp)
 		}
 		if rerr == nil {
 			continue
@@ -124,6 +105,21 @@ func (p *clientPipe) run() {
 		fl.directionDone(true, p.total, finishDirection(&fl.flowConns, fl.upstream, rerr, &fl.halfDone, fl.r.halfCloseIdle))
 		return
 	}
+}
+
+// copyReadable is sendReadable for an upstream that is not a socket: one
+// read of what the client has sent, through a borrowed buffer.
+func (p *clientPipe) copyReadable() (n int64, rerr, werr error) {
+	bp, m, rerr := readBorrowed(p.fl.client) // does not wait: readable
+	if m > 0 {
+		if _, werr = p.fl.upstream.Write((*bp)[:m]); werr == nil {
+			n = int64(m)
+		}
+	}
+	if bp != nil {
+		relayBufs.Put(bp)
+	}
+	return n, rerr, werr
 }
 
 // park registers for readiness and reports whether the loop may stop: a

@@ -161,16 +161,7 @@ func TestCloseResetsParkedFlows(t *testing.T) {
 	if perFlow := waitGoroutinesPerFlow(base, n, 1.2); perFlow > 1.2 {
 		t.Fatalf("%.2f goroutines per idle flow, want about 1", perFlow)
 	}
-	done := make(chan struct{})
-	go func() {
-		p.st.Close()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Close did not return with parked flows")
-	}
+	p.closeWithin(t, 5*time.Second, "parked flows")
 	if got := p.dev.resets.Load(); got != n {
 		t.Errorf("%d resets written by Close, want %d", got, n)
 	}

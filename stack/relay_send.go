@@ -130,8 +130,8 @@ func (s *socketSender) release() {
 // waiting for the socket to take it. It returns the bytes moved and, apart
 // from nil when the client has nothing more for now, the client side's end
 // (io.EOF for a FIN, or its error) in rerr, or the socket's in werr.
-func (p *clientPipe) sendReadable(s *socketSender) (n int64, rerr, werr error) {
-	ep := p.fl.client.ep
+func (p *clientPipe) sendReadable() (n int64, rerr, werr error) {
+	s, ep := p.sender, p.fl.client.ep
 	err := s.rc.Write(func(fd uintptr) bool {
 		s.fd, s.full = int(fd), false
 		if !s.flush() {
@@ -174,7 +174,7 @@ func (p *clientPipe) sendReadable(s *socketSender) (n int64, rerr, werr error) {
 		err = s.err
 	}
 	if err != nil {
-		s.release()
+		s.release() // a gathered rest that will never go
 		return n, nil, &net.OpError{Op: "write", Net: "tcp", Addr: p.fl.upstream.RemoteAddr(), Err: err}
 	}
 	return n, rerr, nil

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -284,36 +285,62 @@ func TestEchoLarge(t *testing.T) {
 		t.Run(dst, func(t *testing.T) {
 			p := newPeer(t, Config{})
 			port := listen(t, echo)
-			c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr(dst), port))
-			if err != nil {
-				t.Fatalf("dial: %v", err)
+			to := netip.AddrPortFrom(netip.MustParseAddr(dst), port)
+			if err := echoFlow(t, p, to, 1, 4<<20); err != nil {
+				t.Fatal(err)
 			}
-			defer c.Close()
-			data := make([]byte, 4<<20)
-			rand.NewChaCha8([32]byte{1}).Read(data)
-			errc := make(chan error, 1)
-			go func() {
-				_, err := c.Write(data)
-				if err == nil {
-					err = c.CloseWrite()
-				}
-				errc <- err
-			}()
-			got, err := io.ReadAll(c)
-			if err != nil {
-				t.Fatalf("read echo: %v", err)
-			}
-			if err := <-errc; err != nil {
-				t.Fatalf("write: %v", err)
-			}
-			if sha256.Sum256(got) != sha256.Sum256(data) {
-				t.Fatalf("echo differs: got %d bytes, want %d", len(got), len(data))
-			}
-			want := netip.AddrPortFrom(netip.MustParseAddr(dst), port).String()
-			if p.dialer.dsts[0] != want {
-				t.Errorf("dialed %q, want %q", p.dialer.dsts[0], want)
+			if p.dialer.dsts[0] != to.String() {
+				t.Errorf("dialed %q, want %q", p.dialer.dsts[0], to.String())
 			}
 		})
+	}
+}
+
+// echoFlow sends size patterned bytes over one connection through the
+// stack and checks that the echo matches.
+func echoFlow(t testing.TB, p *peer, dst netip.AddrPort, seed, size int) error {
+	c, err := p.dial(t, dst)
+	if err != nil {
+		return fmt.Errorf("flow %d: dial %s: %w", seed, dst, err)
+	}
+	defer c.Close()
+	data := make([]byte, size)
+	rand.NewChaCha8([32]byte{byte(seed)}).Read(data)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		if err == nil {
+			err = c.CloseWrite()
+		}
+		errc <- err
+	}()
+	_ = c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	got, err := io.ReadAll(c)
+	if werr := <-errc; werr != nil {
+		return fmt.Errorf("flow %d: write: %w", seed, werr)
+	}
+	if err != nil {
+		return fmt.Errorf("flow %d: read echo: %w", seed, err)
+	}
+	if sha256.Sum256(got) != sha256.Sum256(data) {
+		return fmt.Errorf("flow %d: echo differs: got %d bytes, want %d", seed, len(got), len(data))
+	}
+	return nil
+}
+
+// closeWithin closes the stack under test and fails the test if Close
+// takes longer than d.
+func (p *peer) closeWithin(t *testing.T, d time.Duration, what string) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		p.st.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("Close did not return with %s", what)
 	}
 }
 
@@ -451,16 +478,7 @@ func TestCloseResetsFlows(t *testing.T) {
 		defer c.Close()
 		conns = append(conns, c)
 	}
-	done := make(chan struct{})
-	go func() {
-		p.st.Close()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Close did not return with flows open")
-	}
+	p.closeWithin(t, 5*time.Second, "flows open")
 	// Every flow's reset was written before the device closed
 	// (flushOutbound), so no client waits for a timeout. (Whether this
 	// client stack reads them after its peer closed is its own business;
