@@ -56,6 +56,12 @@ type Config struct {
 	MaxFlows int
 	// DialTimeout bounds reaching the upstream of a flow. 0 means 10s.
 	DialTimeout time.Duration
+	// AcceptFirst completes a client's TCP handshake while its upstream is
+	// being dialed, not after: connect returns one upstream handshake
+	// sooner (with a proxy, one proxy negotiation sooner), but an upstream
+	// that cannot be reached resets a connection the client already holds
+	// open, where by default the client's connect is refused.
+	AcceptFirst bool
 	// UDP opens the upstream side of UDP associations; nil makes the stack
 	// refuse UDP with ICMP port unreachable.
 	UDP UDPDialer
@@ -275,8 +281,9 @@ func (st *Stack) beginFlow() bool {
 }
 
 // handleTCP runs on a goroutine of gVisor's forwarder, one per new SYN.
-// It dials the upstream first and only then completes the client's handshake,
-// so a refused or unreachable upstream reaches the client as a reset.
+// It dials the upstream first and only then completes the client's
+// handshake, so a refused or unreachable upstream reaches the client as a
+// reset in reply to its SYN; with Config.AcceptFirst it does both at once.
 // Once the flow is relayed it returns while the flow goes on: what the flow
 // holds (its count in st.flows, its slot, a fake address's name) is let go
 // when it ends.
@@ -325,26 +332,16 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 			release()
 		}
 	}()
-	dialCtx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
-	upstream, err := st.cfg.Dialer.DialContext(dialCtx, "tcp", address)
-	cancel()
-	if err != nil {
-		log.log(slog.LevelDebug, "dial failed, resetting client", "address", address, "err", err)
-		req.Complete(true)
-		return
-	}
-
 	var wq waiter.Queue
-	ep, terr := req.CreateEndpoint(&wq)
-	if terr != nil {
-		// The client reset or gave up during the handshake: the upstream,
-		// which has already accepted, sees a reset as well.
-		log.log(slog.LevelDebug, "client handshake failed", "err", goError("accept", terr))
-		req.Complete(true)
-		resetConn(upstream)
+	open := st.dialThenAccept
+	if st.cfg.AcceptFirst {
+		open = st.acceptWhileDialing
+	}
+	upstream, ep, err := open(req, &wq, address)
+	if err != nil {
+		log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
 		return
 	}
-	req.Complete(false)
 	ep.SocketOptions().SetKeepAlive(true)
 	conn := newTCPConn(ep, &wq, dst, client)
 
@@ -358,6 +355,75 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		<-st.flowSlots
 		st.flows.Done()
 	})
+}
+
+// dialThenAccept reaches the upstream and only then completes the client's
+// handshake, so that a refused or unreachable upstream reaches the client
+// as a reset in reply to its SYN, as if the far end had refused it. It
+// calls req.Complete.
+func (st *Stack) dialThenAccept(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+	upstream, err := st.dialUpstream(address)
+	if err != nil {
+		req.Complete(true)
+		return nil, nil, err
+	}
+	ep, terr := req.CreateEndpoint(wq)
+	if terr != nil {
+		// The client reset or gave up during the handshake: the upstream,
+		// which has already accepted, sees a reset as well.
+		req.Complete(true)
+		resetConn(upstream)
+		return nil, nil, fmt.Errorf("client handshake: %w", goError("accept", terr))
+	}
+	req.Complete(false)
+	return upstream, ep, nil
+}
+
+// acceptWhileDialing completes the client's handshake while the upstream is
+// being dialed (Config.AcceptFirst). The client's connect returns without
+// waiting for the upstream, and what it sends meanwhile waits in the
+// endpoint's receive buffer; an upstream that cannot be reached resets the
+// established connection instead of refusing the SYN. It calls
+// req.Complete.
+func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+	type dialResult struct {
+		conn net.Conn
+		err  error
+	}
+	// Every return below first receives from dialed: this goroutine is
+	// waited for. Started before the handshake so that, on one P, the
+	// SYN-ACK's writer runs before it (it is readied later, so it runs
+	// first) and the dial overlaps the client's answer.
+	dialed := make(chan dialResult, 1)
+	go func() {
+		c, err := st.dialUpstream(address)
+		dialed <- dialResult{c, err}
+	}()
+	ep, terr := req.CreateEndpoint(wq)
+	if terr != nil {
+		req.Complete(true)
+		if d := <-dialed; d.err == nil {
+			resetConn(d.conn)
+		}
+		return nil, nil, fmt.Errorf("client handshake: %w", goError("accept", terr))
+	}
+	req.Complete(false)
+	d := <-dialed
+	if d.err != nil {
+		ep.Abort()
+		return nil, nil, d.err
+	}
+	return d.conn, ep, nil
+}
+
+func (st *Stack) dialUpstream(address string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+	defer cancel()
+	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
+	if err != nil {
+		return nil, fmt.Errorf("dial upstream %s: %w", address, err)
+	}
+	return c, nil
 }
 
 // flowLogger logs a TCP flow's lines with its attributes. It builds the

@@ -185,7 +185,11 @@ func newPeerMTU(t testing.TB, cfg Config, mtu int) *peer {
 	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: mtu}
 
 	p := &peer{dialer: &redirectDialer{}, dev: dev}
-	p.st = newTestStack(t, cfg, dev, p.dialer)
+	var dialer Dialer = p.dialer
+	if cfg.Dialer != nil { // a test's own, around p.dialer
+		dialer = cfg.Dialer
+	}
+	p.st = newTestStack(t, cfg, dev, dialer)
 
 	p.client = newClientStackMTU(t, []int{fds[1]}, uint32(mtu))
 	t.Cleanup(func() {

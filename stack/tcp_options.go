@@ -120,6 +120,14 @@ func (r BufferRange) Validate() error {
 	return nil
 }
 
+// handshakeOrder names Config.AcceptFirst as netstackd's --tcp-handshake does.
+func handshakeOrder(acceptFirst bool) string {
+	if acceptFirst {
+		return "accept-first"
+	}
+	return "dial-first"
+}
+
 // configure sets the TCP options on the gVisor stack: cfg.TCP with its
 // defaults, and the settings no user needs to change.
 func (st *Stack) configure() error {
@@ -129,7 +137,8 @@ func (st *Stack) configure() error {
 	}
 	st.log.Info("tcp settings",
 		"rmem", o.ReceiveBuffer.String(), "wmem", o.SendBuffer.String(), "cc", o.CongestionControl,
-		"sack", !o.NoSACK, "moderate_rcvbuf", !o.NoModerateReceiveBuffer, "rack", !o.NoRACK, "nagle", o.Nagle)
+		"sack", !o.NoSACK, "moderate_rcvbuf", !o.NoModerateReceiveBuffer, "rack", !o.NoRACK, "nagle", o.Nagle,
+		"handshake", handshakeOrder(st.cfg.AcceptFirst))
 	// gVisor's default is RACK; without it, loss is found by three
 	// duplicate ACKs, as before RFC 8985.
 	recovery := tcpip.TCPRACKLossDetection

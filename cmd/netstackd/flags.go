@@ -31,6 +31,7 @@ type options struct {
 	proxyURL      string
 	logLevel      slog.Level
 	dialTimeout   time.Duration
+	acceptFirst   bool // --tcp-handshake accept-first
 	halfCloseIdle time.Duration
 	maxFlows      int
 	udpTimeout    time.Duration
@@ -42,6 +43,7 @@ type options struct {
 	command       []string // `run`: the program and its arguments
 	publish       []publishSpec
 	cpuProfile    string
+	execTrace     string
 	procs         int            // CPUs for Go code (GOMAXPROCS); 0: half of them (procs.go)
 	tunFD         int            // serve this inherited TUN descriptor; -1: create one
 	hostWide      bool           // default routes in netstackd's own namespace: policy routing (hostwide.go)
@@ -51,6 +53,12 @@ type options struct {
 	user          *userSpec      // --user: switch to it once set up; nil: stay
 	tcp           stack.TCPOptions
 }
+
+// The values of --tcp-handshake.
+const (
+	handshakeDialFirst   = "dial-first"
+	handshakeAcceptFirst = "accept-first"
+)
 
 // errHelp is returned when the user asked for the usage text.
 var errHelp = errors.New("help requested")
@@ -221,12 +229,14 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	})
 	fs.IntVar(&o.procs, "procs", 0, "run Go code on at most `N` CPUs at once (GOMAXPROCS); 0 means half the CPUs netstackd may use, at least 1, leaving the rest to the kernel work of its system calls and to the programs it serves (the GOMAXPROCS environment variable, when set, replaces that default)")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) of the whole run to `file`, for performance work")
+	fs.StringVar(&o.execTrace, "exec-trace", "", "write a Go execution trace of the whole run to `file` (go tool trace; -pprof=sched shows where goroutines waited for a CPU), for latency work")
 	fs.IntVar(&o.tunFD, "tun-fd", -1, "serve the TUN `descriptor` N that a container runtime opened and passed in (IFF_TUN|IFF_NO_PI); netstackd configures nothing on it")
 	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
 	o.logLevel = slog.LevelInfo
 	fs.Var(levelFlag{&o.logLevel}, "log-level", "log `level`: debug|info|warn|error")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", 10*time.Second, "bound on reaching a flow's upstream; past it the client gets a reset")
+	handshake := fs.String("tcp-handshake", handshakeDialFirst, "when a client's TCP connect completes: "+handshakeDialFirst+" (after the upstream, or the proxy, has accepted the flow, so a refusal reaches the client as one) | "+handshakeAcceptFirst+" (at once, while the upstream is dialed: connect returns sooner, and an unreachable upstream resets the open connection)")
 	fs.DurationVar(&o.halfCloseIdle, "tcp-half-close-timeout", 2*time.Minute, "how long the open direction of a half-closed TCP flow may stay silent")
 	fs.IntVar(&o.maxFlows, "max-flows", 65536, "cap on concurrent TCP flows; new ones beyond it are reset")
 	fs.StringVar(&o.dnsMode, "dns", "", "DNS `mode`: fake-ip (default with a proxy) | remote (default when direct) | off")
@@ -340,6 +350,13 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		o.routes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 	}
 	o.tcp.NoSACK, o.tcp.NoRACK, o.tcp.NoModerateReceiveBuffer = !*tcpSACK, !*tcpRACK, !*tcpModerate
+	switch *handshake {
+	case handshakeDialFirst:
+	case handshakeAcceptFirst:
+		o.acceptFirst = true
+	default:
+		return nil, fmt.Errorf("--tcp-handshake %q: want %s or %s", *handshake, handshakeDialFirst, handshakeAcceptFirst)
+	}
 	if !slices.Contains(stack.CongestionControls(), o.tcp.CongestionControl) {
 		return nil, fmt.Errorf("--tcp-cc %q: want %s", o.tcp.CongestionControl, strings.Join(stack.CongestionControls(), " or "))
 	}

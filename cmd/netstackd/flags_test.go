@@ -122,6 +122,25 @@ func TestParseFlags(t *testing.T) {
 		{name: "tcp-wmem max below default", args: []string{"--tcp-wmem", "4K,1M,64K"}, errHas: "max 65536 below default"},
 		{name: "tcp-wmem too big", args: []string{"--tcp-wmem", "4K,1M,4G"}, errHas: "below 2G"},
 		{name: "tcp-cc unknown", args: []string{"--tcp-cc", "bbr"}, errHas: `--tcp-cc "bbr": want reno or cubic`},
+		{name: "tcp-handshake default", args: nil, check: func(o *options) string {
+			if o.acceptFirst {
+				return "accept-first by default, want dial-first"
+			}
+			return ""
+		}},
+		{name: "tcp-handshake accept-first", args: []string{"--tcp-handshake", "accept-first"}, check: func(o *options) string {
+			if !o.acceptFirst {
+				return "--tcp-handshake accept-first did not set acceptFirst"
+			}
+			return ""
+		}},
+		{name: "tcp-handshake dial-first", args: []string{"--tcp-handshake=dial-first"}, check: func(o *options) string {
+			if o.acceptFirst {
+				return "--tcp-handshake dial-first set acceptFirst"
+			}
+			return ""
+		}},
+		{name: "tcp-handshake unknown", args: []string{"--tcp-handshake", "optimistic"}, errHas: `--tcp-handshake "optimistic": want dial-first or accept-first`},
 		{name: "tcp-sack not bool", args: []string{"--tcp-sack=maybe"}, errHas: "tcp-sack"},
 	}
 	for _, tc := range tests {
@@ -329,6 +348,7 @@ func TestTCPFlagsExitUsage(t *testing.T) {
 		{"--tcp-wmem", "1M,4K,8M"},
 		{"--tcp-cc", "vegas"},
 		{"--tcp-moderate-rcvbuf=perhaps"},
+		{"--tcp-handshake", "sometimes"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			var stdout, stderr strings.Builder

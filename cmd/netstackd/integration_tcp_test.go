@@ -2,7 +2,10 @@ package main_test
 
 import (
 	"context"
+	"errors"
+	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,5 +58,64 @@ func TestIntegrationBadTCPFlags(t *testing.T) {
 				t.Errorf("a bad flag left %s in the namespace (err %v)", tunName, err)
 			}
 		})
+	}
+}
+
+// TestIntegrationAcceptFirst runs netstackd with --tcp-handshake
+// accept-first, direct and through microsocks: flows work both ways, and a
+// port where nothing listens, which the default refuses, is a connection
+// that opens and is then reset within refuseWithin.
+func TestIntegrationAcceptFirst(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	tp.StartMicrosocks(t, socks4)
+	for _, mode := range []struct {
+		name string
+		args []string
+	}{
+		{"direct", nil},
+		{"microsocks", []string{"--socks", socks4.String()}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			d := startNetstackd(t, tp, append([]string{"--tcp-handshake", "accept-first"}, mode.args...)...)
+			if log := d.Log(); !strings.Contains(log, "handshake=accept-first") {
+				t.Errorf("daemon log lacks handshake=accept-first:\n%s", log)
+			}
+			t.Run("get-ipv4", func(t *testing.T) { testGet(t, tp, netnstest.ServerIPv4) })
+			t.Run("get-ipv6", func(t *testing.T) { testGet(t, tp, netnstest.ServerIPv6) })
+			t.Run("download-20MB", func(t *testing.T) { testDownload(t, tp, 20<<20) })
+			t.Run("upload-10MB", func(t *testing.T) { testUpload(t, tp, 10<<20) })
+			for _, ip := range []netip.Addr{netnstest.ServerIPv4, netnstest.ServerIPv6} {
+				addr := serverAddr(ip, netnstest.ClosedPort)
+				t.Run("closed-port-curl-"+ip.String(), func(t *testing.T) {
+					// 56: failure receiving data (the reset), not 7.
+					r := curl(t, tp, 10*time.Second, "http://"+addr+"/")
+					if r.ExitCode != 56 || r.Elapsed > refuseWithin {
+						t.Errorf("curl %s: exit %d after %v, want 56 (reset after connect) within %v: %s",
+							addr, r.ExitCode, r.Elapsed.Round(time.Millisecond), refuseWithin, r)
+					}
+				})
+				t.Run("closed-port-go-"+ip.String(), func(t *testing.T) { expectResetAfterConnect(t, tp, addr) })
+			}
+		})
+	}
+}
+
+// expectResetAfterConnect dials addr from the client namespace: the
+// connect succeeds, and the first read gets ECONNRESET within refuseWithin.
+func expectResetAfterConnect(t *testing.T, tp *netnstest.Topology, addr string) {
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	c, err := tp.Client.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		t.Fatalf("dial %s: %v, want the connect to succeed before the upstream refuses", addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(refuseWithin))
+	n, err := c.Read(make([]byte, 1))
+	if !errors.Is(err, syscall.ECONNRESET) || time.Since(start) > refuseWithin {
+		t.Errorf("read from %s: %d bytes, %v after %v; want ECONNRESET within %v", addr, n, err, time.Since(start).Round(time.Millisecond), refuseWithin)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/pprof"
+	"runtime/trace"
 	"sync"
 	"syscall"
 	"time"
@@ -64,25 +65,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	dialer := up.dialer
+	for _, rec := range []struct {
+		flag, path string
+		start      func(io.Writer) error
+		stop       func()
+	}{
+		{"--cpu-profile", opts.cpuProfile, pprof.StartCPUProfile, pprof.StopCPUProfile},
+		{"--exec-trace", opts.execTrace, trace.Start, trace.Stop},
+	} {
+		if rec.path == "" {
+			continue
+		}
+		stop, err := startRecording(rec.path, rec.start, rec.stop)
+		if err != nil {
+			fmt.Fprintf(stderr, "netstackd: %s: %v\n", rec.flag, err)
+			return exitUsage
+		}
+		defer stop()
+	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	_, envProcs := os.LookupEnv("GOMAXPROCS")
 	procs := chooseProcs(opts.procs, runtime.GOMAXPROCS(0), envProcs)
 	runtime.GOMAXPROCS(procs)
 	log.Info("CPUs for Go code", "procs", procs, "cpus", runtime.NumCPU())
-	if opts.cpuProfile != "" {
-		f, err := os.Create(opts.cpuProfile)
-		if err == nil {
-			err = pprof.StartCPUProfile(f)
-		}
-		if err != nil {
-			fmt.Fprintf(stderr, "netstackd: --cpu-profile: %v\n", err)
-			return exitUsage
-		}
-		defer func() {
-			pprof.StopCPUProfile()
-			f.Close()
-		}()
-	}
 	// Give memory back after bursts (memtrim.go), for as long as we run.
 	trimCtx, stopTrim := context.WithCancel(context.Background())
 	var trimming sync.WaitGroup
@@ -148,6 +153,7 @@ func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.S
 		Logger:        log,
 		MaxFlows:      opts.maxFlows,
 		DialTimeout:   opts.dialTimeout,
+		AcceptFirst:   opts.acceptFirst,
 		HalfCloseIdle: opts.halfCloseIdle,
 		UDPTimeout:    opts.udpTimeout,
 		TCP:           opts.tcp,
@@ -340,4 +346,22 @@ func watchShutdown(log *slog.Logger) {
 		_ = pprof.Lookup("goroutine").WriteTo(os.Stderr, 2)
 		os.Exit(exitFail)
 	})
+}
+
+// startRecording creates path and starts a recorder (a CPU profile, an
+// execution trace) writing to it; the func it returns stops the recorder
+// and closes the file.
+func startRecording(path string, start func(io.Writer) error, stop func()) (func(), error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := start(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() {
+		stop()
+		f.Close()
+	}, nil
 }
