@@ -35,8 +35,10 @@ usage: bench/bench.sh [options]
                     from its own namespace. It is stopped with SIGTERM.
                     Placeholders: {netns} /run/netns/<client ns>, {netns_name},
                     {socks} 192.0.2.2:1080 (danted), {tun} peer0, {mtu} 1500,
-                    {netstackd} the netstackd binary built here
-  --peer-name NAME  column label for --peer (default peer)
+                    {netstackd} the netstackd binary built here. Repeatable:
+                    each --peer adds a column
+  --peer-name NAME  column label for the --peer before it (default peer, then
+                    peer2, peer3...)
   --max-time S      overall limit in seconds (default computed from the above)
   --keep            keep the work directory (logs, raw results)
   -h, --help        this help
@@ -57,8 +59,9 @@ IDLE_N=10000
 IDLE_SETTLE=15
 SMOKE=0
 GOBENCH=""
-PEER=""
-PEER_NAME=peer
+PEER_NAMES=()        # the --peer columns, in order
+declare -A PEER_CMD  # name -> command
+PEER_PENDING_NAME="" # a --peer-name given before any --peer
 MAX_TIME=""
 KEEP=0
 ARGS=("$@")
@@ -71,8 +74,26 @@ while (($# > 0)); do
 	--idle-settle) IDLE_SETTLE=${2:?--idle-settle needs a value}; shift 2 ;;
 	--smoke) SMOKE=1; shift ;;
 	--gobench) GOBENCH=${2:?--gobench needs a file}; shift 2 ;;
-	--peer) PEER=${2:?--peer needs a command}; shift 2 ;;
-	--peer-name) PEER_NAME=${2:?--peer-name needs a value}; shift 2 ;;
+	--peer)
+		name=${PEER_PENDING_NAME:-peer$((${#PEER_NAMES[@]} + 1))}
+		[[ $name == peer1 ]] && name=peer
+		PEER_PENDING_NAME=""
+		PEER_NAMES+=("$name")
+		PEER_CMD[$name]=${2:?--peer needs a command}
+		shift 2
+		;;
+	--peer-name)
+		name=${2:?--peer-name needs a value}
+		if ((${#PEER_NAMES[@]} == 0)); then
+			PEER_PENDING_NAME=$name
+		else
+			last=${PEER_NAMES[-1]}
+			PEER_CMD[$name]=${PEER_CMD[$last]}
+			[[ $last == "$name" ]] || unset "PEER_CMD[$last]"
+			PEER_NAMES[-1]=$name
+		fi
+		shift 2
+		;;
 	--max-time) MAX_TIME=${2:?--max-time needs a value}; shift 2 ;;
 	--keep) KEEP=1; shift ;;
 	-h | --help) usage; exit 0 ;;
@@ -91,15 +112,21 @@ fi
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds: want a positive integer, got $ROUNDS"
 [[ $T =~ ^[1-9][0-9]*$ ]] || die "--time: want a positive integer, got $T"
 [[ $UDP_RATE =~ ^[1-9][0-9]*[KMG]?$ ]] || die "--udp-rate: want a rate like 500M or 1G, got $UDP_RATE"
-[[ $PEER_NAME =~ ^[a-z0-9_-]+$ ]] || die "--peer-name: want [a-z0-9_-]+, got $PEER_NAME"
-case $PEER_NAME in kernel | direct | socks5) die "--peer-name: $PEER_NAME is taken" ;; esac
+[[ -z $PEER_PENDING_NAME ]] || die "--peer-name $PEER_PENDING_NAME: no --peer to name"
+declare -A seen_peer=()
+for name in "${PEER_NAMES[@]}"; do
+	[[ $name =~ ^[a-z0-9_-]+$ ]] || die "--peer-name: want [a-z0-9_-]+, got $name"
+	case $name in kernel | direct | socks5) die "--peer-name: $name is taken" ;; esac
+	[[ -z ${seen_peer[$name]:-} ]] || die "--peer-name: $name given twice"
+	seen_peer[$name]=1
+done
 if [[ -n $GOBENCH ]]; then
 	: >"$GOBENCH" || die "--gobench: cannot write $GOBENCH"
 	GOBENCH=$(realpath "$GOBENCH")
 fi
 
 PATHS=(kernel direct socks5)
-[[ -n $PEER ]] && PATHS+=("$PEER_NAME")
+PATHS+=("${PEER_NAMES[@]}")
 MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp udpw conns)
 # Idle connections last: they raise the daemon's peak RSS, which is read
 # for the throughput rows just before.
@@ -293,7 +320,7 @@ optional() {
 	case "$1|$2" in
 	"tcp6|socks5") return 0 ;; # danted over IPv6 is not what is being measured
 	esac
-	[[ -n $PEER && $2 == "$PEER_NAME" && ($1 == tcp6 || $1 == udp || $1 == udpw) ]]
+	[[ -n ${PEER_CMD[$2]:-} && ($1 == tcp6 || $1 == udp || $1 == udpw) ]]
 }
 
 # record MEAS PATH VALUE...: one value per row of MEAS, and a Go benchmark line.
@@ -436,7 +463,7 @@ start_daemon() {
 		spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/netstackd" "${args[@]}"
 		;;
 	*)
-		local cmd=$PEER
+		local cmd=${PEER_CMD[$path]}
 		cmd=${cmd//\{netns\}//run/netns/$cli}
 		cmd=${cmd//\{netns_name\}/$cli}
 		cmd=${cmd//\{socks\}/$SOCKS}
