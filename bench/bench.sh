@@ -293,25 +293,25 @@ proc_cost() {
 declare -A VALS   # "row|path" -> space-separated values, one per round
 declare -A STATE  # "row|path" -> fail | na | (empty)
 declare -A NOTE   # "row|path" -> why na
-ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss udpw_gbps udpw_loss conns cp50 cp99 cerr rss cpu idle_rss idle_kib drss dcpu)
+ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss udpw_gbps udpw_loss conns cp50 cp99 cerr ccpu rss cpu idle_rss idle_kib drss dcpu)
 declare -A LABEL=(
 	[tcp1]="tcp 1 stream Gb/s" [tcpR]="tcp reverse Gb/s" [tcp4]="tcp 4 streams Gb/s"
 	[tcp6]="tcp ipv6 1 stream Gb/s" [udp_gbps]="udp @$UDP_RATE delivered Gb/s"
 	[udp_loss]="udp @$UDP_RATE loss %" [udpw_gbps]="udp @$UDP_RATE -w 4M Gb/s"
 	[udpw_loss]="udp @$UDP_RATE -w 4M loss %" [conns]="short conns/s" [cp50]="connect p50 ms"
-	[cp99]="connect p99 ms" [cerr]="conn errors" [rss]="daemon peak RSS MiB" [cpu]="daemon CPU s/round"
+	[cp99]="connect p99 ms" [cerr]="conn errors" [ccpu]="daemon CPU us/conn" [rss]="daemon peak RSS MiB" [cpu]="daemon CPU s/round"
 	[drss]="danted peak RSS MiB" [dcpu]="danted CPU s/round"
 	[idle_rss]="$IDLE_N idle conns: RSS MiB" [idle_kib]="idle: daemon KiB/conn"
 )
 declare -A RATIO=([tcp1]=1 [tcpR]=1 [tcp4]=1 [tcp6]=1 [udp_gbps]=1 [udpw_gbps]=1 [conns]=1 [cp50]=1 [cp99]=1)
 declare -A ROWS_OF=(
 	[tcp1]=tcp1 [tcpR]=tcpR [tcp4]=tcp4 [tcp6]=tcp6 [udp]="udp_gbps udp_loss" [udpw]="udpw_gbps udpw_loss"
-	[conns]="conns cp50 cp99 cerr" [daemon]="rss cpu" [danted]="drss dcpu"
+	[conns]="conns cp50 cp99 cerr" [conncpu]=ccpu [daemon]="rss cpu" [danted]="drss dcpu"
 	[idle]="idle_rss idle_kib"
 )
 declare -A GOUNIT=(
 	[tcp1]=Gb/s [tcpR]=Gb/s [tcp4]=Gb/s [tcp6]=Gb/s [udp_gbps]=Gb/s [udp_loss]=loss-% [udpw_gbps]=Gb/s [udpw_loss]=loss-%
-	[conns]=conns/s [cp50]=connect-p50-ms [cp99]=connect-p99-ms [cerr]=errors [rss]=peak-RSS-MiB
+	[conns]=conns/s [cp50]=connect-p50-ms [cp99]=connect-p99-ms [cerr]=errors [ccpu]=daemon-CPU-us/conn [rss]=peak-RSS-MiB
 	[cpu]=CPU-s [drss]=peak-RSS-MiB [dcpu]=CPU-s [idle_rss]=idle-RSS-MiB [idle_kib]=KiB/conn
 )
 
@@ -632,7 +632,10 @@ measure_udp() {
 kv() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
 
 measure_conns() {
-	local path=$1 r=$2 base="$WORK/conns.$1.r$2" rc=0
+	local path=$1 r=$2 base="$WORK/conns.$1.r$2" rc=0 before=""
+	# The daemon's CPU per connection: steadier than the rate, which
+	# moves with every wait for a CPU on a shared machine.
+	[[ $path != kernel && -n ${DPID[$path]:-} ]] && before=$(proc_cost "${DPID[$path]}")
 	run_bounded "$(client_ns "$path")" $((T + 15)) "$base.out" "$base.err" \
 		"$WORK/connrate" -c "$(server_addr "$path" 4):$CONN_PORT" -d "${T}s" -timeout 2s || rc=$?
 	local line n errs cps p50 p99
@@ -641,6 +644,12 @@ measure_conns() {
 	p50=$(kv connect_p50_ms "$line") p99=$(kv connect_p99_ms "$line")
 	if ((rc == 0)) && [[ -n $n && -n $cps ]] && positive "$n"; then
 		record conns "$path" "$cps" "$p50" "$p99" "${errs:-0}"
+		if [[ -n $before ]]; then
+			local after
+			after=$(proc_cost "${DPID[$path]}")
+			record conncpu "$path" "$(awk -v a="${before#* }" -v b="${after#* }" -v hz="$CLK_TCK" -v n="$n" -v e="${errs:-0}" \
+				'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / (n + e) }')"
+		fi
 		say "  conns $path: $cps conns/s, connect p50 $p50 ms p99 $p99 ms, ${errs:-0} errors"
 		# Each error is a connection that did not complete within 2 s:
 		# a few of them eat much of the run, so any is worth a word.
