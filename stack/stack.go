@@ -47,9 +47,11 @@ type Config struct {
 	Dialer Dialer
 	// Logger receives the stack's logs; nil discards them.
 	Logger *slog.Logger
-	// MaxInFlight caps TCP handshakes whose upstream is still being dialed:
-	// further SYNs are dropped (the client retransmits), bounding the work a
-	// SYN flood causes. 0 means 1024.
+	// MaxInFlight caps TCP handshakes not yet completed: further SYNs are
+	// dropped (the client retransmits), bounding the work a SYN flood
+	// causes. By default a handshake completes once its upstream is
+	// reached; with AcceptFirst it does not wait for the dial, and dials
+	// still in progress are bounded by MaxFlows instead. 0 means 1024.
 	MaxInFlight int
 	// MaxFlows caps established TCP flows; new ones beyond it are reset.
 	// 0 means 65536.
@@ -390,10 +392,11 @@ func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue,
 		conn net.Conn
 		err  error
 	}
-	// Every return below first receives from dialed: this goroutine is
-	// waited for. Started before the handshake so that, on one P, the
-	// SYN-ACK's writer runs before it (it is readied later, so it runs
-	// first) and the dial overlaps the client's answer.
+	// Every return below first receives from dialed, so this goroutine is
+	// always waited for. It starts before the handshake: on one P the
+	// runtime runs the goroutine readied last first, which is then the
+	// writer carrying the SYN-ACK, and the dial runs while the client
+	// answers.
 	dialed := make(chan dialResult, 1)
 	go func() {
 		c, err := st.dialUpstream(address)
