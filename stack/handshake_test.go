@@ -136,19 +136,22 @@ func TestAcceptFirstRefusedUpstreamResetsClient(t *testing.T) {
 	port := uint16(ln.Addr().(*net.TCPAddr).Port)
 	ln.Close() // nothing listens there now
 
+	// gonet and goError report gVisor's reset by its text.
+	isReset := func(err error) bool {
+		return err != nil && strings.Contains(err.Error(), (&tcpip.ErrConnectionReset{}).String())
+	}
 	c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+	if isReset(err) {
+		return // the reset came before the client saw its handshake complete
+	}
 	if err != nil {
-		t.Fatalf("dial: %v, want the handshake completed before the upstream refuses", err)
+		t.Fatalf("dial: %v, want the handshake completed (or reset) before the upstream refuses", err)
 	}
 	defer c.Close()
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err = io.ReadAll(c)
-	if err == nil {
-		t.Fatal("read ended with EOF, want a reset")
-	}
-	// gonet reports gVisor's reset by its text.
-	if !strings.Contains(err.Error(), (&tcpip.ErrConnectionReset{}).String()) {
-		t.Fatalf("read error %v, want a reset", err)
+	if !isReset(err) {
+		t.Fatalf("read ended with %v, want a reset", err)
 	}
 }
 

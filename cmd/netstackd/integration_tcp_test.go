@@ -89,10 +89,13 @@ func TestIntegrationAcceptFirst(t *testing.T) {
 			for _, ip := range []netip.Addr{netnstest.ServerIPv4, netnstest.ServerIPv6} {
 				addr := serverAddr(ip, netnstest.ClosedPort)
 				t.Run("closed-port-curl-"+ip.String(), func(t *testing.T) {
-					// 56: failure receiving data (the reset), not 7.
+					// 56: failure receiving data (the reset). A reset that
+					// lands before curl has seen its connect complete makes
+					// connect fail, exit 7 as for a refusal; the Go check
+					// below tells a reset from a refusal. Either way, no hang.
 					r := curl(t, tp, 10*time.Second, "http://"+addr+"/")
-					if r.ExitCode != 56 || r.Elapsed > refuseWithin {
-						t.Errorf("curl %s: exit %d after %v, want 56 (reset after connect) within %v: %s",
+					if (r.ExitCode != 56 && r.ExitCode != 7) || r.Elapsed > refuseWithin {
+						t.Errorf("curl %s: exit %d after %v, want a reset (exit 56, or 7) within %v: %s",
 							addr, r.ExitCode, r.Elapsed.Round(time.Millisecond), refuseWithin, r)
 					}
 				})
@@ -102,15 +105,20 @@ func TestIntegrationAcceptFirst(t *testing.T) {
 	}
 }
 
-// expectResetAfterConnect dials addr from the client namespace: the
-// connect succeeds, and the first read gets ECONNRESET within refuseWithin.
+// expectResetAfterConnect dials addr from the client namespace and wants
+// the handshake to complete and the connection then reset (ECONNRESET)
+// within refuseWithin, not refused. The reset may come so soon that the
+// kernel reports it as connect's result instead of the first read's.
 func expectResetAfterConnect(t *testing.T, tp *netnstest.Topology, addr string) {
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
 	c, err := tp.Client.DialContext(ctx, "tcp", addr)
+	if errors.Is(err, syscall.ECONNRESET) && time.Since(start) <= refuseWithin {
+		return
+	}
 	if err != nil {
-		t.Fatalf("dial %s: %v, want the connect to succeed before the upstream refuses", addr, err)
+		t.Fatalf("dial %s: %v, want the connect to succeed (or be reset) before the upstream refuses", addr, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(refuseWithin))
