@@ -39,6 +39,8 @@ usage: bench/bench.sh [options]
                     each --peer adds a column
   --peer-name NAME  column label for the --peer before it (default peer, then
                     peer2, peer3...)
+  The environment variables PEER (a command, as for --peer) and PEER_NAME add
+  one more peer column.
   --max-time S      overall limit in seconds (default computed from the above)
   --keep            keep the work directory (logs, raw results)
   -h, --help        this help
@@ -113,6 +115,12 @@ fi
 [[ $T =~ ^[1-9][0-9]*$ ]] || die "--time: want a positive integer, got $T"
 [[ $UDP_RATE =~ ^[1-9][0-9]*[KMG]?$ ]] || die "--udp-rate: want a rate like 500M or 1G, got $UDP_RATE"
 [[ -z $PEER_PENDING_NAME ]] || die "--peer-name $PEER_PENDING_NAME: no --peer to name"
+# The environment's PEER (and PEER_NAME) is one more --peer, for scripts
+# that set it.
+if [[ -n ${PEER:-} ]]; then
+	PEER_NAMES+=("${PEER_NAME:-peer}")
+	PEER_CMD[${PEER_NAME:-peer}]=$PEER
+fi
 declare -A seen_peer=()
 for name in "${PEER_NAMES[@]}"; do
 	[[ $name =~ ^[a-z0-9_-]+$ ]] || die "--peer-name: want [a-z0-9_-]+, got $name"
