@@ -52,6 +52,20 @@ type multiQueueDevice interface {
 	WriteQueue(q int, bufs [][]byte, offset int) (int, error)
 }
 
+// vectorDevice is a Device that writes a packet from the pieces it is made
+// of (writev), so the link need not copy gVisor's header and payload views
+// into one buffer. Packets are as for Write: a vnet header first when the
+// device has one. *tundev.Device satisfies it.
+type vectorDevice interface {
+	WriteVectored(pkts [][][]byte) (int, error)
+}
+
+// vectorQueueDevice is a multiQueueDevice that also writes vectors to each
+// queue. *tundev.Device satisfies it.
+type vectorQueueDevice interface {
+	WriteQueueVectored(q int, pkts [][][]byte) (int, error)
+}
+
 // maxPacket is the largest IP packet a read may return; reading into anything
 // smaller would truncate a packet silently.
 const maxPacket = 1 << 16
@@ -61,15 +75,19 @@ const maxPacket = 1 << 16
 // packets are queued by WritePackets for one writer goroutine, which it owns
 // too (linkout.go).
 type linkEndpoint struct {
-	dev    Device
-	mq     multiQueueDevice // dev, when it has more than one queue; else nil
-	queues int              // device queues, each with a dispatcher: 1 or more
-	log    *slog.Logger
-	mtu    uint32
-	offset int
-	vnet   bool // packets carry a vnet header (vnetHdrLen bytes)
-	tso    bool // gVisor may hand us TCP segments of up to gsoMaxSize
-	uso    bool // datagrams of one flow may go out as one packet
+	dev Device
+	mq  multiQueueDevice // dev, when it has more than one queue; else nil
+	// vec is dev when it writes vectors (and, with several queues, so does
+	// vecQueues); else nil, and outbound packets are copied whole.
+	vec       vectorDevice
+	vecQueues vectorQueueDevice
+	queues    int // device queues, each with a dispatcher: 1 or more
+	log       *slog.Logger
+	mtu       uint32
+	offset    int
+	vnet      bool // packets carry a vnet header (vnetHdrLen bytes)
+	tso       bool // gVisor may hand us TCP segments of up to gsoMaxSize
+	uso       bool // datagrams of one flow may go out as one packet
 
 	droppedVnet atomic.Uint64 // inbound packets whose vnet header made no sense
 	// queueReads counts the packets read from each queue, so tests and
@@ -95,7 +113,7 @@ type linkEndpoint struct {
 
 	out     outQueue   // packets from gVisor for the writer (linkout.go)
 	writeMu sync.Mutex // guards scratch
-	scratch []*[]byte
+	scratch []outPacket
 	rawBufs sync.Pool // *[]byte for writeRaw behind a vnet header
 }
 
@@ -108,6 +126,16 @@ func newLinkEndpoint(dev Device, log *slog.Logger) *linkEndpoint {
 		e.mq, e.queues = mq, mq.NumQueues()
 	}
 	e.queueReads = make([]queueCounter, e.queues)
+	if v, ok := dev.(vectorDevice); ok {
+		e.vec = v
+		if e.mq != nil {
+			if vq, ok := dev.(vectorQueueDevice); ok {
+				e.vecQueues = vq
+			} else {
+				e.vec = nil
+			}
+		}
+	}
 	if od, ok := dev.(offloadDevice); ok {
 		switch n := od.VnetHdrLen(); n {
 		case 0:

@@ -55,7 +55,7 @@ func putOutBuf(bp *[]byte) {
 // outQueue is what the writer goroutine takes from.
 type outQueue struct {
 	mu       sync.Mutex
-	pending  []*[]byte       // packets, in order
+	pending  []outPacket     // packets, in order
 	bytes    int             // their total length
 	flushers []chan struct{} // closed once everything queued before them is written
 	stopped  bool
@@ -64,17 +64,52 @@ type outQueue struct {
 	dropped atomic.Uint64
 }
 
+// outPacket is one packet waiting for the writer: copied into a pooled
+// buffer, or, on a device that writes vectors and for a packet too long to
+// copy cheaply, gVisor's packet itself, held by a reference until written.
+type outPacket struct {
+	buf  *[]byte             // the packet after e.offset, vnet header first; nil when pkt is set
+	pkt  *stack.PacketBuffer // held: IncRef'd by WritePackets, DecRef'd once written or dropped
+	hdr  [vnetHdrLen]byte    // pkt's vnet header, when the device has one
+	size int                 // bytes it puts on the device
+}
+
+// release gives back what p holds.
+func (p *outPacket) release() {
+	if p.pkt != nil {
+		p.pkt.DecRef()
+	} else if p.buf != nil {
+		putOutBuf(p.buf)
+	}
+	*p = outPacket{}
+}
+
+// heldMin is the size from which a packet goes to a vector device as
+// gVisor's own views instead of a copy: below it the copy into a pooled
+// buffer costs less than holding the packet and gathering its pieces.
+const heldMin = 2048
+
 // WritePackets queues packets from the stack for the writer, in one batch.
 func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 	q := &e.out
 	list := pkts.AsSlice()
-	bufs := e.writeScratch(len(list))
+	batch := e.writeScratch(len(list))
 	for i, pkt := range list {
-		n := e.offset + pkt.Size()
+		op := &batch[i]
+		op.size = pkt.Size()
 		if e.vnet {
-			n += vnetHdrLen
+			op.size += vnetHdrLen
 		}
-		bp := getOutBuf(n)
+		if e.vec != nil && pkt.Size() >= heldMin {
+			// Avoids the copy: the writer writes the views themselves
+			// (writev). A ref keeps them until then.
+			op.pkt = pkt.IncRef()
+			if e.vnet {
+				outboundVnetHdr(pkt).encode(op.hdr[:])
+			}
+			continue
+		}
+		bp := getOutBuf(e.offset + op.size)
 		b := (*bp)[:e.offset]
 		if e.vnet {
 			var h [vnetHdrLen]byte
@@ -85,29 +120,30 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 			b = append(b, s...)
 		}
 		*bp = b
-		bufs[i] = bp
+		op.buf = bp
 	}
 	q.mu.Lock()
 	if q.stopped {
 		q.mu.Unlock()
-		for _, bp := range bufs {
-			putOutBuf(bp)
+		for i := range batch {
+			batch[i].release()
 		}
+		e.writeScratchDone(batch)
 		return 0, &tcpip.ErrClosedForSend{}
 	}
 	accepted := 0
-	for _, bp := range bufs {
-		if q.bytes+len(*bp) > outQueueMaxBytes {
-			putOutBuf(bp)
+	for i := range batch {
+		if q.bytes+batch[i].size > outQueueMaxBytes {
+			batch[i].release()
 			q.dropped.Add(1)
 			continue
 		}
-		q.pending = append(q.pending, bp)
-		q.bytes += len(*bp)
+		q.pending = append(q.pending, batch[i])
+		q.bytes += batch[i].size
 		accepted++
 	}
 	q.mu.Unlock()
-	e.writeScratchDone(bufs)
+	e.writeScratchDone(batch)
 	select {
 	case q.wake <- struct{}{}:
 	default:
@@ -120,18 +156,18 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 
 // writeScratch lends the slice WritePackets fills; gVisor may call
 // WritePackets from many goroutines at once.
-func (e *linkEndpoint) writeScratch(n int) []*[]byte {
+func (e *linkEndpoint) writeScratch(n int) []outPacket {
 	e.writeMu.Lock()
 	s := e.scratch
 	e.scratch = nil
 	e.writeMu.Unlock()
 	if cap(s) < n {
-		s = make([]*[]byte, n)
+		s = make([]outPacket, n)
 	}
 	return s[:n]
 }
 
-func (e *linkEndpoint) writeScratchDone(s []*[]byte) {
+func (e *linkEndpoint) writeScratchDone(s []outPacket) {
 	clear(s)
 	e.writeMu.Lock()
 	if e.scratch == nil {
@@ -154,8 +190,10 @@ func (e *linkEndpoint) writeOutbound() {
 
 // outScratch is what one drain of the queue works in.
 type outScratch struct {
-	batch []*[]byte
-	bufs  [][]byte
+	batch  []outPacket
+	bufs   [][]byte   // for Device.Write: each packet whole
+	vecs   [][][]byte // for a vector device: each packet's pieces
+	pieces [][]byte   // what vecs' packets are sliced from
 }
 
 // drainOutbound writes what is queued until the queue is empty, and
@@ -171,16 +209,19 @@ func (e *linkEndpoint) drainOutbound(sc *outScratch) (stopped bool) {
 		stopped = q.stopped
 		q.mu.Unlock()
 		if len(sc.batch) > 0 {
-			sc.bufs = sc.bufs[:0]
-			for _, bp := range sc.batch {
-				sc.bufs = append(sc.bufs, *bp)
+			if e.vec != nil {
+				e.writeAllVectored(sc)
+			} else {
+				sc.bufs = sc.bufs[:0]
+				for _, op := range sc.batch {
+					sc.bufs = append(sc.bufs, *op.buf)
+				}
+				e.writeAll(sc.bufs)
+				clear(sc.bufs)
 			}
-			e.writeAll(sc.bufs)
-			for i, bp := range sc.batch {
-				putOutBuf(bp)
-				sc.batch[i] = nil
+			for i := range sc.batch {
+				sc.batch[i].release()
 			}
-			clear(sc.bufs)
 		}
 		for _, f := range flushers {
 			close(f)
@@ -204,6 +245,41 @@ func (e *linkEndpoint) writeAll(bufs [][]byte) {
 		e.log.Debug("write to device failed", "err", err, "written", n, "batch", len(bufs))
 		bufs = bufs[min(n+1, len(bufs)):]
 	}
+}
+
+// writeAllVectored is writeAll for a vector device: each packet goes out
+// as its pieces, a vnet header first when the device has one.
+func (e *linkEndpoint) writeAllVectored(sc *outScratch) {
+	sc.vecs, sc.pieces = sc.vecs[:0], sc.pieces[:0]
+	for i := range sc.batch {
+		op := &sc.batch[i]
+		start := len(sc.pieces)
+		if op.pkt == nil {
+			b := (*op.buf)[e.offset:]
+			if e.vnet {
+				sc.pieces = append(sc.pieces, b[:vnetHdrLen], b[vnetHdrLen:])
+			} else {
+				sc.pieces = append(sc.pieces, b)
+			}
+		} else {
+			if e.vnet {
+				sc.pieces = append(sc.pieces, op.hdr[:])
+			}
+			sc.pieces = append(sc.pieces, op.pkt.AsSlices()...)
+		}
+		sc.vecs = append(sc.vecs, sc.pieces[start:len(sc.pieces):len(sc.pieces)])
+	}
+	vecs := sc.vecs
+	for len(vecs) > 0 {
+		n, err := e.writeDeviceVectored(vecs)
+		if err == nil || errors.Is(err, os.ErrClosed) {
+			break
+		}
+		e.log.Debug("write to device failed", "err", err, "written", n, "batch", len(vecs))
+		vecs = vecs[min(n+1, len(vecs)):]
+	}
+	clear(sc.vecs)
+	clear(sc.pieces)
 }
 
 // flushOutbound waits, at most limit, until what is queued now has been
@@ -278,6 +354,48 @@ func (e *linkEndpoint) writeDevice(bufs [][]byte, offset int) (int, error) {
 			return written, err
 		}
 		bufs = bufs[n:]
+	}
+	return written, nil
+}
+
+// writeDeviceVectored is writeDevice for packets in pieces. A packet's IP
+// header starts its first piece after the vnet header, which is a piece of
+// its own.
+func (e *linkEndpoint) writeDeviceVectored(pkts [][][]byte) (int, error) {
+	if e.mq == nil {
+		return e.vec.WriteVectored(pkts)
+	}
+	ip := 0
+	if e.vnet {
+		ip = 1
+	}
+	// The hash must see what a whole packet shows (addresses and ports),
+	// whichever way gVisor split its headers, so that a flow keeps one
+	// queue whether its packets were copied or not.
+	var head [60 + 4]byte // the longest IPv4 header, then the ports
+	queueOf := func(p [][]byte) int {
+		n := 0
+		for _, piece := range p[min(ip, len(p)):] {
+			n += copy(head[n:], piece)
+			if n == len(head) {
+				break
+			}
+		}
+		return flowQueue(head[:n], e.queues)
+	}
+	written := 0
+	for len(pkts) > 0 {
+		q := queueOf(pkts[0])
+		n := 1
+		for n < len(pkts) && queueOf(pkts[n]) == q {
+			n++
+		}
+		w, err := e.vecQueues.WriteQueueVectored(q, pkts[:n])
+		written += w
+		if err != nil {
+			return written, err
+		}
+		pkts = pkts[n:]
 	}
 	return written, nil
 }

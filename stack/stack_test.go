@@ -181,6 +181,13 @@ func newPeer(t testing.TB, cfg Config) *peer {
 // packet carries what a TSO segment would.
 func newPeerMTU(t testing.TB, cfg Config, mtu int) *peer {
 	t.Helper()
+	return newPeerDevice(t, cfg, mtu, nil)
+}
+
+// newPeerDevice is newPeerMTU with the stack's device wrapped by wrap (nil:
+// the socketpair device as it is).
+func newPeerDevice(t testing.TB, cfg Config, mtu int, wrap func(*seqpacketDevice) Device) *peer {
+	t.Helper()
 	fds := packetPair(t)
 	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: mtu}
 
@@ -189,7 +196,11 @@ func newPeerMTU(t testing.TB, cfg Config, mtu int) *peer {
 	if cfg.Dialer != nil { // a test's own, around p.dialer
 		dialer = cfg.Dialer
 	}
-	p.st = newTestStack(t, cfg, dev, dialer)
+	var stackDev Device = dev
+	if wrap != nil {
+		stackDev = wrap(dev)
+	}
+	p.st = newTestStack(t, cfg, stackDev, dialer)
 
 	p.client = newClientStackMTU(t, []int{fds[1]}, uint32(mtu))
 	t.Cleanup(func() {

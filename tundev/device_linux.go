@@ -500,6 +500,34 @@ func (q *queue) write(d *Device, bufs [][]byte, offset int) (int, error) {
 	return len(bufs), nil
 }
 
+// WriteVectored writes packets as Write does, each given as the pieces it
+// is made of (a vnet header first, when the device has one): one writev(2)
+// per packet, so a packet built in pieces, headers apart from data, is not
+// copied into one buffer first. On a device with several queues it writes
+// to queue 0: see WriteQueueVectored.
+func (d *Device) WriteVectored(pkts [][][]byte) (int, error) {
+	return d.queues[0].writeVectored(d, pkts)
+}
+
+func (q *queue) writeVectored(d *Device, pkts [][][]byte) (int, error) {
+	for i, pieces := range pkts {
+		var err error
+		// A TUN takes a packet whole or not at all. It does not answer
+		// EAGAIN to a write; if it ever did, the poller would wait.
+		if rerr := q.raw.Write(func(fd uintptr) bool {
+			_, err = unix.Writev(int(fd), pieces)
+			return err != unix.EAGAIN
+		}); rerr != nil {
+			// The descriptor is closing: the same as a Write on it.
+			return i, fmt.Errorf("write %s: %w", q.file.Name(), os.ErrClosed)
+		}
+		if err != nil {
+			return i, d.ioError(&os.PathError{Op: "write", Path: q.file.Name(), Err: err})
+		}
+	}
+	return len(pkts), nil
+}
+
 // ioError explains the errors a TUN fd gives that its name alone does not.
 // The *os.PathError from the file already names the operation and the
 // interface ("read tun netstack0: file already closed").

@@ -151,3 +151,11 @@ func (d *Device) WriteQueue(q int, bufs [][]byte, offset int) (int, error) {
 	}
 	return d.queues[q].write(d, bufs, offset)
 }
+
+// WriteQueueVectored is WriteVectored on queue q.
+func (d *Device) WriteQueueVectored(q int, pkts [][][]byte) (int, error) {
+	if q < 0 || q >= len(d.queues) {
+		return 0, fmt.Errorf("write tun %s: queue %d of %d", d.name, q, len(d.queues))
+	}
+	return d.queues[q].writeVectored(d, pkts)
+}

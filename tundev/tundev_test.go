@@ -175,6 +175,36 @@ func TestReadWrite(t *testing.T) {
 	}
 }
 
+// TestWriteVectored: each packet's pieces leave as one packet, joined in
+// order, and a closed device says os.ErrClosed.
+func TestWriteVectored(t *testing.T) {
+	dev, peer := socketpair(t)
+	big := bytes.Repeat([]byte{0x45}, 60000)
+	pkts := [][][]byte{
+		{[]byte("vnet hdr.."), []byte("ip+tcp header"), big[:1000], big[1000:]},
+		{[]byte("one piece")},
+		{[]byte("a"), nil, []byte("b")},
+	}
+	n, err := dev.WriteVectored(pkts)
+	if n != len(pkts) || err != nil {
+		t.Fatalf("WriteVectored = %d, %v; want %d, nil", n, err, len(pkts))
+	}
+	got := make([]byte, 1<<16)
+	for i, pieces := range pkts {
+		m, err := peer.Read(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := bytes.Join(pieces, nil); !bytes.Equal(got[:m], want) {
+			t.Errorf("packet %d on the wire: %d bytes starting %.20q, want %d bytes starting %.20q", i, m, got[:m], len(want), want)
+		}
+	}
+	dev.Close()
+	if _, err := dev.WriteVectored(pkts[:1]); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("WriteVectored after Close = %v, want os.ErrClosed", err)
+	}
+}
+
 func TestReadShortBuffer(t *testing.T) {
 	dev, _ := socketpair(t)
 	_, err := dev.Read([][]byte{make([]byte, 8)}, []int{0}, 8)
