@@ -234,16 +234,19 @@ func (e *linkEndpoint) drainOutbound(sc *outScratch) (stopped bool) {
 
 // writeAll writes packets, going past one the kernel refuses.
 func (e *linkEndpoint) writeAll(bufs [][]byte) {
-	for len(bufs) > 0 {
-		n, err := e.writeDevice(bufs, e.offset)
-		if err == nil {
+	writePast(e, bufs, func(b [][]byte) (int, error) { return e.writeDevice(b, e.offset) })
+}
+
+// writePast writes pkts with write, which returns how many it wrote before
+// an error; a packet the kernel refuses is skipped and the rest written.
+func writePast[P any](e *linkEndpoint, pkts []P, write func([]P) (int, error)) {
+	for len(pkts) > 0 {
+		n, err := write(pkts)
+		if err == nil || errors.Is(err, os.ErrClosed) {
 			return
 		}
-		if errors.Is(err, os.ErrClosed) {
-			return
-		}
-		e.log.Debug("write to device failed", "err", err, "written", n, "batch", len(bufs))
-		bufs = bufs[min(n+1, len(bufs)):]
+		e.log.Debug("write to device failed", "err", err, "written", n, "batch", len(pkts))
+		pkts = pkts[min(n+1, len(pkts)):]
 	}
 }
 
@@ -269,15 +272,7 @@ func (e *linkEndpoint) writeAllVectored(sc *outScratch) {
 		}
 		sc.vecs = append(sc.vecs, sc.pieces[start:len(sc.pieces):len(sc.pieces)])
 	}
-	vecs := sc.vecs
-	for len(vecs) > 0 {
-		n, err := e.writeDeviceVectored(vecs)
-		if err == nil || errors.Is(err, os.ErrClosed) {
-			break
-		}
-		e.log.Debug("write to device failed", "err", err, "written", n, "batch", len(vecs))
-		vecs = vecs[min(n+1, len(vecs)):]
-	}
+	writePast(e, sc.vecs, e.writeDeviceVectored)
 	clear(sc.vecs)
 	clear(sc.pieces)
 }
@@ -341,21 +336,9 @@ func (e *linkEndpoint) writeDevice(bufs [][]byte, offset int) (int, error) {
 	if e.vnet {
 		hdr += vnetHdrLen
 	}
-	written := 0
-	for len(bufs) > 0 {
-		q := flowQueue(bufs[0][hdr:], e.queues)
-		n := 1
-		for n < len(bufs) && flowQueue(bufs[n][hdr:], e.queues) == q {
-			n++
-		}
-		w, err := e.mq.WriteQueue(q, bufs[:n], offset)
-		written += w
-		if err != nil {
-			return written, err
-		}
-		bufs = bufs[n:]
-	}
-	return written, nil
+	return writeByQueue(bufs,
+		func(b []byte) int { return flowQueue(b[hdr:], e.queues) },
+		func(q int, run [][]byte) (int, error) { return e.mq.WriteQueue(q, run, offset) })
 }
 
 // writeDeviceVectored is writeDevice for packets in pieces. A packet's IP
@@ -373,16 +356,23 @@ func (e *linkEndpoint) writeDeviceVectored(pkts [][][]byte) (int, error) {
 	// whichever way gVisor split its headers, so that a flow keeps one
 	// queue whether its packets were copied or not.
 	var head [60 + 4]byte // the longest IPv4 header, then the ports
-	queueOf := func(p [][]byte) int {
-		n := 0
-		for _, piece := range p[min(ip, len(p)):] {
-			n += copy(head[n:], piece)
-			if n == len(head) {
-				break
+	return writeByQueue(pkts,
+		func(p [][]byte) int {
+			n := 0
+			for _, piece := range p[min(ip, len(p)):] {
+				n += copy(head[n:], piece)
+				if n == len(head) {
+					break
+				}
 			}
-		}
-		return flowQueue(head[:n], e.queues)
-	}
+			return flowQueue(head[:n], e.queues)
+		},
+		e.vecQueues.WriteQueueVectored)
+}
+
+// writeByQueue writes pkts in runs of consecutive packets for one queue,
+// and returns how many were written, as Device.Write does.
+func writeByQueue[P any](pkts []P, queueOf func(P) int, write func(q int, run []P) (int, error)) (int, error) {
 	written := 0
 	for len(pkts) > 0 {
 		q := queueOf(pkts[0])
@@ -390,7 +380,7 @@ func (e *linkEndpoint) writeDeviceVectored(pkts [][][]byte) (int, error) {
 		for n < len(pkts) && queueOf(pkts[n]) == q {
 			n++
 		}
-		w, err := e.vecQueues.WriteQueueVectored(q, pkts[:n])
+		w, err := write(q, pkts[:n])
 		written += w
 		if err != nil {
 			return written, err
