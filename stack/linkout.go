@@ -70,7 +70,7 @@ type outQueue struct {
 type outPacket struct {
 	buf  *[]byte             // the packet after e.offset, vnet header first; nil when pkt is set
 	pkt  *stack.PacketBuffer // held: IncRef'd by WritePackets, DecRef'd once written or dropped
-	hdr  [vnetHdrLen]byte    // pkt's vnet header, when the device has one
+	hdr  [vnetHdrLen]byte    // the vnet header, when the device has one
 	size int                 // bytes it puts on the device
 }
 
@@ -99,22 +99,18 @@ func (e *linkEndpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Err
 		op.size = pkt.Size()
 		if e.vnet {
 			op.size += vnetHdrLen
+			outboundVnetHdr(pkt).encode(op.hdr[:])
 		}
 		if e.vec != nil && pkt.Size() >= heldMin {
 			// Avoids the copy: the writer writes the views themselves
 			// (writev). A ref keeps them until then.
 			op.pkt = pkt.IncRef()
-			if e.vnet {
-				outboundVnetHdr(pkt).encode(op.hdr[:])
-			}
 			continue
 		}
 		bp := getOutBuf(e.offset + op.size)
 		b := (*bp)[:e.offset]
 		if e.vnet {
-			var h [vnetHdrLen]byte
-			outboundVnetHdr(pkt).encode(h[:])
-			b = append(b, h[:]...)
+			b = append(b, op.hdr[:]...)
 		}
 		for _, s := range pkt.AsSlices() {
 			b = append(b, s...)

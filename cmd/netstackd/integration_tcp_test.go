@@ -64,7 +64,10 @@ func TestIntegrationBadTCPFlags(t *testing.T) {
 // TestIntegrationAcceptFirst runs netstackd with --tcp-handshake
 // accept-first, direct and through microsocks: flows work both ways, and a
 // port where nothing listens, which the default refuses, is a connection
-// that opens and is then reset within refuseWithin.
+// that opens and is then reset within refuseWithin. (curl is not asked
+// about that port: a reset that lands before it sees its connect complete
+// reads to curl as a refusal, so its answer could not tell the two orders
+// apart.)
 func TestIntegrationAcceptFirst(t *testing.T) {
 	requireBinary(t)
 	tp := netnstest.New(t)
@@ -88,17 +91,6 @@ func TestIntegrationAcceptFirst(t *testing.T) {
 			t.Run("upload-10MB", func(t *testing.T) { testUpload(t, tp, 10<<20) })
 			for _, ip := range []netip.Addr{netnstest.ServerIPv4, netnstest.ServerIPv6} {
 				addr := serverAddr(ip, netnstest.ClosedPort)
-				t.Run("closed-port-curl-"+ip.String(), func(t *testing.T) {
-					// 56: failure receiving data (the reset). A reset that
-					// lands before curl has seen its connect complete makes
-					// connect fail, exit 7 as for a refusal; the Go check
-					// below tells a reset from a refusal. Either way, no hang.
-					r := curl(t, tp, 10*time.Second, "http://"+addr+"/")
-					if (r.ExitCode != 56 && r.ExitCode != 7) || r.Elapsed > refuseWithin {
-						t.Errorf("curl %s: exit %d after %v, want a reset (exit 56, or 7) within %v: %s",
-							addr, r.ExitCode, r.Elapsed.Round(time.Millisecond), refuseWithin, r)
-					}
-				})
 				t.Run("closed-port-go-"+ip.String(), func(t *testing.T) { expectResetAfterConnect(t, tp, addr) })
 			}
 		})
