@@ -41,6 +41,9 @@ usage: bench/bench.sh [options]
                     peer2, peer3...)
   The environment variables PEER (a command, as for --peer) and PEER_NAME add
   one more peer column.
+  --no-floors       leave out the tunfloor and relayfloor columns (bench/tunfloor:
+                    what answering, and relaying, short connections through a
+                    TUN costs with no TCP stack at all; conns rows only)
   --max-time S      overall limit in seconds (default computed from the above)
   --keep            keep the work directory (logs, raw results)
   -h, --help        this help
@@ -66,6 +69,7 @@ declare -A PEER_CMD  # name -> command
 PEER_PENDING_NAME="" # a --peer-name given before any --peer
 MAX_TIME=""
 KEEP=0
+FLOORS=1
 ARGS=("$@")
 while (($# > 0)); do
 	case $1 in
@@ -98,6 +102,7 @@ while (($# > 0)); do
 		;;
 	--max-time) MAX_TIME=${2:?--max-time needs a value}; shift 2 ;;
 	--keep) KEEP=1; shift ;;
+	--no-floors) FLOORS=0; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; die "unknown option $1" ;;
 	esac
@@ -124,7 +129,7 @@ fi
 declare -A seen_peer=()
 for name in "${PEER_NAMES[@]}"; do
 	[[ $name =~ ^[a-z0-9_-]+$ ]] || die "--peer-name: want [a-z0-9_-]+, got $name"
-	case $name in kernel | direct | socks5) die "--peer-name: $name is taken" ;; esac
+	case $name in kernel | direct | socks5 | tunfloor | relayfloor) die "--peer-name: $name is taken" ;; esac
 	[[ -z ${seen_peer[$name]:-} ]] || die "--peer-name: $name given twice"
 	seen_peer[$name]=1
 done
@@ -135,12 +140,21 @@ fi
 
 PATHS=(kernel direct socks5)
 PATHS+=("${PEER_NAMES[@]}")
+# The floors: bench/tunfloor answers connrate's exchange at the TUN itself
+# (tunfloor), or carries it upstream with blocking sockets and no TCP stack
+# (relayfloor). What they reach is what any program behind a TUN starts
+# from on this machine; they run the conns measurement only.
+declare -A FLOOR=()
+if ((FLOORS)); then
+	FLOOR[tunfloor]=1 FLOOR[relayfloor]=1
+	PATHS+=(tunfloor relayfloor)
+fi
 MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp udpw conns)
 # Idle connections last: they raise the daemon's peak RSS, which is read
 # for the throughput rows just before.
 ((IDLE_N > 0)) && MEASUREMENTS+=(idle)
 if [[ -z $MAX_TIME ]]; then
-	cells=$((${#MEASUREMENTS[@]} * ${#PATHS[@]}))
+	cells=$((${#MEASUREMENTS[@]} * (${#PATHS[@]} - ${#FLOOR[@]}) + ${#FLOOR[@]}))
 	MAX_TIME=$((180 + ROUNDS * (40 + cells * (T + 25))))
 fi
 [[ $MAX_TIME =~ ^[1-9][0-9]*$ ]] || die "--max-time: want a positive integer, got $MAX_TIME"
@@ -470,6 +484,8 @@ start_daemon() {
 		[[ $path == socks5 ]] && args+=(--socks "$SOCKS")
 		spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/netstackd" "${args[@]}"
 		;;
+	tunfloor) spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/tunfloor" -netns "/run/netns/$cli" -tun peer0 ;;
+	relayfloor) spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/tunfloor" -relay -netns "/run/netns/$cli" -tun peer0 ;;
 	*)
 		local cmd=${PEER_CMD[$path]}
 		cmd=${cmd//\{netns\}//run/netns/$cli}
@@ -721,6 +737,10 @@ measure_idle() {
 
 measure() {
 	local meas=$1 path=$2 r=$3
+	if [[ -n ${FLOOR[$path]:-} && $meas != conns ]]; then
+		record_na "$meas" "$path" "a floor answers connrate's exchange only"
+		return
+	fi
 	if [[ $path != kernel ]] && { [[ -z ${DPID[$path]:-} ]] || ! alive "${DPID[$path]}"; }; then
 		record_fail "$meas" "$path" "its daemon is not running"
 		return
@@ -795,6 +815,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 say "building netstackd and connrate in $WORK"
 (cd "$REPO" && go build -o "$WORK/netstackd" ./cmd/netstackd) || die "go build ./cmd/netstackd failed"
 (cd "$REPO" && go build -o "$WORK/connrate" ./bench/connrate) || die "go build ./bench/connrate failed"
+(cd "$REPO" && go build -o "$WORK/tunfloor" ./bench/tunfloor) || die "go build ./bench/tunfloor failed"
 DNS_FLAGS=()
 if "$WORK/netstackd" --help 2>&1 | grep -q -- '-dns '; then
 	DNS_FLAGS=(--dns off)
