@@ -26,7 +26,7 @@ usage: bench/bench.sh [options]
   --idle-settle S   seconds the connections stay idle before the RSS is read
                     (default 15): long enough for every flow to park and for
                     the daemon to give back what opening them freed
-  --smoke           1 round of 1 s runs, every metric once, overall limit 110 s;
+  --smoke           1 round of 1 s runs, every metric once, overall limit 130 s;
                     exits 0 only if every required measurement produced a number
   --gobench FILE    also write Go benchmark lines to FILE (benchstat -col /path FILE)
   --peer CMD        add a column for another TUN program. CMD is a sh command
