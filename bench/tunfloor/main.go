@@ -35,6 +35,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -92,11 +93,13 @@ func (f *floor) run(netns, name string) error {
 	}
 	f.dev = dev
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	go func() {
+	var closer sync.WaitGroup
+	closer.Go(func() {
 		<-ctx.Done()
 		dev.Close() // ends the read below
-	}()
+	})
+	defer closer.Wait()
+	defer stop() // also when the read fails: the device is closed either way
 	defer func() {
 		for _, fd := range f.flows {
 			unix.Close(fd)
