@@ -53,20 +53,19 @@ func main() {
 		fmt.Fprintf(os.Stderr, "tunfloor: -size must be 0..%d\n", mss)
 		os.Exit(2)
 	}
-	f := &floor{reply: bytes.Repeat([]byte{'x'}, *size), flows: map[flowKey]int{}}
-	if *relay {
-		f.reply = nil
-	}
+	f := &floor{relay: *relay, reply: bytes.Repeat([]byte{'x'}, *size), flows: map[flowKey]int{}}
 	if err := f.run(*netns, *name); err != nil {
 		fmt.Fprintf(os.Stderr, "tunfloor: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-// floor answers the TUN. With reply nil it relays: flows holds the
-// upstream socket of each connection between its SYN and its request.
+// floor answers the TUN, with reply or, when it relays, with what the
+// upstream sent: flows then holds the upstream socket of each connection
+// between its SYN and its request.
 type floor struct {
 	dev   *tundev.Device
+	relay bool
 	reply []byte
 	flows map[flowKey]int
 	out   []byte
@@ -216,12 +215,12 @@ func (f *floor) handle(pkt []byte) {
 	case in.flags&flagRst != 0:
 	case in.flags&flagSyn != 0 && in.flags&flagAck == 0:
 		f.send(segment{seq: isn, ack: in.seq + 1, flags: flagSyn | flagAck, mss: true}, in.server, in.client)
-		if f.reply == nil {
+		if f.relay {
 			f.connect(k)
 		}
 	case len(in.data) > 0:
 		reply := f.reply
-		if reply == nil {
+		if f.relay {
 			reply = f.exchange(k, in.data)
 		}
 		f.send(segment{seq: isn + 1, ack: in.seq + uint32(len(in.data)), flags: flagAck | flagPsh | flagFin, payload: reply}, in.server, in.client)
