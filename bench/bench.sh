@@ -39,6 +39,10 @@ usage: bench/bench.sh [options]
                     each --peer adds a column
   --peer-name NAME  column label for the --peer before it (default peer, then
                     peer2, peer3...)
+  --baseline PATH   add a column running the netstackd binary PATH with exactly
+                    the arguments the direct column's netstackd gets, to compare
+                    two builds in one run
+  --baseline-name NAME  its column label (default baseline)
   The environment variables PEER (a command, as for --peer) and PEER_NAME add
   one more peer column.
   --no-floors       leave out the tunfloor and relayfloor columns (bench/tunfloor:
@@ -67,6 +71,9 @@ GOBENCH=""
 PEER_NAMES=()        # the --peer columns, in order
 declare -A PEER_CMD  # name -> command
 PEER_PENDING_NAME="" # a --peer-name given before any --peer
+BASELINE=""          # --baseline: a netstackd binary for a column of its own
+BASELINE_NAME=baseline
+BASE_COL=""          # the baseline's column, "" without --baseline
 MAX_TIME=""
 KEEP=0
 FLOORS=1
@@ -100,6 +107,8 @@ while (($# > 0)); do
 		fi
 		shift 2
 		;;
+	--baseline) BASELINE=${2:?--baseline needs a netstackd binary}; shift 2 ;;
+	--baseline-name) BASELINE_NAME=${2:?--baseline-name needs a value}; shift 2 ;;
 	--max-time) MAX_TIME=${2:?--max-time needs a value}; shift 2 ;;
 	--keep) KEEP=1; shift ;;
 	--no-floors) FLOORS=0; shift ;;
@@ -133,12 +142,22 @@ for name in "${PEER_NAMES[@]}"; do
 	[[ -z ${seen_peer[$name]:-} ]] || die "--peer-name: $name given twice"
 	seen_peer[$name]=1
 done
+if [[ -n $BASELINE ]]; then
+	[[ -f $BASELINE && -x $BASELINE ]] || die "--baseline: $BASELINE is not an executable file"
+	BASELINE=$(realpath "$BASELINE")
+	[[ $BASELINE_NAME =~ ^[a-z0-9_-]+$ ]] || die "--baseline-name: want [a-z0-9_-]+, got $BASELINE_NAME"
+	case $BASELINE_NAME in kernel | direct | socks5 | tunfloor | relayfloor) die "--baseline-name: $BASELINE_NAME is taken" ;; esac
+	[[ -z ${seen_peer[$BASELINE_NAME]:-} ]] || die "--baseline-name: $BASELINE_NAME is also a --peer-name"
+	BASE_COL=$BASELINE_NAME
+fi
 if [[ -n $GOBENCH ]]; then
 	: >"$GOBENCH" || die "--gobench: cannot write $GOBENCH"
 	GOBENCH=$(realpath "$GOBENCH")
 fi
 
 PATHS=(kernel direct socks5)
+# The baseline stands right after direct, the column it is a build of.
+[[ -n $BASE_COL ]] && PATHS+=("$BASE_COL")
 PATHS+=("${PEER_NAMES[@]}")
 # The floors: bench/tunfloor answers connrate's exchange at the TUN itself
 # (tunfloor), or carries it upstream with blocking sockets and no TCP stack
@@ -472,6 +491,23 @@ start_danted() {
 	fi
 }
 
+# netstackd_args PATH CLI BINARY: sets the caller's args to what netstackd
+# gets for the column PATH (direct or socks5) with client namespace CLI.
+# BINARY is asked whether it has --dns, so that a build from before it
+# starts too.
+netstackd_args() {
+	local path=$1 cli=$2 bin=$3
+	args=(--netns "/run/netns/$cli")
+	if [[ -z ${HAS_DNS[$bin]:-} ]]; then
+		HAS_DNS[$bin]=0
+		"$bin" --help 2>&1 | grep -q -- '-dns ' && HAS_DNS[$bin]=1
+	fi
+	[[ ${HAS_DNS[$bin]} == 1 ]] && args+=(--dns off)
+	[[ $path == socks5 ]] && args+=(--socks "$SOCKS")
+	return 0
+}
+declare -A HAS_DNS # binary -> 1 if it takes --dns (netstackd's DNS is off in every column)
+
 # start_daemon PATH ROUND INDEX: a fresh client namespace and a daemon serving it.
 start_daemon() {
 	local path=$1 r=$2 i
@@ -480,9 +516,16 @@ start_daemon() {
 	CLI_NS[$path]=$cli
 	case $path in
 	direct | socks5)
-		local args=(--netns "/run/netns/$cli" "${DNS_FLAGS[@]}")
-		[[ $path == socks5 ]] && args+=(--socks "$SOCKS")
+		local args
+		netstackd_args "$path" "$cli" "$WORK/netstackd"
 		spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/netstackd" "${args[@]}"
+		;;
+	"$BASE_COL")
+		# The direct column's arguments, given to the other build.
+		local args
+		netstackd_args direct "$cli" "$BASELINE"
+		echo "$BASELINE ${args[*]}" >"$WORK/$path.cmd"
+		spawn "$NS_DMN" "$MAX_TIME" "$log" "$BASELINE" "${args[@]}"
 		;;
 	tunfloor) spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/tunfloor" -netns "/run/netns/$cli" -tun peer0 ;;
 	relayfloor) spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/tunfloor" -relay -netns "/run/netns/$cli" -tun peer0 ;;
@@ -508,7 +551,7 @@ start_daemon() {
 		v4=$(ip -n "$cli" route show default 2>/dev/null)
 		v6=$(ip -n "$cli" -6 route show default 2>/dev/null)
 		case $path in
-		direct | socks5) [[ $v4 == *"dev netstack0"* && $v6 == *"dev netstack0"* ]] && return 0 ;;
+		direct | socks5 | "$BASE_COL") [[ $v4 == *"dev netstack0"* && $v6 == *"dev netstack0"* ]] && return 0 ;;
 		*) [[ -n $v4 ]] && return 0 ;;
 		esac
 		sleep 0.1
@@ -768,6 +811,7 @@ print_table() {
 	model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 	echo "machine: $(nproc) cores, ${model:-unknown cpu}, kernel $(uname -r), date $(date -u +%Y-%m-%dT%H:%MZ), rounds $ROUNDS, mtu 1500"
 	echo "runs: ${T}s each, udp offered $UDP_RATE with 1400-byte datagrams, netstackd $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
+	[[ -z $BASE_COL ]] || echo "$BASE_COL: $BASELINE, with the direct column's arguments"
 	printf '%-28s' metric
 	local path row
 	for path in "${PATHS[@]}"; do
@@ -812,14 +856,11 @@ print_table() {
 
 # --- main --------------------------------------------------------------------
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-say "building netstackd and connrate in $WORK"
+say "building netstackd, connrate and tunfloor in $WORK"
 (cd "$REPO" && go build -o "$WORK/netstackd" ./cmd/netstackd) || die "go build ./cmd/netstackd failed"
-(cd "$REPO" && go build -o "$WORK/connrate" ./bench/connrate) || die "go build ./bench/connrate failed"
-(cd "$REPO" && go build -o "$WORK/tunfloor" ./bench/tunfloor) || die "go build ./bench/tunfloor failed"
-DNS_FLAGS=()
-if "$WORK/netstackd" --help 2>&1 | grep -q -- '-dns '; then
-	DNS_FLAGS=(--dns off)
-fi
+# The tools are a module of their own (bench/go.mod), apart from the product.
+(cd "$REPO/bench" && go build -o "$WORK/connrate" ./connrate) || die "go build ./connrate in bench/ failed"
+(cd "$REPO/bench" && go build -o "$WORK/tunfloor" ./tunfloor) || die "go build ./tunfloor in bench/ failed"
 
 setup_topology
 write_danted_conf

@@ -39,8 +39,6 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/netstackd/netstackd/tundev"
 )
 
 func main() {
@@ -64,7 +62,7 @@ func main() {
 // upstream sent: flows then holds the upstream socket of each connection
 // between its SYN and its request.
 type floor struct {
-	dev   *tundev.Device
+	dev   *tun
 	relay bool
 	reply []byte
 	flows map[flowKey]int
@@ -76,18 +74,10 @@ type flowKey struct {
 }
 
 func (f *floor) run(netns, name string) error {
-	dev, err := tundev.Create(tundev.Config{
-		Name:      name,
-		NetnsPath: netns,
-		NoOffload: true,
-		Addrs:     []netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fc00:ba7::1/64")},
-		Routes:    []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")},
-	})
+	dev, err := openTUN(netns, name,
+		[]netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fc00:ba7::1/64")},
+		[]netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")})
 	if err != nil {
-		return err
-	}
-	if err := dev.Up(); err != nil {
-		dev.Close()
 		return err
 	}
 	f.dev = dev
@@ -105,14 +95,13 @@ func (f *floor) run(netns, name string) error {
 		}
 	}()
 
-	batch := dev.BatchSize()
-	bufs := make([][]byte, batch)
+	bufs := make([][]byte, readBatch)
 	for i := range bufs {
-		bufs[i] = make([]byte, dev.MTU())
+		bufs[i] = make([]byte, mtu)
 	}
-	sizes := make([]int, batch)
+	sizes := make([]int, readBatch)
 	for {
-		n, err := dev.Read(bufs, sizes, 0)
+		n, err := dev.read(bufs, sizes)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
 				return nil
@@ -128,7 +117,7 @@ func (f *floor) run(netns, name string) error {
 func (f *floor) send(s segment, from, to netip.AddrPort) {
 	s.srcPort, s.dstPort = from.Port(), to.Port()
 	f.out = s.appendTo(f.out[:0], from.Addr(), to.Addr())
-	if _, err := f.dev.Write([][]byte{f.out}, 0); err != nil {
+	if err := f.dev.write(f.out); err != nil {
 		fmt.Fprintf(os.Stderr, "tunfloor: %v\n", err)
 	}
 }
