@@ -3,6 +3,20 @@
 // connections that enter the device into flows and relays each one to a
 // Dialer, carrying the byte stream, half-close and resets faithfully.
 //
+// The data path, in the order a packet meets it:
+//
+//   - internal/link: the gVisor NIC on the Device; one dispatcher per
+//     device queue, an outbound writer.
+//   - this package: what the dispatchers do not give gVisor (HandlePacket,
+//     udp.go), the TCP forwarder (tcp.go), published ports (publish.go).
+//   - internal/tcprelay: the bytes of TCP flows, half-close and resets,
+//     idle flows parked without a goroutine.
+//   - internal/udpnat: the UDP NAT table, batched socket I/O, ICMP errors.
+//   - internal/inbound: published UDP ports.
+//   - internal/icmp: echo requests.
+//   - internal/packet and internal/gverr: packets built and parsed by hand,
+//     and gVisor's errors as Go errors.
+//
 // gVisor types stay inside this package: a flow leaves it as netip.AddrPort
 // values and a net.Conn, and its errors are Go errors that errors.Is can
 // test against syscall errnos.
@@ -25,14 +39,25 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
 	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
-	"gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
+	gicmp "gvisor.dev/gvisor/pkg/tcpip/transport/icmp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
-	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/stack/internal/gverr"
+	"github.com/netstackd/netstackd/stack/internal/icmp"
+	"github.com/netstackd/netstackd/stack/internal/inbound"
+	"github.com/netstackd/netstackd/stack/internal/link"
+	"github.com/netstackd/netstackd/stack/internal/tcprelay"
+	"github.com/netstackd/netstackd/stack/internal/udpnat"
 )
 
+// Device is the packet device the stack is fed by: *tundev.Device fits it.
+type Device = device.Device
+
 // Dialer reaches the far end of a flow. address is "host:port". Both
-// *net.Dialer and every proxy dialer fit.
+// *net.Dialer and every proxy dialer fit. The conn must be a socket
+// (syscall.Conn): the relay parks its descriptor while the flow is idle.
 type Dialer interface {
 	DialContext(ctx context.Context, network, address string) (net.Conn, error)
 }
@@ -41,7 +66,7 @@ type Dialer interface {
 // Dialer is a usable default.
 type Config struct {
 	// Device carries the packets. The Stack owns it from New on and closes it
-	// in Close.
+	// in Close, and stops serving (Done) when the device goes down.
 	Device Device
 	// Dialer reaches the destination of each TCP flow.
 	Dialer Dialer
@@ -98,7 +123,7 @@ type Config struct {
 	TCP TCPOptions
 
 	// parkAfter is how long an upstream socket stays quiet before its
-	// flow parks it (relay_park.go); tests shorten it. 0 means 2s.
+	// flow parks it (internal/tcprelay); tests shorten it. 0 means 2s.
 	parkAfter time.Duration
 }
 
@@ -134,30 +159,39 @@ const nicID = 1
 // timeWait is how long a flow closed by our side first keeps its 4-tuple.
 const timeWait = time.Second
 
-// Stack is a running userspace stack. Close stops it.
+// Stack is a running userspace stack. Close stops it; Done tells when it can
+// no longer serve.
 type Stack struct {
-	cfg  Config
-	log  *slog.Logger
-	link *linkEndpoint
-	s    *gstack.Stack
-	udp  *udpTable  // nil when UDP is refused
-	ping *pingTable // nil when the stack answers echo requests itself
-
-	// inUDP holds the associations of published UDP ports (inbound_udp.go).
-	inUDP *inboundUDP
-	// relay carries the TCP flows' bytes (relay.go).
-	relay *relayer
+	cfg   Config
+	log   *slog.Logger
+	link  *link.Endpoint
+	s     *gstack.Stack
+	relay *tcprelay.Relayer
+	udp   *udpnat.Table // nil when UDP is refused
+	inUDP *inbound.UDP  // published UDP ports
+	ping  *icmp.Pinger
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
 
 	mu     sync.Mutex
 	closed bool
-	flows  sync.WaitGroup // one per forwarder handler we accepted
+	flows  sync.WaitGroup // one per forwarder handler we accepted, and per published flow
+	// helpers are the stack's own goroutines: DNS answers, the device
+	// event watcher.
+	helpers sync.WaitGroup
 
 	flowSlots chan struct{}
 	flowSeq   atomic.Uint64
-	closeOnce sync.Once
+	dnsSlots  chan struct{} // DNS queries over UDP being answered
+	// droppedDNS counts queries dropped: too many at once, or an answer
+	// too large for the link.
+	droppedDNS atomic.Uint64
+	closeOnce  sync.Once
+
+	done    chan struct{} // closed when the stack stops serving
+	doneErr error         // why, set before done is closed; nil after Close
+	endOnce sync.Once
 }
 
 // New builds the stack and starts serving the device: once New returns,
@@ -168,66 +202,133 @@ func New(cfg Config) (*Stack, error) {
 		return nil, errors.New("stack: Device and Dialer are required")
 	}
 	cfg.setDefaults()
-	st := &Stack{cfg: cfg, log: cfg.Logger, flowSlots: make(chan struct{}, cfg.MaxFlows)}
+	st := &Stack{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		flowSlots: make(chan struct{}, cfg.MaxFlows),
+		dnsSlots:  make(chan struct{}, maxDNSInFlight),
+		done:      make(chan struct{}),
+	}
 	st.ctx, st.cancel = context.WithCancel(context.Background())
-	st.relay = &relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.parkAfter}
+	relay, err := tcprelay.New(tcprelay.Config{HalfCloseIdle: cfg.HalfCloseIdle, ParkAfter: cfg.parkAfter, Log: st.log})
+	if err != nil {
+		return nil, fmt.Errorf("stack: %w", err)
+	}
+	st.relay = relay
 
 	st.s = gstack.New(gstack.Options{
 		NetworkProtocols:   []gstack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
-		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, icmp.NewProtocol4, icmp.NewProtocol6},
+		TransportProtocols: []gstack.TransportProtocolFactory{tcp.NewProtocol, udp.NewProtocol, gicmp.NewProtocol4, gicmp.NewProtocol6},
 	})
 	if err := st.configure(); err != nil {
-		st.s.Close()
-		st.s.Wait()
+		st.closeStack()
+		relay.Close()
 		return nil, err
 	}
-	st.link = newLinkEndpoint(cfg.Device, st.log)
+	st.link = link.New(cfg.Device, st, st.log)
 	if err := st.s.CreateNIC(nicID, st.link); err != nil {
-		st.s.Close()
-		st.s.Wait()
-		return nil, fmt.Errorf("create nic: %w", goError("create nic", err))
+		st.closeStack()
+		relay.Close()
+		return nil, fmt.Errorf("create nic: %w", gverr.Error("create nic", err))
 	}
 	// Accept packets for every destination and answer from it: the stack
 	// stands in for the whole network behind the TUN.
 	if err := st.s.SetPromiscuousMode(nicID, true); err != nil {
 		st.closeStack()
-		return nil, fmt.Errorf("set promiscuous: %w", goError("promiscuous", err))
+		relay.Close()
+		return nil, fmt.Errorf("set promiscuous: %w", gverr.Error("promiscuous", err))
 	}
 	if err := st.s.SetSpoofing(nicID, true); err != nil {
 		st.closeStack()
-		return nil, fmt.Errorf("set spoofing: %w", goError("spoofing", err))
+		relay.Close()
+		return nil, fmt.Errorf("set spoofing: %w", gverr.Error("spoofing", err))
 	}
 	if err := st.addGateways(); err != nil {
 		st.closeStack()
+		relay.Close()
 		return nil, err
 	}
-	st.inUDP = newInboundUDP(st)
 	st.s.SetRouteTable([]tcpip.Route{
 		{Destination: header.IPv4EmptySubnet, NIC: nicID},
 		{Destination: header.IPv6EmptySubnet, NIC: nicID},
 	})
 	fwd := tcp.NewForwarder(st.s, cfg.TCP.forwarderReceiveWindow(), cfg.MaxInFlight, st.handleTCP)
 	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, fwd.HandlePacket)
-	if cfg.UDP != nil || cfg.DNS != nil {
-		st.udp = newUDPTable(st, cfg.UDP, cfg.UDPTimeout, cfg.MaxUDPFlows)
-		st.s.SetTransportProtocolHandler(udp.ProtocolNumber, st.udp.handlePacket)
+	st.s.SetTransportProtocolHandler(udp.ProtocolNumber, st.handleUDP)
+
+	st.inUDP = inbound.NewUDP(st.ctx, inbound.Config{
+		Gateway4: cfg.Gateway4, Gateway6: cfg.Gateway6,
+		Timeout: cfg.UDPTimeout, Max: cfg.MaxUDPFlows,
+		Writer: st.link, Log: st.log, NextFlowID: st.nextFlowID,
+	})
+	if cfg.UDP != nil {
+		st.udp = udpnat.New(st.ctx, udpnat.Config{
+			Dialer: cfg.UDP, Writer: st.link, Names: st.fakeNames(),
+			Timeout: cfg.UDPTimeout, Max: cfg.MaxUDPFlows, DialTimeout: cfg.DialTimeout,
+			Log: st.log, NextFlowID: st.nextFlowID,
+		})
 	}
-	if cfg.ForwardPing {
-		st.ping = newPingTable(st)
-	}
-	poller, perr := newUpstreamPoller(st.log)
-	if perr != nil {
-		// Flows then keep a goroutine in each upstream read: slower to
-		// scale, not wrong.
-		st.log.Warn("idle flows will not park their upstream sockets", "err", perr)
-	} else {
-		st.relay.poller = poller
-	}
-	st.link.intercept = st.intercept
-	st.link.endBatch = st.endBatch
-	st.link.start()
+	st.ping = icmp.New(icmp.Config{
+		Writer: st.link, Forward: cfg.ForwardPing, Control: cfg.PingControl,
+		Log: st.log, NextFlowID: st.nextFlowID,
+	})
+	st.link.Start()
+	st.helpers.Go(st.watchDevice)
 	return st, nil
 }
+
+// Done is closed when the stack stops serving: the device went down (its
+// interface was deleted), or Close was called. Err then says why.
+func (st *Stack) Done() <-chan struct{} { return st.done }
+
+// Err is why the stack stopped serving: nil while it serves and after Close,
+// the device's failure otherwise.
+func (st *Stack) Err() error {
+	select {
+	case <-st.done:
+		return st.doneErr
+	default:
+		return nil
+	}
+}
+
+// end records why the stack stopped serving, once.
+func (st *Stack) end(err error) {
+	st.endOnce.Do(func() {
+		st.doneErr = err
+		close(st.done)
+	})
+}
+
+// watchDevice acts on the device's events until it goes down or the stack
+// closes.
+func (st *Stack) watchDevice() {
+	events := st.cfg.Device.Events()
+	for {
+		select {
+		case <-st.ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				// Closed without EventDown: the device was closed under
+				// us, or lost the event.
+				st.end(errors.New("device closed"))
+				return
+			}
+			switch ev.Kind {
+			case device.EventDown:
+				st.log.Error("device down: no more packets can be carried", "err", ev.Err)
+				st.end(ev.Err)
+				return
+			case device.EventMTU:
+				st.log.Info("device mtu changed", "mtu", ev.MTU)
+				st.link.SetDeviceMTU(ev.MTU)
+			}
+		}
+	}
+}
+
+func (st *Stack) nextFlowID() uint64 { return st.flowSeq.Add(1) }
 
 // Close resets every flow, stops the stack and closes the device. It is safe
 // to call more than once.
@@ -237,29 +338,26 @@ func (st *Stack) Close() error {
 		st.mu.Lock()
 		st.closed = true
 		st.mu.Unlock()
+		st.end(nil)
 		st.cancel()
-		st.relay.abortAll()
+		st.relay.AbortAll()
 		st.flows.Wait()
-		st.relay.goroutines.Wait()
-		if st.relay.poller != nil {
-			st.relay.poller.close()
-		}
+		st.relay.Close()
 		if st.udp != nil {
-			st.udp.close()
+			st.udp.Close()
 		}
-		if st.ping != nil {
-			st.ping.close()
-		}
+		st.ping.Close()
 		// The resets of the flows just ended are queued: they reach
 		// the clients before the device goes.
-		st.link.flushOutbound(time.Second)
+		st.link.FlushOutbound(time.Second)
 		err = st.cfg.Device.Close()
-		st.link.stopOutbound()
-		// Our reader and writer stop here, not inside gVisor's Stack.Wait:
-		// that waits for the link holding the stack's lock, and a reader
-		// still delivering a packet may need that lock (a reset to an
-		// unknown flow finds its route under it).
+		st.link.StopOutbound()
+		// Our readers and writer stop here, not inside gVisor's
+		// Stack.Wait: that waits for the link holding the stack's lock,
+		// and a reader still delivering a packet may need that lock (a
+		// reset to an unknown flow finds its route under it).
 		st.link.Wait()
+		st.helpers.Wait()
 		st.closeStack()
 	})
 	return err
@@ -268,269 +366,4 @@ func (st *Stack) Close() error {
 func (st *Stack) closeStack() {
 	st.s.Close()
 	st.s.Wait()
-}
-
-// beginFlow registers a forwarder handler with the stack's WaitGroup unless
-// the stack is closing. The lock makes Add and Close's Wait never race.
-func (st *Stack) beginFlow() bool {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	if st.closed {
-		return false
-	}
-	st.flows.Add(1)
-	return true
-}
-
-// handleTCP runs on a goroutine of gVisor's forwarder, one per new SYN.
-// It dials the upstream first and only then completes the client's
-// handshake, so a refused or unreachable upstream reaches the client as a
-// reset in reply to its SYN; with Config.AcceptFirst it does both at once.
-// Once the flow is relayed it returns while the flow goes on: what the flow
-// holds (its count in st.flows, its slot, a fake address's name) is let go
-// when it ends.
-func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
-	if !st.beginFlow() {
-		req.Complete(false)
-		return
-	}
-	handedOff := false
-	defer func() {
-		if !handedOff {
-			st.flows.Done()
-		}
-	}()
-
-	id := req.ID()
-	client := netip.AddrPortFrom(addrFrom(id.RemoteAddress), id.RemotePort)
-	dst := netip.AddrPortFrom(addrFrom(id.LocalAddress), id.LocalPort)
-	log := flowLogger{base: st.log, seq: st.flowSeq.Add(1), src: client, dst: dst}
-
-	select {
-	case st.flowSlots <- struct{}{}:
-		defer func() {
-			if !handedOff {
-				<-st.flowSlots
-			}
-		}()
-	default:
-		log.log(slog.LevelWarn, "flow limit reached, resetting", "max_flows", st.cfg.MaxFlows)
-		req.Complete(true)
-		return
-	}
-
-	if st.cfg.DNS != nil && dst.Port() == 53 {
-		st.serveDNSStream(req, client, dst, log)
-		return
-	}
-	address, release, err := st.upstreamAddress(dst)
-	if err != nil {
-		log.log(slog.LevelInfo, "refusing flow", "err", err)
-		req.Complete(true)
-		return
-	}
-	defer func() {
-		if !handedOff {
-			release()
-		}
-	}()
-	var wq waiter.Queue
-	open := st.dialThenAccept
-	if st.cfg.AcceptFirst {
-		open = st.acceptWhileDialing
-	}
-	upstream, ep, err := open(req, &wq, address)
-	if err != nil {
-		log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
-		return
-	}
-	ep.SocketOptions().SetKeepAlive(true)
-	conn := newTCPConn(ep, &wq, dst, client)
-
-	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
-	handedOff = true
-	st.relay.relay(conn, upstream, func(res relayResult) {
-		if l := log.logger(slog.LevelDebug); l != nil {
-			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.logAttrs()...)
-		}
-		release()
-		<-st.flowSlots
-		st.flows.Done()
-	})
-}
-
-// dialThenAccept reaches the upstream and only then completes the client's
-// handshake, so that a refused or unreachable upstream reaches the client
-// as a reset in reply to its SYN, as if the far end had refused it. It
-// calls req.Complete.
-func (st *Stack) dialThenAccept(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
-	upstream, err := st.dialUpstream(address)
-	if err != nil {
-		req.Complete(true)
-		return nil, nil, err
-	}
-	ep, terr := req.CreateEndpoint(wq)
-	if terr != nil {
-		// The client reset or gave up during the handshake: the upstream,
-		// which has already accepted, sees a reset as well.
-		req.Complete(true)
-		resetConn(upstream)
-		return nil, nil, fmt.Errorf("client handshake: %w", goError("accept", terr))
-	}
-	req.Complete(false)
-	return upstream, ep, nil
-}
-
-// acceptWhileDialing completes the client's handshake while the upstream is
-// being dialed (Config.AcceptFirst). The client's connect returns without
-// waiting for the upstream, and what it sends meanwhile waits in the
-// endpoint's receive buffer; an upstream that cannot be reached resets the
-// established connection instead of refusing the SYN. It calls
-// req.Complete.
-func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
-	type dialResult struct {
-		conn net.Conn
-		err  error
-	}
-	// Every return below first receives from dialed, so this goroutine is
-	// always waited for. It starts before the handshake: on one P the
-	// runtime runs the goroutine readied last first, which is then the
-	// writer carrying the SYN-ACK, and the dial runs while the client
-	// answers.
-	dialed := make(chan dialResult, 1)
-	go func() {
-		c, err := st.dialUpstream(address)
-		dialed <- dialResult{c, err}
-	}()
-	ep, terr := req.CreateEndpoint(wq)
-	if terr != nil {
-		req.Complete(true)
-		if d := <-dialed; d.err == nil {
-			resetConn(d.conn)
-		}
-		return nil, nil, fmt.Errorf("client handshake: %w", goError("accept", terr))
-	}
-	req.Complete(false)
-	d := <-dialed
-	if d.err != nil {
-		ep.Abort()
-		return nil, nil, d.err
-	}
-	return d.conn, ep, nil
-}
-
-func (st *Stack) dialUpstream(address string) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
-	defer cancel()
-	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
-	if err != nil {
-		return nil, fmt.Errorf("dial upstream %s: %w", address, err)
-	}
-	return c, nil
-}
-
-// flowLogger logs a TCP flow's lines with its attributes. It builds the
-// logger only for a line that is logged: a logger With attributes costs a
-// few hundred bytes, which every idle flow would hold for nothing.
-type flowLogger struct {
-	base     *slog.Logger
-	seq      uint64
-	src, dst netip.AddrPort
-}
-
-// logger is the flow's logger if level is enabled, else nil.
-func (l flowLogger) logger(level slog.Level) *slog.Logger {
-	if !l.base.Enabled(context.Background(), level) {
-		return nil
-	}
-	return l.base.With("flow", l.seq, "proto", "tcp", "src", l.src, "dst", l.dst)
-}
-
-func (l flowLogger) log(level slog.Level, msg string, args ...any) {
-	if lg := l.logger(level); lg != nil {
-		lg.Log(context.Background(), level, msg, args...)
-	}
-}
-
-// serveDNSStream answers DNS over TCP on the stack itself: there is nothing
-// to dial first.
-func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.AddrPort, log flowLogger) {
-	var wq waiter.Queue
-	ep, terr := req.CreateEndpoint(&wq)
-	if terr != nil {
-		req.Complete(true)
-		return
-	}
-	req.Complete(false)
-	conn := newTCPConn(ep, &wq, dst, client)
-	defer conn.Close()
-	stop := context.AfterFunc(st.ctx, conn.Abort)
-	defer stop()
-	if err := st.cfg.DNS.ServeStream(st.ctx, conn); err != nil {
-		log.log(slog.LevelDebug, "dns over tcp ended", "err", err)
-	}
-}
-
-func addrFrom(a tcpip.Address) netip.Addr {
-	if a.Len() == 4 {
-		return netip.AddrFrom4(a.As4())
-	}
-	return netip.AddrFrom16(a.As16())
-}
-
-// intercept sees every inbound packet before gVisor does: echo requests
-// forwarded for real and plain UDP datagrams take a shorter path.
-func (st *Stack) intercept(pkt []byte, verified bool) bool {
-	// One look at the protocol keeps TCP, the bulk of the traffic, off
-	// both shorter paths.
-	switch transportProtocol(pkt) {
-	case header.UDPProtocolNumber:
-		// Datagrams to a gateway address belong to published ports
-		// (inbound_udp.go), never to the outbound NAT.
-		if st.inUDP.handleRaw(pkt, verified) {
-			return true
-		}
-		return st.udp != nil && st.udp.handleRaw(pkt, verified)
-	case header.ICMPv4ProtocolNumber, header.ICMPv6ProtocolNumber:
-		if st.inUDP.handleICMPError(pkt) {
-			return true
-		}
-		src, dst, msg, ok := parseEcho(pkt)
-		if !ok {
-			return false
-		}
-		if st.ping != nil && st.ping.handle(src, dst, msg) {
-			return true
-		}
-		return st.answerEcho(src, dst, msg)
-	}
-	return false
-}
-
-// endBatch runs after the packets of one device read were delivered: what
-// they queued for upstream sockets leaves now, in as few calls as it can.
-func (st *Stack) endBatch() {
-	if st.udp != nil {
-		st.udp.flush()
-	}
-}
-
-// transportProtocol is the protocol an IPv4 packet, or an IPv6 packet
-// without extension headers, carries; 0 when there is none to read.
-func transportProtocol(pkt []byte) tcpip.TransportProtocolNumber {
-	switch {
-	case len(pkt) >= header.IPv4MinimumSize && header.IPVersion(pkt) == header.IPv4Version:
-		return header.IPv4(pkt).TransportProtocol()
-	case len(pkt) >= header.IPv6MinimumSize && header.IPVersion(pkt) == header.IPv6Version:
-		return header.IPv6(pkt).TransportProtocol()
-	}
-	return 0
-}
-
-// udpFlows is the number of open UDP associations.
-func (st *Stack) udpFlows() int {
-	if st.udp == nil {
-		return 0
-	}
-	return st.udp.len()
 }

@@ -6,6 +6,8 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+
+	"github.com/netstackd/netstackd/stack/internal/gverr"
 )
 
 // BufferRange bounds a TCP buffer in bytes, as the three numbers of Linux's
@@ -164,15 +166,15 @@ func (st *Stack) configure() error {
 	}
 	for _, opt := range opts {
 		if err := st.s.SetTransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
-			return fmt.Errorf("set tcp option %T: %w", opt, goError("setsockopt", err))
+			return fmt.Errorf("set tcp option %T: %w", opt, gverr.Error("setsockopt", err))
 		}
 	}
 	return nil
 }
 
-// TCPSettings reads the TCP options back from gVisor, as every new flow will
-// see them, so a test or a status page shows what is really in effect.
-func (st *Stack) TCPSettings() (TCPOptions, error) {
+// tcpSettings reads the TCP options back from gVisor, as every new flow will
+// see them, so a test shows what is really in effect.
+func (st *Stack) tcpSettings() (TCPOptions, error) {
 	var (
 		sack     tcpip.TCPSACKEnabled
 		moderate tcpip.TCPModerateReceiveBufferOption
@@ -184,7 +186,7 @@ func (st *Stack) TCPSettings() (TCPOptions, error) {
 	)
 	for _, opt := range []tcpip.GettableTransportProtocolOption{&sack, &moderate, &recovery, &delay, &cc, &rcv, &snd} {
 		if err := st.s.TransportProtocolOption(tcp.ProtocolNumber, opt); err != nil {
-			return TCPOptions{}, fmt.Errorf("get tcp option %T: %w", opt, goError("getsockopt", err))
+			return TCPOptions{}, fmt.Errorf("get tcp option %T: %w", opt, gverr.Error("getsockopt", err))
 		}
 	}
 	return TCPOptions{

@@ -3,18 +3,19 @@ package tundev
 import (
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
+	"sync/atomic"
 	"unicode"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/internal/device"
 )
 
 const (
@@ -66,23 +67,22 @@ type Config struct {
 	// NoOffload opens the device without IFF_VNET_HDR: every read and
 	// write then moves one MTU-sized packet. By default the device carries
 	// a virtio_net_hdr in front of each packet and TCP segments of up to
-	// 64 KiB (see VnetHdrLen and Offloads).
+	// 64 KiB (see Offloads and Capabilities).
 	NoOffload bool
 	// Queues is how many queues the device has; 0 or 1 means one, the
 	// classic single-queue TUN. With more, the interface is a multi-queue
 	// TUN (IFF_MULTI_QUEUE) opened Queues times: the kernel spreads flows
 	// over the queues, and each can be read by a goroutine of its own
-	// (ReadQueue). At most MaxQueues.
+	// (Read takes the queue). At most MaxQueues.
 	Queues int
 	// Logger receives configuration events; nil means discard.
 	Logger *slog.Logger
 }
 
-// Device is an open TUN interface. Read and Write move whole IP packets and
+// Device is an open TUN interface. Read and Write move IP packets and
 // may be called concurrently with each other and with Close.
 type Device struct {
-	// queues holds one open fd per queue, at least one; Read and Write
-	// use queues[0].
+	// queues holds one open fd per queue, at least one.
 	queues []*queue
 
 	name  string
@@ -92,6 +92,12 @@ type Device struct {
 
 	vnet     bool     // every packet carries a virtio_net_hdr
 	offloads Offloads // what the kernel agreed to, with vnet
+
+	droppedFrames atomic.Uint64 // frames whose vnet header made no sense
+
+	events   chan device.Event
+	evMu     sync.Mutex // guards evClosed and sending on events
+	evClosed bool
 
 	mu     sync.Mutex // guards link, isUp and closed
 	link   *link      // nil for FromFile devices
@@ -338,6 +344,7 @@ func newDevice(fds []int, name string, mtu int, vnet bool, offloads Offloads) (*
 		log:      slog.New(slog.DiscardHandler),
 		vnet:     vnet,
 		offloads: offloads,
+		events:   make(chan device.Event, 4),
 	}
 	var errs []error
 	for i, fd := range fds {
@@ -357,27 +364,6 @@ func newDevice(fds []int, name string, mtu int, vnet bool, offloads Offloads) (*
 		return nil, err
 	}
 	return d, nil
-}
-
-// queue is one open descriptor of the device.
-type queue struct {
-	file *os.File        // non-blocking, so the runtime poller owns it
-	raw  syscall.RawConn // of file, for reading a batch without parking
-
-	batch      readBatchState
-	readQueued func(fd uintptr) bool // q.readQueuedFD, made once
-}
-
-// newQueue wraps one non-blocking fd; on error it is closed.
-func newQueue(fd int, name string) (*queue, error) {
-	q := &queue{file: os.NewFile(uintptr(fd), name)}
-	q.readQueued = q.readQueuedFD
-	var err error
-	if q.raw, err = q.file.SyscallConn(); err != nil {
-		q.file.Close()
-		return nil, err
-	}
-	return q, nil
 }
 
 // closeQueues closes every queue's fd; the first error is kept.
@@ -412,149 +398,6 @@ func (d *Device) Up() error {
 	return nil
 }
 
-// Read reads packets into bufs[i][offset:] and their lengths into sizes[i],
-// and returns how many it read: it blocks until one arrives, then takes
-// what else is already queued, up to len(bufs), without waiting again, so
-// a burst is handled as a batch. After Close it returns an error matching
-// os.ErrClosed. Any error ends the device: a TUN fd whose interface was
-// deleted under it fails with EBADFD.
-//
-// With a vnet header (VnetHdrLen > 0) the bytes read are the header
-// followed by the packet, exactly as the fd gives them, and a TCP packet
-// may be a segment of up to 64 KiB: buffers then need room for
-// VnetHdrLen+65535 bytes. Without one, buffers need room for MTU bytes:
-// the kernel silently truncates a longer packet to the buffer
-// (tun_put_user), and only the IP header's length field then shows it.
-//
-// On a device with several queues, Read reads queue 0 only: see ReadQueue.
-func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	return d.queues[0].read(d, bufs, sizes, offset)
-}
-
-func (q *queue) read(d *Device, bufs [][]byte, sizes []int, offset int) (int, error) {
-	if len(bufs) == 0 {
-		return 0, nil
-	}
-	for _, b := range bufs {
-		if len(b) <= offset {
-			return 0, fmt.Errorf("read tun %s: %w", d.name, io.ErrShortBuffer)
-		}
-	}
-	n, err := q.file.Read(bufs[0][offset:])
-	if err != nil {
-		return 0, d.ioError(err)
-	}
-	sizes[0] = n
-	if len(bufs) == 1 {
-		return 1, nil
-	}
-	// The rest without parking: the poller would only wake us for what
-	// is already there. EAGAIN ends the batch. An error (closed under us)
-	// is left for the next Read to report.
-	q.batch = readBatchState{bufs: bufs, sizes: sizes, offset: offset, count: 1}
-	_ = q.raw.Read(q.readQueued)
-	count := q.batch.count
-	q.batch = readBatchState{}
-	return count, nil
-}
-
-// readBatchState is the read in progress, kept in the queue so that the
-// callback given to RawConn.Read is made once and reading allocates
-// nothing. A queue's read is not called concurrently with itself.
-type readBatchState struct {
-	bufs   [][]byte
-	sizes  []int
-	offset int
-	count  int
-}
-
-func (q *queue) readQueuedFD(fd uintptr) bool {
-	b := &q.batch
-	for b.count < len(b.bufs) {
-		n, err := unix.Read(int(fd), b.bufs[b.count][b.offset:])
-		if err != nil || n <= 0 {
-			break
-		}
-		b.sizes[b.count] = n
-		b.count++
-	}
-	return true
-}
-
-// Write writes each bufs[i][offset:] as one packet and returns how many were
-// written. With a vnet header, each starts with one (VnetHdrLen bytes). It
-// stops at the first packet the kernel refuses (EINVAL for one that is not
-// IPv4 or IPv6, or whose vnet header does not fit it) and returns its
-// error. On a device with several queues, Write writes to queue 0: see
-// WriteQueue.
-func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
-	return d.queues[0].write(d, bufs, offset)
-}
-
-func (q *queue) write(d *Device, bufs [][]byte, offset int) (int, error) {
-	for i, b := range bufs {
-		if _, err := q.file.Write(b[offset:]); err != nil {
-			return i, d.ioError(err)
-		}
-	}
-	return len(bufs), nil
-}
-
-// WriteVectored writes packets as Write does, each given as the pieces it
-// is made of (a vnet header first, when the device has one): one writev(2)
-// per packet, so a packet built in pieces, headers apart from data, is not
-// copied into one buffer first. On a device with several queues it writes
-// to queue 0: see WriteQueueVectored.
-func (d *Device) WriteVectored(pkts [][][]byte) (int, error) {
-	return d.queues[0].writeVectored(d, pkts)
-}
-
-func (q *queue) writeVectored(d *Device, pkts [][][]byte) (int, error) {
-	for i, pieces := range pkts {
-		var err error
-		// A TUN takes a packet whole or not at all. It does not answer
-		// EAGAIN to a write; if it ever did, the poller would wait.
-		if rerr := q.raw.Write(func(fd uintptr) bool {
-			_, err = unix.Writev(int(fd), pieces)
-			return err != unix.EAGAIN
-		}); rerr != nil {
-			// The descriptor is closing: the same as a Write on it.
-			return i, fmt.Errorf("write %s: %w", q.file.Name(), os.ErrClosed)
-		}
-		if err != nil {
-			return i, d.ioError(&os.PathError{Op: "write", Path: q.file.Name(), Err: err})
-		}
-	}
-	return len(pkts), nil
-}
-
-// ioError explains the errors a TUN fd gives that its name alone does not.
-// The *os.PathError from the file already names the operation and the
-// interface ("read tun netstack0: file already closed").
-func (d *Device) ioError(err error) error {
-	if errors.Is(err, unix.EBADFD) {
-		return fmt.Errorf("%w (the interface was deleted)", err)
-	}
-	return err
-}
-
-// BatchSize is the most packets one Read call returns: what a burst of
-// MTU-sized datagrams fills before the reader comes back.
-func (d *Device) BatchSize() int { return readBatch }
-
-// readBatch is the number of packets one Read takes at most. With 64 KiB
-// buffers for TSO, 16 of them cost 1 MiB per reader.
-const readBatch = 16
-
-// VnetHdrLen is the length of the virtio_net_hdr in front of every packet
-// read and written: VnetHdrLen, or 0 for a device without one.
-func (d *Device) VnetHdrLen() int {
-	if d.vnet {
-		return VnetHdrLen
-	}
-	return 0
-}
-
 // Offloads is what the kernel agreed to hand over and accept in one packet.
 func (d *Device) Offloads() Offloads { return d.offloads }
 
@@ -573,6 +416,7 @@ func (d *Device) Name() string { return d.name }
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
 		errs := []error{d.closeQueues()}
+		d.closeEvents()
 		d.mu.Lock()
 		d.closed = true
 		if d.link != nil {
@@ -607,11 +451,3 @@ func (d *Device) DupFile() (*os.File, error) {
 	}
 	return os.NewFile(uintptr(fd), "tun "+d.name), nil
 }
-
-// TSO reports whether TCP segments of up to 64 KiB move in one read or
-// write (they then carry a vnet header saying how to cut them).
-func (d *Device) TSO() bool { return d.vnet && d.offloads&OffloadTSO != 0 }
-
-// USO reports the same for UDP: datagrams of one flow, of equal size but
-// for the last, move as one packet.
-func (d *Device) USO() bool { return d.vnet && d.offloads&OffloadUSO != 0 }

@@ -1,14 +1,17 @@
 // Package tundev owns the TUN device that netstackd serves: it opens or
-// attaches the device, configures it (MTU, addresses, link state, routes),
-// does so inside another network namespace when asked, and moves whole IP
-// packets in and out of it.
+// attaches the device, negotiates its offloads, configures it (MTU,
+// addresses, link state, routes), does so inside another network namespace
+// when asked, and moves IP packets in and out of it.
 //
-// It knows nothing of gVisor, proxies or DNS. The packet methods have the
-// shape of wireguard-go's tun.Device (Read and Write take batches of
-// buffers with per-packet sizes and a head-room offset, and BatchSize says
-// how many a call may carry), so that a device opened with IFF_VNET_HDR,
-// whose single read returns many GSO segments, can replace this one later
-// without changing its callers. Today every read returns one packet.
+// It knows nothing of gVisor, proxies or DNS. *Device implements
+// device.Device (internal/device), the interface the stack consumes:
+// batched Read and Write of packets with their offload metadata, MTU,
+// Events and Close. The kernel's framing stops here. With offloads (the
+// default), every read and write carries a struct virtio_net_hdr, which
+// this package decodes into device.Meta on read (completing partial
+// checksums, keeping TCP segments of up to 64 KiB whole, splitting runs of
+// UDP datagrams sent with UDP_SEGMENT) and encodes from it on write. One
+// read returns every packet already queued, up to BatchSize.
 //
 // Configuration goes through rtnetlink on a socket opened inside the target
 // namespace, so the calling threads never leave their own namespace; only
@@ -19,9 +22,14 @@
 //
 // With Config.Queues above one, the interface is a multi-queue TUN
 // (IFF_MULTI_QUEUE) opened once per queue. The kernel hands each flow's
-// packets to one queue, and ReadQueue lets a caller read every queue with a
-// goroutine of its own; WriteQueue writes to a chosen queue, which also
-// tells the kernel where to send that flow's packets from then on.
+// packets to one queue, each read by a goroutine of the caller's; Write
+// sends each packet to the queue of its flow, which also tells the kernel
+// where to send that flow's packets from then on. More queues help only
+// where there are CPUs to run their readers and many flows to spread.
+//
+// When the interface is deleted under an open device (ip link del, or its
+// namespace torn down), reads fail and Events reports EventDown, so the
+// owner can stop instead of serving nothing.
 //
 // A Device undoes what it did: Close deletes an interface it created, and
 // on a persistent interface it only attached to (one made with `ip tuntap

@@ -124,38 +124,3 @@ func setQueueOffloads(fds []int) (Offloads, error) {
 	}
 	return got, errors.Join(errs...)
 }
-
-// NumQueues is the number of queues of the device: Config.Queues, or 1.
-func (d *Device) NumQueues() int { return len(d.queues) }
-
-// ReadQueue reads from queue q (0 ≤ q < NumQueues) as Read reads from
-// queue 0. Different queues may be read concurrently, each by its own
-// goroutine; one queue is not read by two at once. The kernel puts all
-// packets of a flow on one queue, chosen by its flow hash or by the queue
-// that last wrote a packet of the flow (tun_automq_select_queue).
-func (d *Device) ReadQueue(q int, bufs [][]byte, sizes []int, offset int) (int, error) {
-	if q < 0 || q >= len(d.queues) {
-		return 0, fmt.Errorf("read tun %s: queue %d of %d", d.name, q, len(d.queues))
-	}
-	return d.queues[q].read(d, bufs, sizes, offset)
-}
-
-// WriteQueue writes packets to queue q as Write does to queue 0. Any queue
-// may carry any packet, but on a multi-queue TUN the kernel remembers which
-// queue last wrote a packet of each flow and hands that queue the flow's
-// packets from then on (tun_flow_update): a writer that keeps each flow on
-// one queue steers the flow's reads there too.
-func (d *Device) WriteQueue(q int, bufs [][]byte, offset int) (int, error) {
-	if q < 0 || q >= len(d.queues) {
-		return 0, fmt.Errorf("write tun %s: queue %d of %d", d.name, q, len(d.queues))
-	}
-	return d.queues[q].write(d, bufs, offset)
-}
-
-// WriteQueueVectored is WriteVectored on queue q.
-func (d *Device) WriteQueueVectored(q int, pkts [][][]byte) (int, error) {
-	if q < 0 || q >= len(d.queues) {
-		return 0, fmt.Errorf("write tun %s: queue %d of %d", d.name, q, len(d.queues))
-	}
-	return d.queues[q].writeVectored(d, pkts)
-}

@@ -111,16 +111,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitFail
 	}
 	defer pubs.close()
-	serveTUN := func(dev *tundev.Device) (func() error, error) {
+	serveTUN := func(dev *tundev.Device) (*tunService, error) {
 		st, err := startStack(dev, opts, up, resolver, gw4, gw6, log)
 		if err != nil {
 			return nil, err
 		}
 		pubs.serve(st)
-		return func() error {
-			pubs.close()
-			return st.Close()
-		}, nil
+		return &tunService{st: st, pubs: pubs}, nil
 	}
 
 	if runMode {
@@ -142,6 +139,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	return exitOK
 }
+
+// tunService is the stack serving one TUN, with the published ports that
+// feed it.
+type tunService struct {
+	st   *stack.Stack
+	pubs *publisher
+}
+
+// Stop closes the published ports, then the stack and its TUN.
+func (s *tunService) Stop() error {
+	s.pubs.close()
+	return s.st.Close()
+}
+
+// Done is closed when the stack can no longer serve; Err says why.
+func (s *tunService) Done() <-chan struct{} { return s.st.Done() }
+func (s *tunService) Err() error            { return s.st.Err() }
 
 // startStack runs the stack on dev; closing the stack closes dev.
 func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
@@ -256,7 +270,7 @@ func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.
 // In host-wide mode the routes go into their own table and the rules that
 // lead to it come last (hostwide.go). Privileges are dropped (--user) once
 // all of that is in place, before readiness is reported.
-func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN func(*tundev.Device) (func() error, error), log *slog.Logger) error {
+func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN func(*tundev.Device) (*tunService, error), log *slog.Logger) error {
 	var dev *tundev.Device
 	var err error
 	if opts.tunFD >= 0 {
@@ -282,13 +296,13 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 	if err != nil {
 		return err
 	}
-	stopStack, err := serveTUN(dev)
+	svc, err := serveTUN(dev)
 	if err != nil {
 		return err
 	}
 	defer func() {
 		_ = notify("STOPPING=1")
-		if err := stopStack(); err != nil {
+		if err := svc.Stop(); err != nil {
 			log.Warn("close", "err", err)
 		}
 		log.Info("stopped")
@@ -329,7 +343,13 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 	if err := notify("READY=1"); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-svc.Done():
+		// The TUN is gone (deleted, or its namespace torn down): there is
+		// nothing left to serve, and a supervisor must see it.
+		return fmt.Errorf("tun %s is gone, stopping: %w", dev.Name(), svc.Err())
+	}
 	log.Info("stopping")
 	watchShutdown(log)
 	return nil

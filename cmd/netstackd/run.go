@@ -46,7 +46,7 @@ type childConfig struct {
 
 // runCommand is the parent side of `netstackd run`. It returns the exit
 // status for netstackd: the program's own, or 128+signal.
-func runCommand(opts *options, serveTUN func(dev *tundev.Device) (stop func() error, err error), log *slog.Logger) (int, error) {
+func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, error), log *slog.Logger) (int, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return exitFail, fmt.Errorf("socketpair: %w", err)
@@ -123,14 +123,14 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (stop func() er
 		<-waitErr
 		return exitFail, err
 	}
-	stop, err := serveTUN(dev)
+	svc, err := serveTUN(dev)
 	if err != nil {
 		_ = cmd.Process.Kill()
 		<-waitErr
 		return exitFail, err
 	}
 	defer func() {
-		if err := stop(); err != nil {
+		if err := svc.Stop(); err != nil {
 			log.Warn("close", "err", err)
 		}
 	}()
@@ -144,6 +144,12 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (stop func() er
 			_ = cmd.Process.Signal(sig)
 		case err := <-waitErr:
 			return exitStatus(err), nil
+		case <-svc.Done():
+			// The program's network is gone: it must not run on
+			// believing it has one.
+			_ = cmd.Process.Kill()
+			<-waitErr
+			return exitFail, fmt.Errorf("tun is gone, program killed: %w", svc.Err())
 		}
 	}
 }

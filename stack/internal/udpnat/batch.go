@@ -1,4 +1,4 @@
-package stack
+package udpnat
 
 import (
 	"encoding/binary"
@@ -9,6 +9,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 // Batching for direct UDP associations, whose upstream is a kernel socket.
@@ -55,7 +57,7 @@ const (
 // GSO, Linux 4.18): one trip through the upstream's IP stack for up to
 // udpGSOMaxSegs datagrams, cut by the device or at the receiving socket.
 type udpTx struct {
-	t *udpTable
+	t *Table
 
 	mu     sync.Mutex
 	buf    []byte      // the queued payloads, one after another
@@ -85,12 +87,12 @@ const (
 	udpGSOMaxSegs = 64
 	// udpGSOMaxBytes bounds the payload of one GSO message: one IPv6 UDP
 	// datagram's.
-	udpGSOMaxBytes = 0xffff - ipv6HeaderLen - udpHeaderLen
+	udpGSOMaxBytes = 0xffff - packet.IPv6HeaderLen - packet.UDPHeaderLen
 	// udpGSOMaxSize is the largest datagram sent with GSO: each segment,
 	// with its headers, must fit the route's MTU or the send fails
 	// (EINVAL, udp_send_skb), and the MTU is not known here; 1500 is the
 	// common one.
-	udpGSOMaxSize = 1500 - ipv6HeaderLen - udpHeaderLen
+	udpGSOMaxSize = 1500 - packet.IPv6HeaderLen - packet.UDPHeaderLen
 	// udpCmsgRoom holds one UDP_SEGMENT control message (CmsgSpace(2)).
 	udpCmsgRoom = 32
 )
@@ -104,7 +106,7 @@ type udpQueued struct {
 	next int32 // index in udpTx.queue; -1 ends the list
 }
 
-func (tx *udpTx) init(t *udpTable) {
+func (tx *udpTx) init(t *Table) {
 	tx.t = t
 	tx.sendF = tx.send
 }
@@ -137,9 +139,9 @@ func (tx *udpTx) sendNow(a *udpAssoc, dst netip.AddrPort, payload []byte) {
 	tx.flushLocked()
 }
 
-// flush sends everything queued: one sendmmsg per association, or a few
+// Flush sends everything queued: one sendmmsg per association, or a few
 // when many datagrams wait.
-func (t *udpTable) flush() {
+func (t *Table) Flush() {
 	t.tx.mu.Lock()
 	defer t.tx.mu.Unlock()
 	t.tx.flushLocked()
@@ -297,11 +299,11 @@ type udpRxBatch struct {
 // reach the client in one packet. A longer datagram is truncated, and the
 // kernel says so (MSG_TRUNC): it is dropped and counted, as it would be for
 // not fitting the link.
-func (t *udpTable) rxSlot() int {
-	return max(int(t.st.link.mtu)-ipv4HeaderLen-udpHeaderLen, 1)
+func (t *Table) rxSlot() int {
+	return max(int(t.cfg.Writer.MTU())-packet.IPv4HeaderLen-packet.UDPHeaderLen, 1)
 }
 
-func (t *udpTable) getRxBatch() *udpRxBatch {
+func (t *Table) getRxBatch() *udpRxBatch {
 	t.rxHeld.Add(1)
 	slot := t.rxSlot()
 	if b, ok := t.rxBatches.Get().(*udpRxBatch); ok && b.slot == slot {
@@ -344,7 +346,7 @@ func (b *udpRxBatch) source(i int) netip.AddrPort {
 	return sockaddrAddrPort(&b.names[i], b.hdrs[i].hdr.Namelen)
 }
 
-func (t *udpTable) putRxBatch(b *udpRxBatch) {
+func (t *Table) putRxBatch(b *udpRxBatch) {
 	t.rxHeld.Add(-1)
 	t.rxBatches.Put(b)
 }
@@ -438,7 +440,7 @@ func (a *udpAssoc) writeRun(from netip.AddrPort, payloads [][]byte) {
 	if !from.IsValid() || from.Addr().Is4() != a.client.Addr().Is4() {
 		return // a source the client's address family cannot see
 	}
-	if dropped := a.t.st.link.writeDatagrams(from, a.client, payloads); dropped > 0 {
+	if dropped := a.t.cfg.Writer.WriteDatagrams(from, a.client, payloads); dropped > 0 {
 		a.t.droppedBig.Add(uint64(dropped))
 	}
 }
@@ -477,7 +479,7 @@ func (a *udpAssoc) openKernelSocket() error {
 	// 1 MiB a burst at 1 Gb/s overflows the socket measurably.
 	if rcvbuf/2 < 1<<20 {
 		a.t.smallBufOnce.Do(func() {
-			a.t.st.log.Warn("udp socket receive buffers are capped below what bursts need; raise net.core.rmem_max or grant CAP_NET_ADMIN",
+			a.t.log.Warn("udp socket receive buffers are capped below what bursts need; raise net.core.rmem_max or grant CAP_NET_ADMIN",
 				"want", udpSocketBuffer, "got", rcvbuf/2)
 		})
 	}

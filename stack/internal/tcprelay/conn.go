@@ -1,4 +1,4 @@
-package stack
+package tcprelay
 
 import (
 	"bytes"
@@ -11,13 +11,15 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netstackd/netstackd/stack/internal/gverr"
 )
 
-// tcpConn is the client's side of a TCP flow: a net.Conn over a gVisor
+// Conn is the client's side of a TCP flow: a net.Conn over a gVisor
 // endpoint. Unlike gonet.TCPConn it keeps the cause of an error (reset,
 // refused, timeout) as a Go error and can abort the connection, which the
 // relay needs to carry a reset to the client.
-type tcpConn struct {
+type Conn struct {
 	ep     tcpip.Endpoint
 	wq     *waiter.Queue
 	local  netip.AddrPort // what the client dialed
@@ -30,13 +32,13 @@ type tcpConn struct {
 	closeOnce sync.Once
 }
 
-var _ net.Conn = (*tcpConn)(nil)
+var _ net.Conn = (*Conn)(nil)
 
-func newTCPConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *tcpConn {
-	return &tcpConn{ep: ep, wq: wq, local: local, remote: remote}
+func NewConn(ep tcpip.Endpoint, wq *waiter.Queue, local, remote netip.AddrPort) *Conn {
+	return &Conn{ep: ep, wq: wq, local: local, remote: remote}
 }
 
-func (c *tcpConn) Read(b []byte) (int, error) {
+func (c *Conn) Read(b []byte) (int, error) {
 	c.readMu.Lock()
 	defer c.readMu.Unlock()
 	if len(b) == 0 {
@@ -67,12 +69,12 @@ func (c *tcpConn) Read(b []byte) (int, error) {
 	case *tcpip.ErrClosedForReceive:
 		return 0, io.EOF
 	}
-	return 0, c.opError("read", goError("read", err))
+	return 0, c.opError("read", gverr.Error("read", err))
 }
 
 // waitReadable blocks until a Read would not block (data, EOF or an error)
 // or the read deadline passes, without holding a buffer.
-func (c *tcpConn) waitReadable() error {
+func (c *Conn) waitReadable() error {
 	const mask = waiter.ReadableEvents | waiter.EventHUp | waiter.EventErr
 	if c.ep.Readiness(mask) != 0 {
 		return nil
@@ -90,7 +92,7 @@ func (c *tcpConn) waitReadable() error {
 	return nil
 }
 
-func (c *tcpConn) Write(b []byte) (int, error) {
+func (c *Conn) Write(b []byte) (int, error) {
 	var (
 		r       bytes.Reader
 		written int
@@ -105,7 +107,7 @@ func (c *tcpConn) Write(b []byte) (int, error) {
 			continue
 		case *tcpip.ErrWouldBlock:
 		default:
-			return written, c.opError("write", goError("write", err))
+			return written, c.opError("write", gverr.Error("write", err))
 		}
 		if ready == nil {
 			// Register, then retry once before sleeping: the window may have
@@ -126,24 +128,24 @@ func (c *tcpConn) Write(b []byte) (int, error) {
 }
 
 // CloseWrite sends a FIN to the client and keeps the receive side open.
-func (c *tcpConn) CloseWrite() error {
+func (c *Conn) CloseWrite() error {
 	if err := c.ep.Shutdown(tcpip.ShutdownWrite); err != nil {
-		return c.opError("close", goError("shutdown", err))
+		return c.opError("close", gverr.Error("shutdown", err))
 	}
 	return nil
 }
 
 // CloseRead stops reading from the client.
-func (c *tcpConn) CloseRead() error {
+func (c *Conn) CloseRead() error {
 	if err := c.ep.Shutdown(tcpip.ShutdownRead); err != nil {
-		return c.opError("close", goError("shutdown", err))
+		return c.opError("close", gverr.Error("shutdown", err))
 	}
 	return nil
 }
 
 // Abort sends a RST to the client and releases the endpoint. It and Close
 // release the endpoint once between them.
-func (c *tcpConn) Abort() {
+func (c *Conn) Abort() {
 	c.closeOnce.Do(func() {
 		c.ep.Abort()
 		c.rd.stop()
@@ -151,7 +153,7 @@ func (c *tcpConn) Abort() {
 	})
 }
 
-func (c *tcpConn) Close() error {
+func (c *Conn) Close() error {
 	c.closeOnce.Do(func() {
 		c.ep.Close()
 		c.rd.stop()
@@ -160,18 +162,18 @@ func (c *tcpConn) Close() error {
 	return nil
 }
 
-func (c *tcpConn) LocalAddr() net.Addr  { return net.TCPAddrFromAddrPort(c.local) }
-func (c *tcpConn) RemoteAddr() net.Addr { return net.TCPAddrFromAddrPort(c.remote) }
+func (c *Conn) LocalAddr() net.Addr  { return net.TCPAddrFromAddrPort(c.local) }
+func (c *Conn) RemoteAddr() net.Addr { return net.TCPAddrFromAddrPort(c.remote) }
 
-func (c *tcpConn) SetDeadline(t time.Time) error {
+func (c *Conn) SetDeadline(t time.Time) error {
 	c.rd.set(t)
 	c.wd.set(t)
 	return nil
 }
-func (c *tcpConn) SetReadDeadline(t time.Time) error  { c.rd.set(t); return nil }
-func (c *tcpConn) SetWriteDeadline(t time.Time) error { c.wd.set(t); return nil }
+func (c *Conn) SetReadDeadline(t time.Time) error  { c.rd.set(t); return nil }
+func (c *Conn) SetWriteDeadline(t time.Time) error { c.wd.set(t); return nil }
 
-func (c *tcpConn) opError(op string, err error) error {
+func (c *Conn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
 

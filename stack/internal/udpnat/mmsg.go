@@ -1,4 +1,4 @@
-package stack
+package udpnat
 
 import (
 	"encoding/binary"

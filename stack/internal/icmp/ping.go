@@ -1,6 +1,10 @@
-package stack
+// Package icmp answers the echo requests (ping) that enter the TUN: sent on
+// for real with the host's unprivileged ping sockets where they are
+// allowed and wanted, answered by the stack itself otherwise.
+package icmp
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -13,6 +17,8 @@ import (
 
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 // Echo requests in direct mode are sent on for real with unprivileged ICMP
@@ -25,17 +31,44 @@ const (
 	pingIdle     = 30 * time.Second
 	maxPingFlows = 1024
 	icmpEchoLen  = 8 // type, code, checksum, identifier, sequence
+	headroom     = packet.Headroom
+	maxPacket    = 1 << 16
 )
+
+// Writer carries packets built outside gVisor to the client: the stack's
+// link endpoint.
+type Writer interface {
+	WriteRaw(pkt []byte)
+	MTU() uint32
+}
+
+// Config configures a Pinger.
+type Config struct {
+	Writer Writer
+	// Forward sends echo requests on with ping sockets; false answers
+	// every one at once.
+	Forward bool
+	// Control, if not nil, is called with each ping socket before it is
+	// bound, as net.Dialer.Control is.
+	Control    func(network, address string, c syscall.RawConn) error
+	Log        *slog.Logger
+	NextFlowID func() uint64
+}
+
+var bufs = sync.Pool{New: func() any { b := make([]byte, headroom+maxPacket); return &b }}
 
 type pingKey struct {
 	client, dst netip.Addr
 	id          uint16
 }
 
-// pingTable holds one ping socket per (client, destination, identifier).
-type pingTable struct {
-	st       *Stack
-	disabled atomic.Bool
+// Pinger answers echo requests. With Config.Forward it holds one ping
+// socket per (client, destination, identifier).
+type Pinger struct {
+	cfg      Config
+	ctx      context.Context // ends the flows' goroutines
+	cancel   context.CancelFunc
+	disabled atomic.Bool // forwarding is off, or not allowed here
 
 	mu     sync.Mutex
 	flows  map[pingKey]*pingFlow
@@ -44,60 +77,33 @@ type pingTable struct {
 }
 
 type pingFlow struct {
-	t    *pingTable
+	t    *Pinger
 	key  pingKey
 	conn net.PacketConn
 	last atomic.Int64
 	log  *slog.Logger
 }
 
-func newPingTable(st *Stack) *pingTable {
-	return &pingTable{st: st, flows: make(map[pingKey]*pingFlow)}
+// New makes a Pinger.
+func New(cfg Config) *Pinger {
+	t := &Pinger{cfg: cfg, flows: make(map[pingKey]*pingFlow)}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
+	t.disabled.Store(!cfg.Forward)
+	return t
 }
 
-// parseEcho recognises an ICMP or ICMPv6 echo request in a whole IP packet
-// and returns its addresses and ICMP message. Anything else, including
-// fragments and IPv6 packets with extension headers, is left to gVisor.
-func parseEcho(pkt []byte) (src, dst netip.Addr, msg []byte, ok bool) {
-	switch header.IPVersion(pkt) {
-	case header.IPv4Version:
-		ip := header.IPv4(pkt)
-		if !ip.IsValid(len(pkt)) || ip.Protocol() != uint8(header.ICMPv4ProtocolNumber) ||
-			ip.More() || ip.FragmentOffset() != 0 {
-			return
-		}
-		msg = ip.Payload()
-		if len(msg) < icmpEchoLen || header.ICMPv4(msg).Type() != header.ICMPv4Echo || checksum.Checksum(msg, 0) != 0xffff {
-			return
-		}
-		src, dst = netip.AddrFrom4(ip.SourceAddress().As4()), netip.AddrFrom4(ip.DestinationAddress().As4())
-	case header.IPv6Version:
-		ip := header.IPv6(pkt)
-		if !ip.IsValid(len(pkt)) || ip.TransportProtocol() != header.ICMPv6ProtocolNumber {
-			return
-		}
-		msg = ip.Payload()
-		if len(msg) < icmpEchoLen || header.ICMPv6(msg).Type() != header.ICMPv6EchoRequest {
-			return
-		}
-		src, dst = netip.AddrFrom16(ip.SourceAddress().As16()), netip.AddrFrom16(ip.DestinationAddress().As16())
-		// ICMPv6Checksum skips the checksum field and returns what it
-		// should hold.
-		if header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: msg, Src: tcpipAddr(src), Dst: tcpipAddr(dst)}) != header.ICMPv6(msg).Checksum() {
-			return
-		}
-	default:
-		return
+// Echo takes an echo request from src to dst (msg is its ICMP message,
+// checked by packet.ParseEcho) and reports whether it took it: forwarded,
+// or answered. It runs on a device dispatcher and does not block.
+func (t *Pinger) Echo(src, dst netip.Addr, msg []byte) bool {
+	if t.forward(src, dst, msg) {
+		return true
 	}
-	if !dst.IsGlobalUnicast() || dst.IsLinkLocalUnicast() {
-		return // link-local and multicast are for the stack's own link
-	}
-	return src, dst, msg, true
+	return t.answer(src, dst, msg)
 }
 
-// handle sends an echo request (already parsed) on; it reports whether it took
-// the packet. It runs on the device reader and does not block.
-func (t *pingTable) handle(src, dst netip.Addr, msg []byte) bool {
+// forward sends an echo request on; it reports whether it took the packet.
+func (t *Pinger) forward(src, dst netip.Addr, msg []byte) bool {
 	if t.disabled.Load() {
 		return false
 	}
@@ -106,11 +112,11 @@ func (t *pingTable) handle(src, dst netip.Addr, msg []byte) bool {
 	if err != nil {
 		if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EPROTONOSUPPORT) {
 			if !t.disabled.Swap(true) {
-				t.st.log.Info("ping sockets not allowed here (net.ipv4.ping_group_range): echo requests are answered by the stack", "err", err)
+				t.cfg.Log.Info("ping sockets not allowed here (net.ipv4.ping_group_range): echo requests are answered by the stack", "err", err)
 			}
 			return false
 		}
-		t.st.log.Debug("ping socket", "err", err)
+		t.cfg.Log.Debug("ping socket", "err", err)
 		return true
 	}
 	if f == nil {
@@ -124,7 +130,7 @@ func (t *pingTable) handle(src, dst netip.Addr, msg []byte) bool {
 	return true
 }
 
-func (t *pingTable) lookup(key pingKey) (*pingFlow, error) {
+func (t *Pinger) lookup(key pingKey) (*pingFlow, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -140,12 +146,12 @@ func (t *pingTable) lookup(key pingKey) (*pingFlow, error) {
 	if key.dst.Is6() {
 		network = "udp6"
 	}
-	conn, err := listenPing(network, t.st.cfg.PingControl)
+	conn, err := listenPing(network, t.cfg.Control)
 	if err != nil {
 		return nil, err
 	}
 	f := &pingFlow{t: t, key: key, conn: conn,
-		log: t.st.log.With("flow", t.st.flowSeq.Add(1), "proto", "icmp", "src", key.client, "dst", key.dst)}
+		log: t.cfg.Log.With("flow", t.cfg.NextFlowID(), "proto", "icmp", "src", key.client, "dst", key.dst)}
 	f.last.Store(time.Now().UnixNano())
 	t.flows[key] = f
 	t.wg.Go(f.receive)
@@ -185,9 +191,11 @@ func listenPing(network string, control func(network, address string, c syscall.
 	return net.FilePacketConn(f)
 }
 
-func (t *pingTable) close() {
+// Close ends every forwarded flow and waits for their goroutines.
+func (t *Pinger) Close() {
 	t.mu.Lock()
 	t.closed = true
+	t.cancel()
 	for _, f := range t.flows {
 		_ = f.conn.SetReadDeadline(time.Unix(1, 0))
 	}
@@ -203,15 +211,15 @@ func (f *pingFlow) receive() {
 		f.t.mu.Unlock()
 		f.conn.Close()
 	}()
-	buf := make([]byte, udpHeadroom+maxPacket)
+	buf := make([]byte, headroom+maxPacket)
 	for {
 		_ = f.conn.SetReadDeadline(time.Unix(0, f.last.Load()).Add(pingIdle))
-		if f.t.st.ctx.Err() != nil {
+		if f.t.ctx.Err() != nil {
 			return
 		}
-		n, from, err := f.conn.ReadFrom(buf[udpHeadroom:])
+		n, from, err := f.conn.ReadFrom(buf[headroom:])
 		if err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && f.t.st.ctx.Err() == nil &&
+			if errors.Is(err, os.ErrDeadlineExceeded) && f.t.ctx.Err() == nil &&
 				time.Since(time.Unix(0, f.last.Load())) < pingIdle {
 				continue
 			}
@@ -228,15 +236,15 @@ func (f *pingFlow) receive() {
 	}
 }
 
-// reply turns the echo reply at buf[udpHeadroom:][:n] into a packet from the
+// reply turns the echo reply at buf[headroom:][:n] into a packet from the
 // destination to the client, with the client's own identifier restored.
 func (f *pingFlow) reply(buf []byte, n int) {
-	msg := buf[udpHeadroom : udpHeadroom+n]
-	hl := ipHeaderLen(f.key.client)
-	if hl+n > int(f.t.st.link.mtu) {
+	msg := buf[headroom : headroom+n]
+	hl := packet.IPHeaderLen(f.key.client)
+	if hl+n > int(f.t.cfg.Writer.MTU()) {
 		return
 	}
-	pkt := buf[udpHeadroom-hl : udpHeadroom+n]
+	pkt := buf[headroom-hl : headroom+n]
 	if f.key.client.Is4() {
 		ic := header.ICMPv4(msg)
 		if ic.Type() != header.ICMPv4EchoReply {
@@ -245,7 +253,7 @@ func (f *pingFlow) reply(buf []byte, n int) {
 		ic.SetIdent(f.key.id)
 		ic.SetChecksum(0)
 		ic.SetChecksum(^checksum.Checksum(msg, 0))
-		putIPHeader(pkt, f.key.dst, f.key.client, header.ICMPv4ProtocolNumber, n)
+		packet.PutIPHeader(pkt, f.key.dst, f.key.client, header.ICMPv4ProtocolNumber, n)
 	} else {
 		ic := header.ICMPv6(msg)
 		if ic.Type() != header.ICMPv6EchoReply {
@@ -254,25 +262,25 @@ func (f *pingFlow) reply(buf []byte, n int) {
 		ic.SetIdent(f.key.id)
 		ic.SetChecksum(0)
 		ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{
-			Header: ic, Src: tcpipAddr(f.key.dst), Dst: tcpipAddr(f.key.client),
+			Header: ic, Src: packet.TCPIPAddr(f.key.dst), Dst: packet.TCPIPAddr(f.key.client),
 		}))
-		putIPHeader(pkt, f.key.dst, f.key.client, header.ICMPv6ProtocolNumber, n)
+		packet.PutIPHeader(pkt, f.key.dst, f.key.client, header.ICMPv6ProtocolNumber, n)
 	}
-	f.t.st.link.writeRaw(pkt)
+	f.t.cfg.Writer.WriteRaw(pkt)
 }
 
-// answerEcho replies to an echo request itself, from the address the client
+// answer replies to an echo request itself, from the address the client
 // pinged: through a proxy, or where ping sockets are not allowed. gVisor
 // would answer only for addresses it owns (it skips the temporary addresses
 // of promiscuous mode), so the stack does it for every destination.
-func (st *Stack) answerEcho(src, dst netip.Addr, msg []byte) bool {
+func (t *Pinger) answer(src, dst netip.Addr, msg []byte) bool {
 	n := len(msg)
-	hl := ipHeaderLen(src)
-	if hl+n > int(st.link.mtu) {
+	hl := packet.IPHeaderLen(src)
+	if hl+n > int(t.cfg.Writer.MTU()) {
 		return false
 	}
-	bp := udpBufs.Get().(*[]byte)
-	defer udpBufs.Put(bp)
+	bp := bufs.Get().(*[]byte)
+	defer bufs.Put(bp)
 	out := (*bp)[:hl+n]
 	reply := out[hl:]
 	copy(reply, msg)
@@ -281,14 +289,14 @@ func (st *Stack) answerEcho(src, dst netip.Addr, msg []byte) bool {
 		ic.SetType(header.ICMPv4EchoReply)
 		ic.SetChecksum(0)
 		ic.SetChecksum(^checksum.Checksum(reply, 0))
-		putIPHeader(out, dst, src, header.ICMPv4ProtocolNumber, n)
+		packet.PutIPHeader(out, dst, src, header.ICMPv4ProtocolNumber, n)
 	} else {
 		ic := header.ICMPv6(reply)
 		ic.SetType(header.ICMPv6EchoReply)
 		ic.SetChecksum(0)
-		ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: tcpipAddr(dst), Dst: tcpipAddr(src)}))
-		putIPHeader(out, dst, src, header.ICMPv6ProtocolNumber, n)
+		ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: packet.TCPIPAddr(dst), Dst: packet.TCPIPAddr(src)}))
+		packet.PutIPHeader(out, dst, src, header.ICMPv6ProtocolNumber, n)
 	}
-	st.link.writeRaw(out)
+	t.cfg.Writer.WriteRaw(out)
 	return true
 }

@@ -1,7 +1,13 @@
-package stack
+// Package tcprelay carries the bytes of TCP flows between a client's gVisor
+// endpoint (Conn) and an upstream socket, with half-close and resets passed
+// on as a kernel would. An idle flow holds no goroutine: its client side
+// parks on gVisor's readiness callback and its upstream socket in an epoll
+// set of our own (park.go, poller.go).
+package tcprelay
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -29,14 +35,27 @@ type halfCloser interface{ CloseWrite() error }
 // resetter is a connection that can be torn down with a RST.
 type resetter interface{ SetLinger(sec int) error }
 
-// relayer starts flows' relays and owns their goroutines.
-type relayer struct {
-	halfCloseIdle time.Duration
-	parkAfter     time.Duration   // quiet time before an upstream read parks
-	poller        *upstreamPoller // nil: upstream reads never park
-	goroutines    sync.WaitGroup  // every goroutine running a direction
+// Config tunes a Relayer.
+type Config struct {
+	// HalfCloseIdle is how long the remaining direction of a half-closed
+	// flow may stay silent before the flow is reset.
+	HalfCloseIdle time.Duration
+	// ParkAfter is how long an upstream socket stays quiet before its
+	// flow parks it in the poller.
+	ParkAfter time.Duration
+	// Log receives the poller's errors.
+	Log *slog.Logger
+}
 
-	// The live flows, for abortAll: a list threaded through the flows
+// Relayer starts flows' relays and owns their goroutines and the poller
+// their idle upstream sockets park in.
+type Relayer struct {
+	halfCloseIdle time.Duration
+	parkAfter     time.Duration // quiet time before an upstream read parks
+	poller        *upstreamPoller
+	goroutines    sync.WaitGroup // every goroutine running a direction
+
+	// The live flows, for AbortAll: a list threaded through the flows
 	// costs them two pointers, where a context.AfterFunc each would cost
 	// a few hundred bytes.
 	mu      sync.Mutex
@@ -44,8 +63,25 @@ type relayer struct {
 	aborted bool
 }
 
-// track adds fl to the live flows, or reports false after abortAll.
-func (r *relayer) track(fl *relayFlow) bool {
+// New starts a relayer. It fails when the host gives no epoll set, which
+// parking idle flows needs.
+func New(cfg Config) (*Relayer, error) {
+	p, err := newUpstreamPoller(cfg.Log)
+	if err != nil {
+		return nil, err
+	}
+	return &Relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.ParkAfter, poller: p}, nil
+}
+
+// Close waits for every direction's goroutine, after AbortAll and once the
+// flows' done functions have run, and stops the poller.
+func (r *Relayer) Close() {
+	r.goroutines.Wait()
+	r.poller.close()
+}
+
+// track adds fl to the live flows, or reports false after AbortAll.
+func (r *Relayer) track(fl *relayFlow) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.aborted {
@@ -59,7 +95,7 @@ func (r *relayer) track(fl *relayFlow) bool {
 	return true
 }
 
-func (r *relayer) untrack(fl *relayFlow) {
+func (r *Relayer) untrack(fl *relayFlow) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if fl.prev != nil {
@@ -74,7 +110,7 @@ func (r *relayer) untrack(fl *relayFlow) {
 }
 
 // abortAll resets every flow, now and from now on.
-func (r *relayer) abortAll() {
+func (r *Relayer) AbortAll() {
 	r.mu.Lock()
 	r.aborted = true
 	var flows []*relayFlow
@@ -91,7 +127,7 @@ func (r *relayer) abortAll() {
 // flowConns are the two sides of one TCP flow, each closed exactly once:
 // either gracefully (FIN already sent both ways) or with a reset.
 type flowConns struct {
-	client   *tcpConn
+	client   *Conn
 	upstream net.Conn
 	up       *clientPipe   // the client-to-upstream direction
 	down     *upstreamPipe // the other one, nil when it cannot park
@@ -106,7 +142,7 @@ func (f *flowConns) abort() {
 	f.reset.Store(true)
 	f.once.Do(func() {
 		f.client.Abort() // wakes a parked client-to-upstream direction
-		resetConn(f.upstream)
+		ResetConn(f.upstream)
 		if f.down != nil {
 			// A closed socket leaves our epoll set without an event.
 			f.down.wake()
@@ -115,7 +151,7 @@ func (f *flowConns) abort() {
 }
 
 // resetConn closes c with a RST where the connection type allows it.
-func resetConn(c net.Conn) {
+func ResetConn(c net.Conn) {
 	if r, ok := c.(resetter); ok {
 		_ = r.SetLinger(0)
 	}
@@ -129,23 +165,22 @@ func (f *flowConns) close() {
 	})
 }
 
-// relayResult says how a flow ended, for the log line.
-type relayResult struct {
-	up, down int64
-	upErr    error
-	downErr  error
-	reset    bool
+// Result says how a flow ended, for the log line.
+type Result struct {
+	Up, Down       int64 // bytes toward the upstream and toward the client
+	UpErr, DownErr error // how each direction ended; nil for a FIN
+	Reset          bool  // a side was reset, or the flow was given up
 }
 
 // relayFlow is one relayed flow: its two sides and both directions, in one
 // allocation, since ten thousand idle flows each hold one.
 type relayFlow struct {
 	flowConns
-	r        *relayer
+	r        *Relayer
 	halfDone atomic.Bool // one direction has ended with a FIN
 	pending  atomic.Int32
-	res      relayResult // each direction writes its own fields
-	done     func(relayResult)
+	res      Result // each direction writes its own fields
+	done     func(Result)
 	prev     *relayFlow // in r.live
 	next     *relayFlow
 	upPipe   clientPipe
@@ -153,10 +188,10 @@ type relayFlow struct {
 	sender   socketSender
 }
 
-// relay copies both directions of a flow and calls done once both have
+// Relay copies both directions of a flow and calls done once both have
 // ended and both sides are closed. EOF in one direction is passed on as a
 // FIN (CloseWrite) while the other direction goes on; a reset or a write
-// failure in either direction resets both sides, and so does abortAll.
+// failure in either direction resets both sides, and so does AbortAll.
 // The lingering direction after a half-close is given halfCloseIdle
 // of silence before the flow is torn down.
 //
@@ -164,86 +199,67 @@ type relayFlow struct {
 // that goes quiet; relay then returns and the flow holds no goroutine while
 // it is idle: the client side parks on gVisor's readiness callback, the
 // upstream socket on our epoll set.
-func (r *relayer) relay(client *tcpConn, upstream net.Conn, done func(relayResult)) {
+//
+// The upstream must be a socket (syscall.Conn), as every dialer of
+// netstackd's gives: its descriptor is what parks. A flow whose upstream is
+// not one is reset at once, with the reason in Result.
+func (r *Relayer) Relay(client *Conn, upstream net.Conn, done func(Result)) {
+	var rc syscall.RawConn
+	sc, ok := upstream.(syscall.Conn)
+	if !ok {
+		err := fmt.Errorf("relay to %s: upstream %T is not a socket", upstream.RemoteAddr(), upstream)
+		client.Abort()
+		ResetConn(upstream)
+		_ = client.Close()
+		done(Result{UpErr: err, DownErr: err, Reset: true})
+		return
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		err = fmt.Errorf("relay to %s: %w", upstream.RemoteAddr(), err)
+		client.Abort()
+		ResetConn(upstream)
+		_ = client.Close()
+		done(Result{UpErr: err, DownErr: err, Reset: true})
+		return
+	}
 	fl := &relayFlow{flowConns: flowConns{client: client, upstream: upstream}, r: r, done: done}
 	fl.pending.Store(2)
 	fl.upPipe.init(fl)
 	fl.up = &fl.upPipe
-	if sc, ok := upstream.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			fl.sender.rc = rc
-			fl.upPipe.sender = &fl.sender
-			if r.poller != nil {
-				fl.downPipe.init(fl, rc)
-				fl.down = &fl.downPipe
-			}
-		}
-	}
+	fl.sender.rc = rc
+	fl.upPipe.sender = &fl.sender
+	fl.downPipe.init(fl, rc)
+	fl.down = &fl.downPipe
 	if !r.track(fl) {
 		fl.abort()
 	}
 	fl.up.start()
-	if fl.down != nil {
-		fl.down.run()
-		return
-	}
-	total, err := pipe(&fl.flowConns, client, upstream, &fl.halfDone, r.halfCloseIdle)
-	fl.directionDone(false, total, err)
+	fl.down.run()
 }
 
 // directionDone records how one direction ended; the second one to end
 // closes the flow.
 func (fl *relayFlow) directionDone(up bool, total int64, err error) {
 	if up {
-		fl.res.up, fl.res.upErr = total, err
+		fl.res.Up, fl.res.UpErr = total, err
 	} else {
-		fl.res.down, fl.res.downErr = total, err
+		fl.res.Down, fl.res.DownErr = total, err
 	}
 	if fl.pending.Add(-1) != 0 {
 		return
 	}
 	fl.r.untrack(fl)
-	fl.res.reset = fl.reset.Load()
+	fl.res.Reset = fl.reset.Load()
 	fl.close()
 	fl.done(fl.res)
 }
 
-// relayWait is relay for a caller that waits for the flow to end.
-func (r *relayer) relayWait(client *tcpConn, upstream net.Conn) relayResult {
-	ch := make(chan relayResult, 1)
-	r.relay(client, upstream, func(res relayResult) { ch <- res })
+// RelayWait is Relay for a caller that waits for the flow to end.
+func (r *Relayer) RelayWait(client *Conn, upstream net.Conn) Result {
+	ch := make(chan Result, 1)
+	r.Relay(client, upstream, func(res Result) { ch <- res })
 	return <-ch
-}
-
-// pipe copies src to dst with a goroutine blocked in each read, for an
-// upstream that cannot park. It returns nil when src ended with EOF and the
-// FIN was passed on to dst.
-func pipe(f *flowConns, dst, src net.Conn, halfDone *atomic.Bool, halfCloseIdle time.Duration) (int64, error) {
-	var total int64
-	for {
-		if halfDone.Load() {
-			// The other direction has finished: this one may linger, but not
-			// for ever, or a peer that never closes pins the flow.
-			_ = src.SetReadDeadline(time.Now().Add(halfCloseIdle))
-		}
-		bp, n, rerr := readBorrowed(src)
-		if n > 0 {
-			_, werr := dst.Write((*bp)[:n])
-			if werr != nil {
-				relayBufs.Put(bp)
-				f.abort()
-				return total, werr
-			}
-			total += int64(n)
-		}
-		if bp != nil {
-			relayBufs.Put(bp)
-		}
-		if rerr == nil {
-			continue
-		}
-		return total, finishDirection(f, dst, rerr, halfDone, halfCloseIdle)
-	}
 }
 
 // finishDirection ends one direction whose source returned rerr: EOF is
@@ -266,43 +282,20 @@ func finishDirection(f *flowConns, dst net.Conn, rerr error, halfDone *atomic.Bo
 		return nil // both directions are done
 	}
 	// Wake the other direction so that it picks up its idle bound: a timer
-	// once it parks, or a read deadline for one blocked in a read. (The
-	// client side always parks: clientPipe reads only what is readable.)
-	switch {
-	case dst == net.Conn(f.client):
+	// once it parks, or a shorter wait in its read.
+	if dst == net.Conn(f.client) {
 		f.up.wake()
-	case f.down != nil:
+	} else {
 		f.down.wake()
-	default:
-		_ = dst.SetReadDeadline(time.Now().Add(halfCloseIdle))
 	}
 	return nil
 }
 
-// readBorrowed reads from src into a pooled buffer that it takes only once
-// data (or EOF, or an error) is there, so an idle flow holds no buffer: that
-// is what keeps ten thousand idle connections cheap. The caller returns the
-// buffer to relayBufs when bp is not nil.
-func readBorrowed(src net.Conn) (bp *[]byte, n int, err error) {
-	switch c := src.(type) {
-	case *tcpConn:
-		if err := c.waitReadable(); err != nil {
-			return nil, 0, err
-		}
-	case syscall.Conn:
-		rc, err := c.SyscallConn()
-		if err != nil {
-			return nil, 0, err
-		}
-		return readRaw(src, rc)
-	}
-	bp = relayBufs.Get().(*[]byte)
-	n, err = src.Read(*bp)
-	return bp, n, err
-}
-
-// readRaw is readBorrowed for a socket: the buffer is taken inside the
-// runtime poller's callback, once the socket is readable.
+// readRaw reads from a socket into a pooled buffer that it takes only once
+// data (or EOF, or an error) is there, inside the runtime poller's
+// callback, so an idle flow holds no buffer: that is what keeps ten
+// thousand idle connections cheap. The caller returns the buffer to
+// relayBufs when bp is not nil.
 func readRaw(src net.Conn, rc syscall.RawConn) (bp *[]byte, n int, err error) {
 	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
@@ -325,13 +318,13 @@ func readRaw(src net.Conn, rc syscall.RawConn) (bp *[]byte, n int, err error) {
 	return bp, n, err
 }
 
-func (r relayResult) logAttrs() []slog.Attr {
-	attrs := []slog.Attr{slog.Int64("up", r.up), slog.Int64("down", r.down), slog.Bool("reset", r.reset)}
-	if r.upErr != nil {
-		attrs = append(attrs, slog.String("up_err", r.upErr.Error()))
+func (r Result) LogAttrs() []slog.Attr {
+	attrs := []slog.Attr{slog.Int64("up", r.Up), slog.Int64("down", r.Down), slog.Bool("reset", r.Reset)}
+	if r.UpErr != nil {
+		attrs = append(attrs, slog.String("up_err", r.UpErr.Error()))
 	}
-	if r.downErr != nil {
-		attrs = append(attrs, slog.String("down_err", r.downErr.Error()))
+	if r.DownErr != nil {
+		attrs = append(attrs, slog.String("down_err", r.DownErr.Error()))
 	}
 	return attrs
 }

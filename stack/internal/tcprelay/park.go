@@ -1,4 +1,4 @@
-package stack
+package tcprelay
 
 import (
 	"errors"
@@ -34,7 +34,7 @@ import (
 type clientPipe struct {
 	fl     *relayFlow
 	total  int64
-	sender *socketSender // nil when the upstream is not a socket
+	sender *socketSender
 	parking
 	entry  waiter.Entry
 	linger lingerTimer
@@ -83,13 +83,7 @@ func (p *clientPipe) run() {
 			}
 			continue
 		}
-		var n int64
-		var rerr, werr error
-		if p.sender != nil {
-			n, rerr, werr = p.sendReadable()
-		} else {
-			n, rerr, werr = p.copyReadable()
-		}
+		n, rerr, werr := p.sendReadable()
 		p.total += n
 		if werr != nil {
 			fl.abort()
@@ -105,21 +99,6 @@ func (p *clientPipe) run() {
 		fl.directionDone(true, p.total, finishDirection(&fl.flowConns, fl.upstream, rerr, &fl.halfDone, fl.r.halfCloseIdle))
 		return
 	}
-}
-
-// copyReadable is sendReadable for an upstream that is not a socket: one
-// read of what the client has sent, through a borrowed buffer.
-func (p *clientPipe) copyReadable() (n int64, rerr, werr error) {
-	bp, m, rerr := readBorrowed(p.fl.client) // does not wait: readable
-	if m > 0 {
-		if _, werr = p.fl.upstream.Write((*bp)[:m]); werr == nil {
-			n = int64(m)
-		}
-	}
-	if bp != nil {
-		relayBufs.Put(bp)
-	}
-	return n, rerr, werr
 }
 
 // park registers for readiness and reports whether the loop may stop: a

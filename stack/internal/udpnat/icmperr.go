@@ -1,4 +1,4 @@
-package stack
+package udpnat
 
 import (
 	"errors"
@@ -8,6 +8,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 // A direct UDP association learns of ICMP errors (port unreachable, say)
@@ -85,10 +87,10 @@ func (a *udpAssoc) sendPortUnreachable(dst netip.AddrPort) {
 	if !dst.IsValid() || dst.Addr().Is4() != a.client.Addr().Is4() {
 		return
 	}
-	var quote [ipv6HeaderLen + udpHeaderLen]byte
-	hl := putIPHeader(quote[:], a.client.Addr(), dst.Addr(), header.UDPProtocolNumber, udpHeaderLen)
-	header.UDP(quote[hl:]).Encode(&header.UDPFields{SrcPort: a.client.Port(), DstPort: dst.Port(), Length: udpHeaderLen})
+	var quote [packet.IPv6HeaderLen + packet.UDPHeaderLen]byte
+	hl := packet.PutIPHeader(quote[:], a.client.Addr(), dst.Addr(), header.UDPProtocolNumber, packet.UDPHeaderLen)
+	header.UDP(quote[hl:]).Encode(&header.UDPFields{SrcPort: a.client.Port(), DstPort: dst.Port(), Length: packet.UDPHeaderLen})
 	bp := udpBufs.Get().(*[]byte)
 	defer udpBufs.Put(bp)
-	a.t.st.link.writeRaw(buildPortUnreachable(*bp, dst.Addr(), a.client.Addr(), quote[:hl+udpHeaderLen]))
+	a.t.cfg.Writer.WriteRaw(packet.BuildPortUnreachable(*bp, dst.Addr(), a.client.Addr(), quote[:hl+packet.UDPHeaderLen]))
 }

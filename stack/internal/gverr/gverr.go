@@ -1,4 +1,7 @@
-package stack
+// Package gverr turns gVisor's tcpip.Error, which is deliberately not a Go
+// error (google/gvisor#5314), into Go errors that callers test with
+// errors.Is against syscall errnos, as the kernel's own would be.
+package gverr
 
 import (
 	"errors"
@@ -9,11 +12,11 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 )
 
-// goError turns a tcpip.Error, which is deliberately not a Go error
+// Error turns a tcpip.Error, which is deliberately not a Go error
 // (google/gvisor#5314), into one that callers outside this package can test
 // with errors.Is against the syscall errno they already know from real
 // sockets. It is the only place where that conversion happens.
-func goError(op string, e tcpip.Error) error {
+func Error(op string, e tcpip.Error) error {
 	if e == nil {
 		return nil
 	}
@@ -45,9 +48,9 @@ func goError(op string, e tcpip.Error) error {
 	return &os.SyscallError{Syscall: op, Err: errno}
 }
 
-// isReset reports whether err means the peer reset the connection, so that the
+// IsReset reports whether err means the peer reset the connection, so that the
 // relay carries a reset on instead of a FIN.
-func isReset(err error) bool {
+func IsReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNABORTED) ||
 		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ETIMEDOUT)
 }

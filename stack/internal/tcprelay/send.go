@@ -1,4 +1,4 @@
-package stack
+package tcprelay
 
 import (
 	"errors"
@@ -9,6 +9,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
+
+	"github.com/netstackd/netstackd/stack/internal/gverr"
 )
 
 // What the client sends goes to an upstream socket without passing through
@@ -156,7 +158,7 @@ func (p *clientPipe) sendReadable() (n int64, rerr, werr error) {
 			case *tcpip.ErrClosedForReceive:
 				rerr = io.EOF
 			default:
-				rerr = p.fl.client.opError("read", goError("read", terr))
+				rerr = p.fl.client.opError("read", gverr.Error("read", terr))
 			}
 			// What is gathered goes before we report the client's end,
 			// which may be passed on as a FIN.

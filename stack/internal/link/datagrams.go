@@ -1,0 +1,115 @@
+package link
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"sync"
+
+	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/stack/internal/packet"
+)
+
+// datagramBufs hold the packets of one WriteDatagrams call: a USO packet
+// of up to 64 KiB, or one packet per datagram.
+var datagramBufs = sync.Pool{New: func() any { return new(datagramBatch) }}
+
+// datagramBatchMax is the most packets one WriteDatagrams call hands the
+// device at once.
+const datagramBatchMax = 64
+
+type datagramBatch struct {
+	buf    []byte // the packets, one after another
+	starts [datagramBatchMax]int
+	ends   [datagramBatchMax]int
+	pieces [datagramBatchMax][]byte
+	pkts   [datagramBatchMax][][]byte
+	metas  [datagramBatchMax]device.Meta
+	n      int
+}
+
+// WriteDatagrams carries datagrams from src to the client dst in as few
+// writes as the device allows. On a device with UDP segmentation offload,
+// a run of equal-sized datagrams (the last may be shorter) leaves as one
+// packet that the kernel cuts, the way a UDP_SEGMENT send does; otherwise
+// each datagram is a packet of its own, all handed to the device in one
+// call. Payloads larger than the link MTU allows are skipped and counted
+// in the returned number. It may be called from any goroutine.
+func (e *Endpoint) WriteDatagrams(src, dst netip.AddrPort, payloads [][]byte) (dropped int) {
+	if len(payloads) == 0 {
+		return 0
+	}
+	hl := packet.IPHeaderLen(dst.Addr())
+	maxPayload := int(e.MTU()) - hl - packet.UDPHeaderLen
+	b := datagramBufs.Get().(*datagramBatch)
+	defer datagramBufs.Put(b)
+	b.buf, b.n = b.buf[:0], 0
+	for i := 0; i < len(payloads); {
+		if len(payloads[i]) > maxPayload {
+			dropped++
+			i++
+			continue
+		}
+		// A run: datagrams of the first one's size, then at most one
+		// shorter; within 64 KiB of IP packet.
+		run := 1
+		if e.caps.USO {
+			size := len(payloads[i])
+			total := hl + packet.UDPHeaderLen + size
+			for j := i + 1; j < len(payloads) && size > 0; j++ {
+				l := len(payloads[j])
+				if l > size || total+l > 0xffff {
+					break
+				}
+				total += l
+				run++
+				if l < size {
+					break
+				}
+			}
+		}
+		if b.n == datagramBatchMax {
+			e.flushDatagrams(b)
+		}
+		// Packets are laid out in b.buf before any is sliced out, so
+		// that growing b.buf cannot leave a slice behind.
+		b.starts[b.n] = len(b.buf)
+		if run == 1 {
+			b.buf = append(b.buf, make([]byte, hl+packet.UDPHeaderLen+len(payloads[i]))...)
+			packet.BuildUDP(b.buf[b.starts[b.n]:], src, dst, payloads[i])
+			b.metas[b.n] = device.Meta{}
+		} else {
+			b.buf = packet.AppendUSO(b.buf, src, dst, payloads[i:i+run])
+			b.metas[b.n] = device.Meta{
+				GSO:        device.GSOUDP,
+				GSOSize:    uint16(len(payloads[i])),
+				HdrLen:     uint16(hl + packet.UDPHeaderLen),
+				NeedsCsum:  true,
+				CsumStart:  uint16(hl),
+				CsumOffset: 6, // the UDP checksum field
+			}
+		}
+		b.ends[b.n] = len(b.buf)
+		b.n++
+		i += run
+	}
+	e.flushDatagrams(b)
+	return dropped
+}
+
+// flushDatagrams writes the packets laid out in b and empties it.
+func (e *Endpoint) flushDatagrams(b *datagramBatch) {
+	if b.n == 0 {
+		return
+	}
+	for i := range b.n {
+		b.pieces[i] = b.buf[b.starts[i]:b.ends[i]]
+		b.pkts[i] = b.pieces[i : i+1 : i+1]
+	}
+	if _, err := e.dev.Write(b.pkts[:b.n], b.metas[:b.n]); err != nil && !errors.Is(err, os.ErrClosed) {
+		e.log.Debug("write to device failed", "err", err)
+	}
+	clear(b.pieces[:b.n])
+	clear(b.pkts[:b.n])
+	b.buf, b.n = b.buf[:0], 0
+}

@@ -1,0 +1,593 @@
+// Package udpnat is the stack's NAT table for UDP: one association per
+// client source address and port (endpoint-independent mapping, RFC 4787
+// REQ-1), whatever the destinations, each with an upstream packet conn of
+// its own. Datagrams skip gVisor both ways: they are read from the device by
+// the link's dispatcher and replies are built by hand (package packet).
+// Direct associations, whose upstream is a kernel socket, send and receive
+// in batches (batch.go) and pass ICMP errors on (icmperr.go).
+package udpnat
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
+)
+
+// UDPDialer opens the far side of a UDP association: a packet conn that
+// sends to any "host:port" given to WriteTo and reports the true source of
+// what it receives. net.ListenConfig and every proxy dialer that carries UDP
+// fit it.
+type UDPDialer interface {
+	ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error)
+}
+
+// Writer carries packets built outside gVisor to the client: the stack's
+// link endpoint.
+type Writer interface {
+	WriteRaw(pkt []byte)
+	// WriteDatagrams writes datagrams from src to dst, as few packets as
+	// the device allows, and returns how many were too large for the MTU.
+	WriteDatagrams(src, dst netip.AddrPort, payloads [][]byte) (dropped int)
+	// MTU is the link's MTU.
+	MTU() uint32
+}
+
+// Names maps fake destinations (fake-IP DNS) to the names they stand for.
+type Names interface {
+	// IsFake reports whether addr is a fake address.
+	IsFake(addr netip.Addr) bool
+	// Lookup returns "name:port" for a fake dst, with a release function
+	// to call when the association no longer sends there.
+	Lookup(dst netip.AddrPort) (hostport string, release func(), err error)
+}
+
+// Config configures a Table. Every field but Names must be set.
+type Config struct {
+	Dialer      UDPDialer
+	Writer      Writer
+	Names       Names // nil: no fake addresses
+	Timeout     time.Duration
+	Max         int
+	DialTimeout time.Duration
+	Log         *slog.Logger
+	// NextFlowID numbers the associations in logs, with the stack's other
+	// flows.
+	NextFlowID func() uint64
+}
+
+const (
+	// udpPendingMax bounds the datagrams held for an association whose
+	// upstream is still being opened (a SOCKS5 UDP ASSOCIATE takes a round
+	// trip or two).
+	udpPendingMax = 64
+	// udpFailedHold is how long a client source whose association could not
+	// be opened is answered with ICMP errors before a new attempt.
+	udpFailedHold = 5 * time.Second
+	// udpHeadroom is room in front of a received datagram for the IP and
+	// UDP headers of the packet that carries it to the client.
+	udpHeadroom = packet.Headroom
+	// maxPacket is the longest IP packet.
+	maxPacket = 1 << 16
+	// maxSecondChances bounds how many associations eviction moves back to
+	// the front for activity the list has not seen (replies) before it
+	// evicts the oldest regardless.
+	maxSecondChances = 8
+	// relistAfter is how much later than its place in the list an
+	// association's last activity must be to earn a second chance: the
+	// send that listed it stamps it a moment later.
+	relistAfter = time.Second
+)
+
+var udpBufs = sync.Pool{New: func() any { b := make([]byte, udpHeadroom+maxPacket); return &b }}
+
+// udpTable is the NAT table for UDP: one association per client source
+// address and port (endpoint-independent mapping, RFC 4787 REQ-1), whatever
+// the destinations, so STUN, QUIC migration and peer-to-peer work.
+type Table struct {
+	cfg    Config
+	ctx    context.Context // ends the associations
+	cancel context.CancelFunc
+	log    *slog.Logger
+
+	mu     sync.Mutex
+	assocs map[netip.AddrPort]*udpAssoc
+	// lru lists the associations, most recently used first: eviction
+	// takes the last in O(1). A datagram from the client moves its
+	// association to the front under mu, which the lookup holds anyway;
+	// a reply only stamps last, and eviction gives such an association a
+	// second chance.
+	lru    assocList
+	closed bool
+	wg     sync.WaitGroup // one per association
+
+	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
+	droppedBig   atomic.Uint64 // replies too large for the link MTU
+
+	// Batched I/O on kernel sockets (udp_batch.go).
+	tx           udpTx
+	rxBatches    sync.Pool // *udpRxBatch
+	smallBufOnce sync.Once
+	sendCalls    atomic.Uint64 // sendmmsg calls
+	sent         atomic.Uint64 // datagrams they sent
+	droppedSend  atomic.Uint64 // datagrams a full or failing socket did not take
+	recvCalls    atomic.Uint64 // recvmmsg calls that returned datagrams or an error
+	received     atomic.Uint64 // datagrams they returned
+	rxHeld       atomic.Int64  // receive batches borrowed now
+}
+
+// udpAssoc is one client source's association.
+type udpAssoc struct {
+	t *Table
+	// prev and next link the association in Table.lru; listed is its
+	// last stamp when it was put at the front. Guarded by Table.mu.
+	prev, next *udpAssoc
+	listed     int64
+	client     netip.AddrPort
+	log        *slog.Logger
+	last       atomic.Int64 // unix nanoseconds of the last datagram either way
+	ctx        context.Context
+	cancel     context.CancelFunc
+
+	ready   chan struct{} // closed once conn is open or failed is set
+	conn    net.PacketConn
+	udpConn *net.UDPConn    // conn, when it is a real socket: the fast path
+	rc      syscall.RawConn // udpConn's, for batched I/O
+	family  int             // udpConn's address family
+	failed  bool
+
+	// Guarded by t.tx.mu: this association's datagrams in the send queue,
+	// and whether its socket refused UDP GSO.
+	txQueued       bool
+	noGSO          bool
+	txHead, txTail int32
+
+	fakes fakeDests // fake destinations sent to, by name
+
+	mu      sync.Mutex
+	pending []pendingDatagram
+	quote   []byte // the start of the client's first packet, for ICMP errors
+}
+
+type pendingDatagram struct {
+	dst     netip.AddrPort
+	payload []byte
+}
+
+// New makes a table whose associations live at most as long as ctx.
+func New(ctx context.Context, cfg Config) *Table {
+	t := &Table{cfg: cfg, log: cfg.Log, assocs: make(map[netip.AddrPort]*udpAssoc)}
+	t.ctx, t.cancel = context.WithCancel(ctx)
+	t.tx.init(t)
+	return t
+}
+
+// Send carries one datagram from client to dst, opening the client's
+// association if it has none; it reports false when it cannot (the table
+// is closed), for the caller to refuse the datagram. quote gives the start
+// of the client's packet, kept for ICMP errors. With batched, the caller is
+// a device dispatcher, and a datagram for a kernel socket may wait in the
+// send queue until the end of its read (Flush).
+func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []byte, batched bool) bool {
+	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+		return true // multicast and broadcast stay on the link, which is ours alone
+	}
+	a, created := t.lookup(client)
+	if a == nil {
+		return false
+	}
+	if created {
+		a.setQuote(quote())
+	}
+	a.send(dst, payload, batched)
+	return true
+}
+
+// lookup finds the association of a client source, creating it (and evicting
+// the least recently active one when the table is full) if there is none.
+func (t *Table) lookup(client netip.AddrPort) (*udpAssoc, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, false
+	}
+	if a, ok := t.assocs[client]; ok {
+		t.lru.moveToFront(a)
+		return a, false
+	}
+	if len(t.assocs) >= t.cfg.Max {
+		t.evictOldestLocked()
+	}
+	a := &udpAssoc{
+		t:      t,
+		client: client,
+		ready:  make(chan struct{}),
+		log:    t.log.With("flow", t.cfg.NextFlowID(), "proto", "udp", "src", client),
+	}
+	a.ctx, a.cancel = context.WithCancel(t.ctx)
+	a.touch()
+	t.assocs[client] = a
+	t.lru.pushFront(a)
+	t.wg.Go(a.run)
+	return a, true
+}
+
+// evictOldestLocked ends the least recently active association. The list's
+// last one is the least recently used by its client; one that has had
+// replies since it was listed goes back to the front, a few at most.
+func (t *Table) evictOldestLocked() {
+	for range maxSecondChances {
+		a := t.lru.back()
+		if a == nil || a.last.Load() <= a.listed+int64(relistAfter) {
+			break
+		}
+		t.lru.moveToFront(a)
+	}
+	oldest := t.lru.back()
+	if oldest == nil {
+		return
+	}
+	t.removeLocked(oldest)
+	oldest.log.Debug("udp table full, evicting the least recently active association", "max", t.cfg.Max)
+	oldest.abort()
+}
+
+func (t *Table) remove(a *udpAssoc) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.assocs[a.client] == a {
+		t.removeLocked(a)
+	}
+}
+
+func (t *Table) removeLocked(a *udpAssoc) {
+	delete(t.assocs, a.client)
+	t.lru.remove(a)
+}
+
+// Close ends every association and waits for their goroutines.
+func (t *Table) Close() {
+	t.mu.Lock()
+	t.closed = true
+	t.cancel()
+	for _, a := range t.assocs {
+		a.abort()
+	}
+	t.mu.Unlock()
+	t.wg.Wait()
+	t.log.Debug("udp totals", "sent", t.sent.Load(), "send_calls", t.sendCalls.Load(), "dropped_send", t.droppedSend.Load(),
+		"received", t.received.Load(), "recv_calls", t.recvCalls.Load(), "dropped_big", t.droppedBig.Load(),
+		"dropped_opening", t.droppedQueue.Load())
+}
+
+func (a *udpAssoc) touch() { a.last.Store(time.Now().UnixNano()) }
+
+// abort wakes the association's goroutine so that it ends. It is safe to call
+// at any time and more than once.
+func (a *udpAssoc) abort() {
+	a.cancel()
+	select {
+	case <-a.ready:
+		if a.conn != nil {
+			_ = a.conn.SetReadDeadline(time.Unix(1, 0))
+		}
+	default:
+		// Still opening: the cancelled context ends that.
+	}
+}
+
+func (a *udpAssoc) setQuote(q []byte) {
+	a.mu.Lock()
+	a.quote = q
+	a.mu.Unlock()
+}
+
+// send carries one datagram from the client towards dst; with batched, it
+// may wait in the send queue until the next flush.
+func (a *udpAssoc) send(dst netip.AddrPort, payload []byte, batched bool) {
+	select {
+	case <-a.ready:
+	default:
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		select {
+		case <-a.ready: // opened while we took the lock: pending was flushed
+		default:
+			if len(a.pending) >= udpPendingMax {
+				a.t.droppedQueue.Add(1)
+				return
+			}
+			a.pending = append(a.pending, pendingDatagram{dst: dst, payload: append([]byte(nil), payload...)})
+			return
+		}
+	}
+	if a.failed {
+		bp := udpBufs.Get().(*[]byte)
+		a.mu.Lock()
+		pkt := packet.BuildPortUnreachable(*bp, dst.Addr(), a.client.Addr(), a.quote)
+		a.mu.Unlock()
+		a.t.cfg.Writer.WriteRaw(pkt)
+		udpBufs.Put(bp)
+		return
+	}
+	names := a.t.cfg.Names
+	switch {
+	case a.udpConn == nil || names != nil && names.IsFake(dst.Addr()):
+		a.touch()
+		a.write(dst, payload)
+	case batched:
+		a.t.tx.mu.Lock()
+		a.t.tx.add(a, dst, payload)
+		a.t.tx.mu.Unlock()
+	default:
+		a.t.tx.sendNow(a, dst, payload)
+	}
+}
+
+// write sends one datagram with the conn's WriteTo: through a proxy, or
+// to a destination given by name.
+func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
+	var err error
+	if names := a.t.cfg.Names; names != nil && names.IsFake(dst.Addr()) {
+		d := a.fakes.lookup(dst)
+		if d == nil {
+			hostport, release, err := names.Lookup(dst)
+			if err != nil {
+				a.log.Info("dropping datagram", "dst", dst, "err", err)
+				return
+			}
+			d = &fakeDest{fake: dst, hostport: hostport, release: release}
+			a.fakes.add(d)
+		}
+		_, err = a.conn.WriteTo(payload, hostAddr(d.hostport))
+	} else {
+		_, err = a.conn.WriteTo(payload, net.UDPAddrFromAddrPort(dst))
+	}
+	if err != nil {
+		a.log.Debug("udp send failed", "dst", dst, "err", err)
+	}
+}
+
+// run opens the upstream side, flushes what waited for it, then carries
+// replies back until the association idles out or is aborted.
+func (a *udpAssoc) run() {
+	defer a.fakes.releaseAll()
+	defer a.t.remove(a)
+	defer a.cancel()
+	ctx, cancel := context.WithTimeout(a.ctx, a.t.cfg.DialTimeout)
+	conn, err := a.t.cfg.Dialer.ListenPacket(ctx, "udp", "")
+	cancel()
+
+	var udpConn *net.UDPConn
+	if err == nil {
+		udpConn = kernelSocket(conn)
+	}
+	a.mu.Lock()
+	pending := a.pending
+	a.pending = nil
+	if err != nil {
+		a.failed = true
+	} else {
+		a.conn = conn
+		a.udpConn = udpConn
+		if udpConn != nil {
+			if kerr := a.openKernelSocket(); kerr != nil {
+				// Without its raw conn the socket is used as a plain
+				// packet conn.
+				a.log.Debug("udp socket: no batched i/o", "err", kerr)
+				a.udpConn = nil
+			}
+		}
+	}
+	close(a.ready)
+	a.mu.Unlock()
+
+	if err != nil {
+		a.log.Warn("udp association failed: datagrams from this source are refused", "err", err)
+		for _, d := range pending {
+			a.send(d.dst, d.payload, false)
+		}
+		// Keep answering with ICMP errors for a while rather than retrying
+		// the upstream for every datagram.
+		hold := time.NewTimer(udpFailedHold)
+		defer hold.Stop()
+		select {
+		case <-hold.C:
+		case <-a.ctx.Done():
+		}
+		return
+	}
+	defer conn.Close()
+	a.log.Debug("udp association open", "local", conn.LocalAddr())
+	for _, d := range pending {
+		a.send(d.dst, d.payload, false)
+	}
+	a.receive()
+}
+
+// receive carries datagrams from the upstream to the client until the
+// association has been idle for the table's timeout or is aborted.
+func (a *udpAssoc) receive() {
+	var r *udpReceiver
+	if a.udpConn != nil {
+		r = newUDPReceiver(a)
+	}
+	// The deadline is moved only when it passes, not for every read: the
+	// association then lives until timeout after its last datagram.
+	deadlineSet := false
+	for {
+		if !deadlineSet {
+			_ = a.conn.SetReadDeadline(time.Unix(0, a.last.Load()).Add(a.t.cfg.Timeout))
+			deadlineSet = true
+		}
+		// Checked after setting the deadline, so that an abort in between
+		// (which sets a past deadline) cannot be overwritten unseen.
+		if a.ctx.Err() != nil {
+			return
+		}
+		var err error
+		if r != nil {
+			err = r.receive()
+		} else {
+			err = a.receiveOne()
+		}
+		if err == nil {
+			a.touch()
+			continue
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			if a.ctx.Err() != nil {
+				return
+			}
+			if time.Since(time.Unix(0, a.last.Load())) >= a.t.cfg.Timeout {
+				a.log.Debug("udp association closed", "cause", "idle")
+				return
+			}
+			deadlineSet = false
+			continue // the client sent something meanwhile: not idle yet
+		}
+		a.log.Debug("udp association closed", "err", err)
+		return
+	}
+}
+
+// receiveOne reads one datagram from a conn that is not a kernel socket (a
+// proxy's) and writes it to the client as a packet from its true source.
+func (a *udpAssoc) receiveOne() error {
+	bp := udpBufs.Get().(*[]byte)
+	n, fromAddr, err := a.conn.ReadFrom((*bp)[udpHeadroom:])
+	if err != nil {
+		udpBufs.Put(bp)
+		return err
+	}
+	var from netip.AddrPort
+	if ua, ok := fromAddr.(*net.UDPAddr); ok {
+		from = ua.AddrPort()
+	}
+	defer udpBufs.Put(bp)
+	from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+	if !a.fakes.empty() {
+		if fake, ok := a.fakes.replySource(fromAddr, from.Port()); ok {
+			from = fake
+		}
+	}
+	if !from.IsValid() || from.Addr().Is4() != a.client.Addr().Is4() {
+		return nil // a source the client's address family cannot see
+	}
+	hl := packet.IPHeaderLen(a.client.Addr())
+	if hl+packet.UDPHeaderLen+n > int(a.t.cfg.Writer.MTU()) {
+		a.t.droppedBig.Add(1)
+		return nil
+	}
+	start := udpHeadroom - hl - packet.UDPHeaderLen
+	pkt := packet.BuildUDP((*bp)[start:], from, a.client, (*bp)[udpHeadroom:udpHeadroom+n])
+	a.t.cfg.Writer.WriteRaw(pkt)
+	return nil
+}
+
+// KernelSocket is what a packet conn that is a plain kernel UDP socket may
+// implement (proxy.Direct's does) to let the stack read and write it
+// directly: borrowing buffers only while a datagram is there, and receiving
+// ICMP errors.
+type KernelSocket interface {
+	KernelSocket() *net.UDPConn
+}
+
+func kernelSocket(c net.PacketConn) *net.UDPConn {
+	switch c := c.(type) {
+	case *net.UDPConn:
+		return c
+	case KernelSocket:
+		return c.KernelSocket()
+	}
+	return nil
+}
+
+func sockaddrToAddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// Len is the number of open associations.
+func (t *Table) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.assocs)
+}
+
+// assocList is a doubly linked list threaded through the associations.
+type assocList struct {
+	front, tail *udpAssoc
+}
+
+func (l *assocList) pushFront(a *udpAssoc) {
+	a.listed = a.last.Load()
+	a.prev, a.next = nil, l.front
+	if l.front != nil {
+		l.front.prev = a
+	} else {
+		l.tail = a
+	}
+	l.front = a
+}
+
+func (l *assocList) remove(a *udpAssoc) {
+	if a.prev != nil {
+		a.prev.next = a.next
+	} else if l.front == a {
+		l.front = a.next
+	}
+	if a.next != nil {
+		a.next.prev = a.prev
+	} else if l.tail == a {
+		l.tail = a.prev
+	}
+	a.prev, a.next = nil, nil
+}
+
+func (l *assocList) moveToFront(a *udpAssoc) {
+	if l.front == a {
+		a.listed = a.last.Load()
+		return
+	}
+	l.remove(a)
+	l.pushFront(a)
+}
+
+func (l *assocList) back() *udpAssoc { return l.tail }
+
+// Stats are the table's counters since it was made.
+type Stats struct {
+	Sent, SendCalls   uint64 // datagrams sent upstream in batches, and the sendmmsg calls
+	DroppedSend       uint64 // datagrams a full or failing socket did not take
+	Received          uint64 // datagrams received in batches
+	RecvCalls         uint64 // recvmmsg calls that returned datagrams or an error
+	DroppedBig        uint64 // replies too large for the link MTU
+	DroppedOpening    uint64 // datagrams dropped while an association opened
+	RxBatchesBorrowed int64  // receive batches held right now
+}
+
+// Stats reads the counters.
+func (t *Table) Stats() Stats {
+	return Stats{
+		Sent: t.sent.Load(), SendCalls: t.sendCalls.Load(), DroppedSend: t.droppedSend.Load(),
+		Received: t.received.Load(), RecvCalls: t.recvCalls.Load(),
+		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(),
+		RxBatchesBorrowed: t.rxHeld.Load(),
+	}
+}

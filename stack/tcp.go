@@ -1,0 +1,227 @@
+package stack
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netstackd/netstackd/stack/internal/gverr"
+	"github.com/netstackd/netstackd/stack/internal/packet"
+	"github.com/netstackd/netstackd/stack/internal/tcprelay"
+)
+
+// beginFlow registers a forwarder handler with the stack's WaitGroup unless
+// the stack is closing. The lock makes Add and Close's Wait never race.
+func (st *Stack) beginFlow() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed {
+		return false
+	}
+	st.flows.Add(1)
+	return true
+}
+
+// takeFlowSlot takes one of the MaxFlows slots that every TCP flow holds,
+// outbound or published, or reports false when none is free.
+func (st *Stack) takeFlowSlot() bool {
+	select {
+	case st.flowSlots <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// handleTCP runs on a goroutine of gVisor's forwarder, one per new SYN.
+// It dials the upstream first and only then completes the client's
+// handshake, so a refused or unreachable upstream reaches the client as a
+// reset in reply to its SYN; with Config.AcceptFirst it does both at once.
+// Once the flow is relayed it returns while the flow goes on: what the flow
+// holds (its count in st.flows, its slot, a fake address's name) is let go
+// when it ends.
+func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
+	if !st.beginFlow() {
+		req.Complete(false)
+		return
+	}
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			st.flows.Done()
+		}
+	}()
+
+	id := req.ID()
+	client := netip.AddrPortFrom(packet.AddrFrom(id.RemoteAddress), id.RemotePort)
+	dst := netip.AddrPortFrom(packet.AddrFrom(id.LocalAddress), id.LocalPort)
+	log := flowLogger{base: st.log, seq: st.nextFlowID(), src: client, dst: dst}
+
+	if !st.takeFlowSlot() {
+		log.log(slog.LevelWarn, "flow limit reached, resetting", "max_flows", st.cfg.MaxFlows)
+		req.Complete(true)
+		return
+	}
+	defer func() {
+		if !handedOff {
+			<-st.flowSlots
+		}
+	}()
+
+	if st.cfg.DNS != nil && dst.Port() == 53 {
+		st.serveDNSStream(req, client, dst, log)
+		return
+	}
+	address, release, err := st.upstreamAddress(dst)
+	if err != nil {
+		log.log(slog.LevelInfo, "refusing flow", "err", err)
+		req.Complete(true)
+		return
+	}
+	defer func() {
+		if !handedOff {
+			release()
+		}
+	}()
+	var wq waiter.Queue
+	open := st.dialThenAccept
+	if st.cfg.AcceptFirst {
+		open = st.acceptWhileDialing
+	}
+	upstream, ep, err := open(req, &wq, address)
+	if err != nil {
+		log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
+		return
+	}
+	ep.SocketOptions().SetKeepAlive(true)
+	conn := tcprelay.NewConn(ep, &wq, dst, client)
+
+	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
+	handedOff = true
+	st.relay.Relay(conn, upstream, func(res tcprelay.Result) {
+		if l := log.logger(slog.LevelDebug); l != nil {
+			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.LogAttrs()...)
+		}
+		release()
+		<-st.flowSlots
+		st.flows.Done()
+	})
+}
+
+// dialThenAccept reaches the upstream and only then completes the client's
+// handshake, so that a refused or unreachable upstream reaches the client
+// as a reset in reply to its SYN, as if the far end had refused it. It
+// calls req.Complete.
+func (st *Stack) dialThenAccept(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+	upstream, err := st.dialUpstream(address)
+	if err != nil {
+		req.Complete(true)
+		return nil, nil, err
+	}
+	ep, terr := req.CreateEndpoint(wq)
+	if terr != nil {
+		// The client reset or gave up during the handshake: the upstream,
+		// which has already accepted, sees a reset as well.
+		req.Complete(true)
+		tcprelay.ResetConn(upstream)
+		return nil, nil, fmt.Errorf("client handshake: %w", gverr.Error("accept", terr))
+	}
+	req.Complete(false)
+	return upstream, ep, nil
+}
+
+// acceptWhileDialing completes the client's handshake while the upstream is
+// being dialed (Config.AcceptFirst). The client's connect returns without
+// waiting for the upstream, and what it sends meanwhile waits in the
+// endpoint's receive buffer; an upstream that cannot be reached resets the
+// established connection instead of refusing the SYN. It calls
+// req.Complete.
+func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+	type dialResult struct {
+		conn net.Conn
+		err  error
+	}
+	// Every return below first receives from dialed, so this goroutine is
+	// always waited for. It starts before the handshake: on one P the
+	// runtime runs the goroutine readied last first, which is then the
+	// writer carrying the SYN-ACK, and the dial runs while the client
+	// answers.
+	dialed := make(chan dialResult, 1)
+	go func() {
+		c, err := st.dialUpstream(address)
+		dialed <- dialResult{c, err}
+	}()
+	ep, terr := req.CreateEndpoint(wq)
+	if terr != nil {
+		req.Complete(true)
+		if d := <-dialed; d.err == nil {
+			tcprelay.ResetConn(d.conn)
+		}
+		return nil, nil, fmt.Errorf("client handshake: %w", gverr.Error("accept", terr))
+	}
+	req.Complete(false)
+	d := <-dialed
+	if d.err != nil {
+		ep.Abort()
+		return nil, nil, d.err
+	}
+	return d.conn, ep, nil
+}
+
+func (st *Stack) dialUpstream(address string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+	defer cancel()
+	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
+	if err != nil {
+		return nil, fmt.Errorf("dial upstream %s: %w", address, err)
+	}
+	return c, nil
+}
+
+// flowLogger logs a TCP flow's lines with its attributes. It builds the
+// logger only for a line that is logged: a logger With attributes costs a
+// few hundred bytes, which every idle flow would hold for nothing.
+type flowLogger struct {
+	base     *slog.Logger
+	seq      uint64
+	src, dst netip.AddrPort
+}
+
+// logger is the flow's logger if level is enabled, else nil.
+func (l flowLogger) logger(level slog.Level) *slog.Logger {
+	if !l.base.Enabled(context.Background(), level) {
+		return nil
+	}
+	return l.base.With("flow", l.seq, "proto", "tcp", "src", l.src, "dst", l.dst)
+}
+
+func (l flowLogger) log(level slog.Level, msg string, args ...any) {
+	if lg := l.logger(level); lg != nil {
+		lg.Log(context.Background(), level, msg, args...)
+	}
+}
+
+// serveDNSStream answers DNS over TCP on the stack itself: there is nothing
+// to dial first.
+func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.AddrPort, log flowLogger) {
+	var wq waiter.Queue
+	ep, terr := req.CreateEndpoint(&wq)
+	if terr != nil {
+		req.Complete(true)
+		return
+	}
+	req.Complete(false)
+	conn := tcprelay.NewConn(ep, &wq, dst, client)
+	defer conn.Close()
+	stop := context.AfterFunc(st.ctx, conn.Abort)
+	defer stop()
+	if err := st.cfg.DNS.ServeStream(st.ctx, conn); err != nil {
+		log.log(slog.LevelDebug, "dns over tcp ended", "err", err)
+	}
+}
