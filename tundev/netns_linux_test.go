@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/netstackd/netstackd/internal/device"
 	"github.com/netstackd/netstackd/tundev"
 	"github.com/netstackd/netstackd/tundev/tundevtest"
 )
@@ -126,12 +127,9 @@ func TestCreateInNetns(t *testing.T) {
 			}
 			r.waitUDP(t, local, tc.remote, []byte("ping"))
 
-			// Into the namespace: Write, with head-room, reaches the socket.
-			const offset = 32
+			// Into the namespace: Write reaches the socket.
 			pkt := tundevtest.UDPPacket(tc.remote, local, []byte("pong"))
-			// An all-zero vnet header: a complete packet, nothing to cut.
-			buf := append(make([]byte, offset+dev.VnetHdrLen()), pkt...)
-			if n, err := dev.Write([][]byte{buf}, offset); n != 1 || err != nil {
+			if n, err := writePackets(dev, pkt); n != 1 || err != nil {
 				t.Fatalf("Write = %d, %v; want 1, nil", n, err)
 			}
 			conn.SetReadDeadline(time.Now().Add(waitTimeout))
@@ -362,19 +360,17 @@ func startReader(t *testing.T, dev *tundev.Device) *reader {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		defer close(r.done)
-		bufs := [][]byte{make([]byte, 1<<16)}
+		bufs := [][]byte{make([]byte, device.ReadOffset+device.MaxPacket)}
 		sizes := []int{0}
 		for {
-			n, err := dev.Read(bufs, sizes, 0)
+			n, err := readPackets(dev, 0, bufs, sizes)
 			if err != nil {
 				r.err = err
 				return
 			}
 			for i := range n {
-				// The vnet header is the device's framing; the
-				// tests look at the packet behind it.
 				select {
-				case r.pkts <- bytes.Clone(bufs[i][dev.VnetHdrLen():sizes[i]]):
+				case r.pkts <- bytes.Clone(packetAt(bufs, sizes, i)):
 				default: // the test is not looking; the kernel's own chatter
 				}
 			}

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/netstackd/netstackd/internal/device"
 	"github.com/netstackd/netstackd/tundev"
 	"github.com/netstackd/netstackd/tundev/tundevtest"
 )
@@ -57,18 +58,18 @@ func startQueueReaders(t *testing.T, dev *tundev.Device) (<-chan queuePacket, fu
 		wg.Go(func() {
 			bufs := make([][]byte, dev.BatchSize())
 			for i := range bufs {
-				bufs[i] = make([]byte, dev.VnetHdrLen()+1<<16)
+				bufs[i] = make([]byte, device.ReadOffset+device.MaxPacket)
 			}
 			sizes := make([]int, len(bufs))
 			for {
-				n, err := dev.ReadQueue(q, bufs, sizes, 0)
+				n, err := readPackets(dev, q, bufs, sizes)
 				if err != nil {
 					errs[q] = err
 					return
 				}
 				for i := range n {
 					select {
-					case pkts <- queuePacket{q, bytes.Clone(bufs[i][dev.VnetHdrLen():sizes[i]])}:
+					case pkts <- queuePacket{q, bytes.Clone(packetAt(bufs, sizes, i))}:
 					default: // the test is not looking
 					}
 				}
@@ -119,8 +120,8 @@ func TestCreateQueues(t *testing.T) {
 	if _, err := dev.DupFile(); err == nil {
 		t.Error("DupFile on a multi-queue device succeeded")
 	}
-	if _, err := dev.ReadQueue(queues, [][]byte{make([]byte, 100)}, []int{0}, 0); err == nil {
-		t.Error("ReadQueue past the last queue succeeded")
+	if _, err := readPackets(dev, queues, [][]byte{make([]byte, 100)}, []int{0}); err == nil {
+		t.Error("Read past the last queue succeeded")
 	}
 	h := tundevtest.Handle(t, nsPath)
 	if err := dev.Up(); err != nil {
@@ -162,15 +163,16 @@ func TestCreateQueues(t *testing.T) {
 		}
 	}
 
-	// Steering: a packet of a flow written on queue k makes the kernel
-	// hand that flow's packets to queue k (tun_flow_update).
+	// Steering: a packet of a flow written on a queue makes the kernel
+	// hand that flow's packets to that queue (tun_flow_update); Write picks
+	// the queue by the flow's hash.
 	for k := range queues {
 		inside := listenUDP(t, nsPath, netip.AddrPortFrom(addr4.Addr(), 0))
 		in := inside.LocalAddr().(*net.UDPAddr).AddrPort()
 		outside := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(7000+k))
-		pkt := append(make([]byte, dev.VnetHdrLen()), tundevtest.UDPPacket(outside, in, []byte("ping"))...)
-		if _, err := dev.WriteQueue(k, [][]byte{pkt}, 0); err != nil {
-			t.Fatalf("WriteQueue(%d): %v", k, err)
+		pkt := tundevtest.UDPPacket(outside, in, []byte("ping"))
+		if _, err := writePackets(dev, pkt); err != nil {
+			t.Fatalf("Write (flow %d): %v", k, err)
 		}
 		buf := make([]byte, 100)
 		_ = inside.SetReadDeadline(time.Now().Add(waitTimeout))

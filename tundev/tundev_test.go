@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
+	"github.com/netstackd/netstackd/internal/device"
 	"github.com/netstackd/netstackd/tundev"
 )
 
@@ -127,39 +128,44 @@ func TestFromFileRejects(t *testing.T) {
 
 func TestReadWrite(t *testing.T) {
 	dev, peer := socketpair(t)
-	const offset = 16 // head-room a caller may keep in front of packets
 
-	// Write: each buffer becomes one packet, head-room excluded.
-	pkts := [][]byte{[]byte("first packet"), []byte("second"), bytes.Repeat([]byte{0x45}, 1500)}
-	bufs := make([][]byte, len(pkts))
-	for i, p := range pkts {
-		bufs[i] = append(bytes.Repeat([]byte{0xee}, offset), p...)
+	// Write: each packet goes out as one, its pieces joined in order.
+	big := bytes.Repeat([]byte{0x45}, 1500)
+	pkts := [][][]byte{
+		{[]byte("first packet")},
+		{[]byte("ip+tcp header"), big[:1000], big[1000:]},
+		{[]byte("a"), nil, []byte("b")},
 	}
-	n, err := dev.Write(bufs, offset)
+	n, err := dev.Write(pkts, make([]device.Meta, len(pkts)))
 	if n != len(pkts) || err != nil {
 		t.Fatalf("Write = %d, %v; want %d, nil", n, err, len(pkts))
 	}
 	got := make([]byte, 2048)
-	for i, want := range pkts {
+	for i, pieces := range pkts {
 		m, err := peer.Read(got)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(got[:m], want) {
-			t.Errorf("packet %d on the wire = %q, want %q", i, got[:m], want)
+		if want := bytes.Join(pieces, nil); !bytes.Equal(got[:m], want) {
+			t.Errorf("packet %d on the wire = %.20q (%d bytes), want %.20q (%d bytes)", i, got[:m], m, want, len(want))
 		}
 	}
+	// A device without offloads refuses what only offloads can carry.
+	if _, err := dev.Write([][][]byte{{[]byte("x")}}, []device.Meta{{GSO: device.GSOTCPv4, GSOSize: 1000}}); err == nil {
+		t.Error("Write of a segment to a device without offloads succeeded")
+	}
 
-	// Read: one packet per call, placed at offset, its length in sizes.
-	for _, p := range pkts {
+	// Read: packets placed at the offset, their lengths in sizes.
+	want := [][]byte{[]byte("first packet"), []byte("second"), big}
+	for _, p := range want {
 		if _, err := peer.Write(p); err != nil {
 			t.Fatal(err)
 		}
 	}
-	rbufs := [][]byte{make([]byte, offset+2048), make([]byte, offset+2048)}
+	rbufs := [][]byte{make([]byte, device.ReadOffset+2048), make([]byte, device.ReadOffset+2048)}
 	sizes := make([]int, len(rbufs))
-	for i := 0; i < len(pkts); {
-		n, err := dev.Read(rbufs, sizes, offset)
+	for i := 0; i < len(want); {
+		n, err := readPackets(dev, 0, rbufs, sizes)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -167,49 +173,26 @@ func TestReadWrite(t *testing.T) {
 			t.Fatalf("Read returned %d packets for %d buffers", n, len(rbufs))
 		}
 		for j := range n {
-			if got := rbufs[j][offset : offset+sizes[j]]; !bytes.Equal(got, pkts[i]) {
-				t.Errorf("packet %d read = %q, want %q", i, got, pkts[i])
+			if got := packetAt(rbufs, sizes, j); !bytes.Equal(got, want[i]) {
+				t.Errorf("packet %d read = %.20q, want %.20q", i, got, want[i])
 			}
 			i++
 		}
 	}
-}
-
-// TestWriteVectored: each packet's pieces leave as one packet, joined in
-// order, and a closed device says os.ErrClosed.
-func TestWriteVectored(t *testing.T) {
-	dev, peer := socketpair(t)
-	big := bytes.Repeat([]byte{0x45}, 60000)
-	pkts := [][][]byte{
-		{[]byte("vnet hdr.."), []byte("ip+tcp header"), big[:1000], big[1000:]},
-		{[]byte("one piece")},
-		{[]byte("a"), nil, []byte("b")},
-	}
-	n, err := dev.WriteVectored(pkts)
-	if n != len(pkts) || err != nil {
-		t.Fatalf("WriteVectored = %d, %v; want %d, nil", n, err, len(pkts))
-	}
-	got := make([]byte, 1<<16)
-	for i, pieces := range pkts {
-		m, err := peer.Read(got)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want := bytes.Join(pieces, nil); !bytes.Equal(got[:m], want) {
-			t.Errorf("packet %d on the wire: %d bytes starting %.20q, want %d bytes starting %.20q", i, m, got[:m], len(want), want)
-		}
-	}
 	dev.Close()
-	if _, err := dev.WriteVectored(pkts[:1]); !errors.Is(err, os.ErrClosed) {
-		t.Errorf("WriteVectored after Close = %v, want os.ErrClosed", err)
+	if _, err := writePackets(dev, []byte("x")); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Write after Close = %v, want os.ErrClosed", err)
 	}
 }
 
 func TestReadShortBuffer(t *testing.T) {
 	dev, _ := socketpair(t)
-	_, err := dev.Read([][]byte{make([]byte, 8)}, []int{0}, 8)
+	_, err := dev.Read(0, [][]byte{make([]byte, device.ReadOffset)}, []int{0}, []device.Meta{{}}, device.ReadOffset)
 	if !errors.Is(err, io.ErrShortBuffer) {
 		t.Errorf("Read with no room after offset = %v, want io.ErrShortBuffer", err)
+	}
+	if _, err := dev.Read(0, [][]byte{make([]byte, 100)}, []int{0}, []device.Meta{{}}, device.ReadOffset-1); err == nil {
+		t.Error("Read with an offset below ReadOffset succeeded")
 	}
 }
 
@@ -217,12 +200,13 @@ func TestReadShortBuffer(t *testing.T) {
 // allocate.
 func TestReadWriteAllocs(t *testing.T) {
 	dev, peer := socketpair(t)
-	pkt := [][]byte{make([]byte, 1400)}
+	pkt := [][][]byte{{make([]byte, 1400)}}
+	metas := make([]device.Meta, 2)
 	rbuf := [][]byte{make([]byte, 2048), make([]byte, 2048)}
 	sizes := []int{0, 0}
 	buf := make([]byte, 2048)
 	allocs := testing.AllocsPerRun(100, func() {
-		if _, err := dev.Write(pkt, 0); err != nil {
+		if _, err := dev.Write(pkt, metas[:1]); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := peer.Read(buf); err != nil {
@@ -231,7 +215,7 @@ func TestReadWriteAllocs(t *testing.T) {
 		if _, err := peer.Write(buf[:1400]); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := dev.Read(rbuf, sizes, 0); err != nil {
+		if _, err := dev.Read(0, rbuf, sizes, metas, device.ReadOffset); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -244,7 +228,7 @@ func TestCloseWakesRead(t *testing.T) {
 	dev, _ := socketpair(t)
 	done := make(chan error, 1)
 	go func() {
-		_, err := dev.Read([][]byte{make([]byte, 2048)}, []int{0}, 0)
+		_, err := readPackets(dev, 0, [][]byte{make([]byte, 2048)}, []int{0})
 		done <- err
 	}()
 	waitBlockedInRead(t)
@@ -262,10 +246,10 @@ func TestCloseWakesRead(t *testing.T) {
 	if err := dev.Close(); err != nil {
 		t.Errorf("second Close = %v, want nil", err)
 	}
-	if _, err := dev.Read([][]byte{make([]byte, 2048)}, []int{0}, 0); !errors.Is(err, os.ErrClosed) {
+	if _, err := readPackets(dev, 0, [][]byte{make([]byte, 2048)}, []int{0}); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("Read after Close = %v, want os.ErrClosed", err)
 	}
-	if _, err := dev.Write([][]byte{[]byte("x")}, 0); !errors.Is(err, os.ErrClosed) {
+	if _, err := writePackets(dev, []byte("x")); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("Write after Close = %v, want os.ErrClosed", err)
 	}
 	if err := dev.Up(); !errors.Is(err, os.ErrClosed) {
@@ -349,17 +333,18 @@ func BenchmarkWriteRead(b *testing.B) {
 			defer dev.Close()
 			peer := os.NewFile(uintptr(fds[1]), "peer")
 			defer peer.Close()
-			pkt := [][]byte{make([]byte, size)}
+			pkt := [][][]byte{{make([]byte, size)}}
+			metas := []device.Meta{{}}
 			rbuf := [][]byte{make([]byte, 2048)}
 			sizes := []int{0}
 			buf := make([]byte, 2048)
 			b.ReportAllocs()
 			b.SetBytes(int64(2 * size))
 			for b.Loop() {
-				dev.Write(pkt, 0)
+				dev.Write(pkt, metas)
 				peer.Read(buf)
 				peer.Write(buf[:size])
-				dev.Read(rbuf, sizes, 0)
+				dev.Read(0, rbuf, sizes, metas, device.ReadOffset)
 			}
 		})
 	}
@@ -381,7 +366,7 @@ func TestReadBatch(t *testing.T) {
 	sizes := make([]int, 3)
 	var got []byte
 	for _, want := range []int{3, 2} {
-		n, err := dev.Read(bufs, sizes, 4)
+		n, err := readPackets(dev, 0, bufs, sizes)
 		if err != nil || n != want {
 			t.Fatalf("Read = %d, %v; want %d, nil", n, err, want)
 		}
@@ -389,7 +374,7 @@ func TestReadBatch(t *testing.T) {
 			if sizes[i] != 2 {
 				t.Fatalf("packet %d: size %d, want 2", i, sizes[i])
 			}
-			got = append(got, bufs[i][5])
+			got = append(got, packetAt(bufs, sizes, i)[1])
 		}
 	}
 	if string(got) != "\x00\x01\x02\x03\x04" {

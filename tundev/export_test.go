@@ -1,0 +1,9 @@
+package tundev
+
+// Accessors for the external tests: what the device negotiated, in the
+// terms the tests check it in.
+
+func (d *Device) VnetHdrLen() int { return d.hdrLen() }
+func (d *Device) TSO() bool       { return d.Capabilities().TSO }
+func (d *Device) USO() bool       { return d.Capabilities().USO }
+func (d *Device) NumQueues() int  { return d.Queues() }
