@@ -109,8 +109,8 @@ var topoSeq atomic.Int64
 
 // New builds the server, daemon and client namespaces described in the
 // package comment and deletes them in t.Cleanup, also when t fails. It skips
-// t when not root or without ip. The veth between server and daemon is up when New
-// returns.
+// t when not root or without ip. The veth between server and daemon is up
+// when New returns.
 func New(t testing.TB) *Topology {
 	t.Helper()
 	RequireRoot(t)
