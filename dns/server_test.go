@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -424,22 +423,5 @@ func TestRawReply(t *testing.T) {
 	r := rawReply(q, dns.RcodeFormatError)
 	if binary.BigEndian.Uint16(r) != 0x1234 || r[2] != 0x80|0x28|0x01 || r[3] != 0x81 || len(r) != headerLen {
 		t.Errorf("rawReply = %x", r)
-	}
-}
-
-// TestImports keeps the package to miekg/dns and the standard library: no
-// gVisor, no other netstackd package.
-func TestImports(t *testing.T) {
-	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "go", "list", "-deps", ".").Output()
-	if err != nil {
-		t.Skipf("go list: %v", err)
-	}
-	for _, pkg := range strings.Fields(string(out)) {
-		if strings.HasPrefix(pkg, "gvisor.dev/") ||
-			strings.HasPrefix(pkg, "github.com/netstackd/netstackd/") && pkg != "github.com/netstackd/netstackd/dns" {
-			t.Errorf("package dns depends on %s", pkg)
-		}
 	}
 }

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/netstackd/netstackd/internal/netnstest"
 	"github.com/netstackd/netstackd/tundev"
-	"github.com/netstackd/netstackd/tundev/tundevtest"
 )
 
 // The stack declares the device it consumes; a multi-queue TUN must fit the
@@ -28,7 +28,7 @@ func TestLinkQueuesTUN(t *testing.T) {
 		t.Skip("needs root: creates a multi-queue TUN in a network namespace")
 	}
 	const queues, tcpFlows, udpFlows, size = 4, 16, 16, 512 << 10
-	_, nsPath := tundevtest.NewNetns(t, "mqstack")
+	_, nsPath := netnstest.NewBareNetns(t, "mqstack")
 	dev, err := tundev.Create(tundev.Config{
 		Name:      fmt.Sprintf("mqs%d", os.Getpid()%1_000_000),
 		NetnsPath: nsPath,

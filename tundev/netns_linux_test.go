@@ -16,8 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/internal/netnstest"
 	"github.com/netstackd/netstackd/tundev"
-	"github.com/netstackd/netstackd/tundev/tundevtest"
 )
 
 // Every test here works inside a throwaway namespace: nothing touches the
@@ -38,8 +38,8 @@ const waitTimeout = 10 * time.Second
 var tunName = fmt.Sprintf("tdv%d", os.Getpid()%1_000_000)
 
 func TestCreateInNetns(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	_, nsPath := tundevtest.NewNetns(t, "tundev")
+	netnstest.RequireRoot(t)
+	_, nsPath := netnstest.NewBareNetns(t, "tundev")
 	dev, err := tundev.Create(tundev.Config{
 		Name:      tunName,
 		NetnsPath: nsPath,
@@ -56,12 +56,12 @@ func TestCreateInNetns(t *testing.T) {
 		t.Errorf("Name, MTU, BatchSize = %q, %d, %d; want %q, 1400, 16", dev.Name(), dev.MTU(), dev.BatchSize(), tunName)
 	}
 
-	h := tundevtest.Handle(t, nsPath)
+	h := netnstest.NetlinkHandle(t, nsPath)
 	link, err := h.LinkByName(tunName)
 	if err != nil {
 		t.Fatalf("link %s not in the namespace: %v", tunName, err)
 	}
-	if _, err := tundevtest.Handle(t, "").LinkByName(tunName); err == nil {
+	if _, err := netnstest.NetlinkHandle(t, "").LinkByName(tunName); err == nil {
 		t.Errorf("link %s also exists in the caller's namespace", tunName)
 	}
 	if ok, err := tundev.LinkExists(tunName, ""); ok || err != nil {
@@ -128,7 +128,7 @@ func TestCreateInNetns(t *testing.T) {
 			r.waitUDP(t, local, tc.remote, []byte("ping"))
 
 			// Into the namespace: Write reaches the socket.
-			pkt := tundevtest.UDPPacket(tc.remote, local, []byte("pong"))
+			pkt := netnstest.UDPPacket(tc.remote, local, []byte("pong"))
 			if n, err := writePackets(dev, pkt); n != 1 || err != nil {
 				t.Fatalf("Write = %d, %v; want 1, nil", n, err)
 			}
@@ -160,8 +160,8 @@ func TestCreateInNetns(t *testing.T) {
 }
 
 func TestCreateDefaults(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	_, nsPath := tundevtest.NewNetns(t, "tundev")
+	netnstest.RequireRoot(t)
+	_, nsPath := netnstest.NewBareNetns(t, "tundev")
 	dev, err := tundev.Create(tundev.Config{NetnsPath: nsPath})
 	if err != nil {
 		t.Fatalf("Create: %v", err)
@@ -170,7 +170,7 @@ func TestCreateDefaults(t *testing.T) {
 	if dev.Name() != tundev.DefaultName || dev.MTU() != tundev.DefaultMTU {
 		t.Errorf("Name, MTU = %q, %d; want %q, %d", dev.Name(), dev.MTU(), tundev.DefaultName, tundev.DefaultMTU)
 	}
-	link, err := tundevtest.Handle(t, nsPath).LinkByName(tundev.DefaultName)
+	link, err := netnstest.NetlinkHandle(t, nsPath).LinkByName(tundev.DefaultName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,11 +185,11 @@ func TestCreateDefaults(t *testing.T) {
 // TestAttachPersistent attaches to a device made with `ip tuntap add`: Close
 // must leave it, minus what Create and Up added.
 func TestAttachPersistent(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	ns, nsPath := tundevtest.NewNetns(t, "tundev")
-	tundevtest.IP(t, "-n", ns, "tuntap", "add", "dev", tunName, "mode", "tun")
+	netnstest.RequireRoot(t)
+	ns, nsPath := netnstest.NewBareNetns(t, "tundev")
+	netnstest.IP(t, "-n", ns, "tuntap", "add", "dev", tunName, "mode", "tun")
 	// Left by an earlier run: accepted, and left in place by Close.
-	tundevtest.IP(t, "-n", ns, "addr", "add", addr4.String(), "dev", tunName)
+	netnstest.IP(t, "-n", ns, "addr", "add", addr4.String(), "dev", tunName)
 
 	dev, err := tundev.Create(tundev.Config{
 		Name:      tunName,
@@ -206,7 +206,7 @@ func TestAttachPersistent(t *testing.T) {
 	if err := dev.Up(); err != nil {
 		t.Fatalf("Up: %v", err)
 	}
-	h := tundevtest.Handle(t, nsPath)
+	h := netnstest.NetlinkHandle(t, nsPath)
 	link, err := h.LinkByName(tunName)
 	if err != nil {
 		t.Fatal(err)
@@ -243,14 +243,14 @@ func TestAttachPersistent(t *testing.T) {
 // created interface is deleted, an attached one is put back as found. The
 // kernel refuses a multicast address, after the first address is added.
 func TestCreateUndo(t *testing.T) {
-	tundevtest.RequireRoot(t)
+	netnstest.RequireRoot(t)
 	bad := netip.MustParsePrefix("ff02::1/64")
 	cfg := func(nsPath string) tundev.Config {
 		return tundev.Config{Name: tunName, NetnsPath: nsPath, MTU: 1400, Addrs: []netip.Prefix{addr4, bad}}
 	}
 
 	t.Run("created", func(t *testing.T) {
-		_, nsPath := tundevtest.NewNetns(t, "tundev")
+		_, nsPath := netnstest.NewBareNetns(t, "tundev")
 		dev, err := tundev.Create(cfg(nsPath))
 		if err == nil {
 			dev.Close()
@@ -265,14 +265,14 @@ func TestCreateUndo(t *testing.T) {
 	})
 
 	t.Run("attached", func(t *testing.T) {
-		ns, nsPath := tundevtest.NewNetns(t, "tundev")
-		tundevtest.IP(t, "-n", ns, "tuntap", "add", "dev", tunName, "mode", "tun")
+		ns, nsPath := netnstest.NewBareNetns(t, "tundev")
+		netnstest.IP(t, "-n", ns, "tuntap", "add", "dev", tunName, "mode", "tun")
 		dev, err := tundev.Create(cfg(nsPath))
 		if err == nil {
 			dev.Close()
 			t.Fatal("Create succeeded")
 		}
-		h := tundevtest.Handle(t, nsPath)
+		h := netnstest.NetlinkHandle(t, nsPath)
 		link, err := h.LinkByName(tunName)
 		if err != nil {
 			t.Fatalf("persistent device gone after a failed Create: %v", err)
@@ -293,11 +293,11 @@ func TestCreateUndo(t *testing.T) {
 // TestUpRouteConflict: a default route through another interface makes Up
 // fail clearly, and Up takes back what it did.
 func TestUpRouteConflict(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	ns, nsPath := tundevtest.NewNetns(t, "tundev")
-	tundevtest.IP(t, "-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
-	tundevtest.IP(t, "-n", ns, "link", "set", "va", "up")
-	tundevtest.IP(t, "-n", ns, "route", "add", "default", "dev", "va")
+	netnstest.RequireRoot(t)
+	ns, nsPath := netnstest.NewBareNetns(t, "tundev")
+	netnstest.IP(t, "-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+	netnstest.IP(t, "-n", ns, "link", "set", "va", "up")
+	netnstest.IP(t, "-n", ns, "route", "add", "default", "dev", "va")
 
 	dev, err := tundev.Create(tundev.Config{
 		Name:      tunName,
@@ -316,7 +316,7 @@ func TestUpRouteConflict(t *testing.T) {
 	if !errors.Is(err, unix.EEXIST) {
 		t.Errorf("Up = %v, want EEXIST", err)
 	}
-	h := tundevtest.Handle(t, nsPath)
+	h := netnstest.NetlinkHandle(t, nsPath)
 	link, err := h.LinkByName(tunName)
 	if err != nil {
 		t.Fatal(err)
@@ -330,15 +330,15 @@ func TestUpRouteConflict(t *testing.T) {
 // TestLinkDeleted: deleting the interface under an open device ends Read
 // with an error that says so, and Close still succeeds.
 func TestLinkDeleted(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	ns, nsPath := tundevtest.NewNetns(t, "tundev")
+	netnstest.RequireRoot(t)
+	ns, nsPath := netnstest.NewBareNetns(t, "tundev")
 	dev, err := tundev.Create(tundev.Config{Name: tunName, NetnsPath: nsPath})
 	if err != nil {
 		t.Fatalf("Create: %v", err)
 	}
 	defer dev.Close()
 	r := startReader(t, dev)
-	tundevtest.IP(t, "-n", ns, "link", "del", tunName)
+	netnstest.IP(t, "-n", ns, "link", "del", tunName)
 	err = r.wait(t)
 	if !errors.Is(err, unix.EBADFD) || errors.Is(err, os.ErrClosed) {
 		t.Errorf("Read after the link was deleted = %v, want EBADFD and not os.ErrClosed", err)
@@ -391,7 +391,7 @@ func (r *reader) waitUDP(t *testing.T, src, dst netip.AddrPort, payload []byte) 
 	for {
 		select {
 		case pkt := <-r.pkts:
-			s, d, p, ok := tundevtest.ParseUDP(pkt)
+			s, d, p, ok := netnstest.ParseUDP(pkt)
 			if ok && s == src && d == dst && bytes.Equal(p, payload) {
 				return
 			}
@@ -494,8 +494,8 @@ func checkRoutes(t *testing.T, h *netlink.Handle, link netlink.Link, present, ab
 // TestNoOffload: without offloads the fd carries bare packets, and a device
 // made from that fd (as --tun-fd gets it) sees the same.
 func TestNoOffload(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	_, nsPath := tundevtest.NewNetns(t, "tundev")
+	netnstest.RequireRoot(t)
+	_, nsPath := netnstest.NewBareNetns(t, "tundev")
 	dev, err := tundev.Create(tundev.Config{NetnsPath: nsPath, NoOffload: true})
 	if err != nil {
 		t.Fatalf("Create: %v", err)

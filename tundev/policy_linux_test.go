@@ -10,8 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/netstackd/netstackd/internal/netnstest"
 	"github.com/netstackd/netstackd/tundev"
-	"github.com/netstackd/netstackd/tundev/tundevtest"
 )
 
 const (
@@ -24,7 +24,7 @@ const (
 // families. It returns the namespace's name and path.
 func policyNetns(t *testing.T) (name, path string) {
 	t.Helper()
-	name, path = tundevtest.NewNetns(t, "policy")
+	name, path = netnstest.NewBareNetns(t, "policy")
 	for _, args := range [][]string{
 		{"link", "set", "lo", "up"},
 		{"link", "add", "tun0", "type", "veth", "peer", "name", "tun0p"},
@@ -40,7 +40,7 @@ func policyNetns(t *testing.T) (name, path string) {
 		{"route", "add", "default", "via", "10.9.0.2", "dev", "up0"},
 		{"-6", "route", "add", "default", "via", "fd09::2", "dev", "up0"},
 	} {
-		tundevtest.IP(t, append([]string{"-n", name}, args...)...)
+		netnstest.IP(t, append([]string{"-n", name}, args...)...)
 	}
 	return name, path
 }
@@ -53,7 +53,7 @@ func routingState(t *testing.T, ns string) string {
 	var lines []string
 	for _, fam := range []string{"-4", "-6"} {
 		for _, what := range [][]string{{"rule", "show"}, {"route", "show", "table", "all"}} {
-			out := tundevtest.IP(t, append([]string{"-n", ns, fam}, what...)...)
+			out := netnstest.IP(t, append([]string{"-n", ns, fam}, what...)...)
 			for l := range strings.Lines(out) {
 				lines = append(lines, fam+" "+strings.TrimSpace(l))
 			}
@@ -79,7 +79,7 @@ func testPolicyConfig(path string, log *slog.Logger) tundev.PolicyConfig {
 // where the kernel routes unmarked, marked, excluded and on-link traffic,
 // and that Close puts every rule and table back as they were.
 func TestHostWidePolicy(t *testing.T) {
-	tundevtest.RequireRoot(t)
+	netnstest.RequireRoot(t)
 	ns, path := policyNetns(t)
 	before := routingState(t, ns)
 
@@ -87,7 +87,7 @@ func TestHostWidePolicy(t *testing.T) {
 	if err != nil {
 		t.Fatalf("InstallPolicy: %v", err)
 	}
-	rules := tundevtest.IP(t, "-n", ns, "rule", "show")
+	rules := netnstest.IP(t, "-n", ns, "rule", "show")
 	for _, want := range []string{
 		"28270:\tfrom all lookup main suppress_prefixlength 0",
 		"28271:\tnot from all fwmark 0x6e73 lookup 28275",
@@ -116,7 +116,7 @@ func TestHostWidePolicy(t *testing.T) {
 		if c.mark != 0 {
 			args = append(args, "mark", "0x"+strconv.FormatUint(uint64(c.mark), 16))
 		}
-		got := devOf(t, tundevtest.IP(t, args...))
+		got := devOf(t, netnstest.IP(t, args...))
 		if got != c.want {
 			t.Errorf("ip %s: dev %s, want %s", strings.Join(args[2:], " "), got, c.want)
 		}
@@ -137,7 +137,7 @@ func TestHostWidePolicy(t *testing.T) {
 // its rules and throw routes; the next InstallPolicy removes them, says so at
 // Info, and after its own Close the state is as before the first.
 func TestHostWidePolicyStale(t *testing.T) {
-	tundevtest.RequireRoot(t)
+	netnstest.RequireRoot(t)
 	ns, path := policyNetns(t)
 	before := routingState(t, ns)
 
@@ -146,13 +146,13 @@ func TestHostWidePolicyStale(t *testing.T) {
 	}
 	// What SIGKILL leaves when the TUN goes with the process: the rules
 	// and the throw routes, but no route through the interface.
-	tundevtest.IP(t, "-n", ns, "link", "del", "tun0")
-	tundevtest.IP(t, "-n", ns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p")
-	tundevtest.IP(t, "-n", ns, "link", "set", "tun0p", "up")
-	tundevtest.IP(t, "-n", ns, "link", "set", "tun0", "up")
-	tundevtest.IP(t, "-n", ns, "addr", "add", "198.18.0.1/15", "dev", "tun0")
-	tundevtest.IP(t, "-n", ns, "addr", "add", "fd00:1898::1/64", "dev", "tun0", "nodad")
-	if s := tundevtest.IP(t, "-n", ns, "rule", "show"); !strings.Contains(s, "lookup 28275") {
+	netnstest.IP(t, "-n", ns, "link", "del", "tun0")
+	netnstest.IP(t, "-n", ns, "link", "add", "tun0", "type", "veth", "peer", "name", "tun0p")
+	netnstest.IP(t, "-n", ns, "link", "set", "tun0p", "up")
+	netnstest.IP(t, "-n", ns, "link", "set", "tun0", "up")
+	netnstest.IP(t, "-n", ns, "addr", "add", "198.18.0.1/15", "dev", "tun0")
+	netnstest.IP(t, "-n", ns, "addr", "add", "fd00:1898::1/64", "dev", "tun0", "nodad")
+	if s := netnstest.IP(t, "-n", ns, "rule", "show"); !strings.Contains(s, "lookup 28275") {
 		t.Fatalf("the first instance's rules are gone already:\n%s", s)
 	}
 
@@ -165,7 +165,7 @@ func TestHostWidePolicyStale(t *testing.T) {
 	if !strings.Contains(logs.String(), "level=INFO msg=\"removed stale host-wide routing") {
 		t.Errorf("no Info line about the stale state; logs:\n%s", logs.String())
 	}
-	if n := strings.Count(tundevtest.IP(t, "-n", ns, "-4", "rule", "show"), "lookup 28275"); n != 1 {
+	if n := strings.Count(netnstest.IP(t, "-n", ns, "-4", "rule", "show"), "lookup 28275"); n != 1 {
 		t.Errorf("%d IPv4 rules for table 28275 after the restart, want 1", n)
 	}
 	if err := p.Close(); err != nil {
@@ -179,11 +179,11 @@ func TestHostWidePolicyStale(t *testing.T) {
 // TestHostWidePolicyInUse: a table that routes through another interface
 // that is up belongs to a live instance, and is left alone.
 func TestHostWidePolicyInUse(t *testing.T) {
-	tundevtest.RequireRoot(t)
+	netnstest.RequireRoot(t)
 	ns, path := policyNetns(t)
-	tundevtest.IP(t, "-n", ns, "link", "add", "tun1", "type", "veth", "peer", "name", "tun1p")
-	tundevtest.IP(t, "-n", ns, "link", "set", "tun1p", "up")
-	tundevtest.IP(t, "-n", ns, "link", "set", "tun1", "up")
+	netnstest.IP(t, "-n", ns, "link", "add", "tun1", "type", "veth", "peer", "name", "tun1p")
+	netnstest.IP(t, "-n", ns, "link", "set", "tun1p", "up")
+	netnstest.IP(t, "-n", ns, "link", "set", "tun1", "up")
 	p, err := tundev.InstallPolicy(testPolicyConfig(path, testLogger(t)))
 	if err != nil {
 		t.Fatalf("InstallPolicy: %v", err)

@@ -15,8 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/internal/netnstest"
 	"github.com/netstackd/netstackd/tundev"
-	"github.com/netstackd/netstackd/tundev/tundevtest"
 )
 
 func TestQueuesConfigErrors(t *testing.T) {
@@ -93,9 +93,9 @@ func startQueueReaders(t *testing.T, dev *tundev.Device) (<-chan queuePacket, fu
 // back on that queue (the steering the stack's writer relies on), and
 // Close ends every queue's reader and deletes the interface.
 func TestCreateQueues(t *testing.T) {
-	tundevtest.RequireRoot(t)
+	netnstest.RequireRoot(t)
 	const queues = 4
-	ns, nsPath := tundevtest.NewNetns(t, "mq")
+	ns, nsPath := netnstest.NewBareNetns(t, "mq")
 	dev, err := tundev.Create(tundev.Config{
 		Name:      tunName,
 		NetnsPath: nsPath,
@@ -114,7 +114,7 @@ func TestCreateQueues(t *testing.T) {
 	if !dev.TSO() {
 		t.Errorf("no TSO on a multi-queue device: offloads %v", dev.Offloads())
 	}
-	if out := tundevtest.IP(t, "-n", ns, "-d", "link", "show", tunName); !strings.Contains(out, "multi_queue") {
+	if out := netnstest.IP(t, "-n", ns, "-d", "link", "show", tunName); !strings.Contains(out, "multi_queue") {
 		t.Errorf("ip -d link show: no multi_queue flag in %q", out)
 	}
 	if _, err := dev.DupFile(); err == nil {
@@ -123,7 +123,7 @@ func TestCreateQueues(t *testing.T) {
 	if _, err := readPackets(dev, queues, [][]byte{make([]byte, 100)}, []int{0}); err == nil {
 		t.Error("Read past the last queue succeeded")
 	}
-	h := tundevtest.Handle(t, nsPath)
+	h := netnstest.NetlinkHandle(t, nsPath)
 	if err := dev.Up(); err != nil {
 		t.Fatalf("Up: %v", err)
 	}
@@ -146,7 +146,7 @@ func TestCreateQueues(t *testing.T) {
 	for seen := 0; seen < flows; {
 		select {
 		case p := <-pkts:
-			src, d, _, ok := tundevtest.ParseUDP(p.pkt)
+			src, d, _, ok := netnstest.ParseUDP(p.pkt)
 			if ok && d == dst && sent[src] {
 				delete(sent, src)
 				perQueue[p.queue]++
@@ -170,7 +170,7 @@ func TestCreateQueues(t *testing.T) {
 		inside := listenUDP(t, nsPath, netip.AddrPortFrom(addr4.Addr(), 0))
 		in := inside.LocalAddr().(*net.UDPAddr).AddrPort()
 		outside := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(7000+k))
-		pkt := tundevtest.UDPPacket(outside, in, []byte("ping"))
+		pkt := netnstest.UDPPacket(outside, in, []byte("ping"))
 		if _, err := writePackets(dev, pkt); err != nil {
 			t.Fatalf("Write (flow %d): %v", k, err)
 		}
@@ -188,7 +188,7 @@ func TestCreateQueues(t *testing.T) {
 		for {
 			select {
 			case p := <-pkts:
-				src, d, payload, ok := tundevtest.ParseUDP(p.pkt)
+				src, d, payload, ok := netnstest.ParseUDP(p.pkt)
 				if !ok || src != in || d != outside || string(payload) != "pong" {
 					continue
 				}
@@ -216,13 +216,13 @@ func TestCreateQueues(t *testing.T) {
 // multi-queue TUN is attached to and left in place by Close; a single-queue
 // one is refused with an error that says why.
 func TestQueuesExisting(t *testing.T) {
-	tundevtest.RequireRoot(t)
-	ns, nsPath := tundevtest.NewNetns(t, "mq")
-	h := tundevtest.Handle(t, nsPath)
+	netnstest.RequireRoot(t)
+	ns, nsPath := netnstest.NewBareNetns(t, "mq")
+	h := netnstest.NetlinkHandle(t, nsPath)
 
 	t.Run("single-queue", func(t *testing.T) {
 		name := tunName + "s"
-		tundevtest.IP(t, "-n", ns, "tuntap", "add", "dev", name, "mode", "tun")
+		netnstest.IP(t, "-n", ns, "tuntap", "add", "dev", name, "mode", "tun")
 		dev, err := tundev.Create(tundev.Config{Name: name, NetnsPath: nsPath, Queues: 2})
 		if err == nil {
 			dev.Close()
@@ -237,7 +237,7 @@ func TestQueuesExisting(t *testing.T) {
 	})
 	t.Run("multi-queue", func(t *testing.T) {
 		name := tunName + "m"
-		tundevtest.IP(t, "-n", ns, "tuntap", "add", "dev", name, "mode", "tun", "multi_queue")
+		netnstest.IP(t, "-n", ns, "tuntap", "add", "dev", name, "mode", "tun", "multi_queue")
 		dev, err := tundev.Create(tundev.Config{Name: name, NetnsPath: nsPath, Queues: 3, Addrs: []netip.Prefix{addr4}})
 		if err != nil {
 			t.Fatalf("Create with 3 queues on a persistent multi-queue TUN: %v", err)

@@ -191,9 +191,7 @@ func TestExampleSystemdUnit(t *testing.T) {
 			t.Errorf("systemd-analyze verify: %v\n%s", err, out)
 		}
 	}
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skipf("needs setpriv (util-linux) to run ExecStart as the unit would: %v", err)
-	}
+	netnstest.RequireCommand(t, "setpriv", "util-linux") // to run ExecStart as the unit would
 
 	tp := netnstest.NewUplink(t)
 	tp.StartServers(t)

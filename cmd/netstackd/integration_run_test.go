@@ -146,9 +146,7 @@ func testRunExitStatus(t *testing.T, tp *netnstest.Topology, run func(t *testing
 // root, mapped to that user. /dev/net/tun is made world-accessible for the
 // duration (as distributions that allow rootless TUNs ship it).
 func testRunUnprivileged(t *testing.T, tp *netnstest.Topology) {
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Skipf("needs setpriv (util-linux): %v", err)
-	}
+	netnstest.RequireCommand(t, "setpriv", "util-linux")
 	if msg := userNamespacesForbidden(); msg != "" {
 		t.Skip(msg)
 	}
@@ -218,6 +216,7 @@ func userNamespacesForbidden() string {
 // primary gid.
 func throwawayUser(t *testing.T) (uid, gid string) {
 	t.Helper()
+	netnstest.RequireCommand(t, "useradd", "passwd")
 	name := fmt.Sprintf("nstest%d", os.Getpid())
 	if _, err := user.Lookup(name); err == nil {
 		t.Fatalf("user %s already exists (left by an earlier run with this PID?); remove it with userdel %s", name, name)

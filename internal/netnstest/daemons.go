@@ -24,6 +24,7 @@ const TinyproxyPort = 8888
 // connections from the daemon namespace.
 func (tp *Topology) StartTinyproxy(t testing.TB, at netip.AddrPort) *Process {
 	t.Helper()
+	RequireCommand(t, "tinyproxy", "tinyproxy")
 	conf := filepath.Join(t.TempDir(), "tinyproxy.conf")
 	// No ConnectPort line: CONNECT to every port is allowed.
 	text := fmt.Sprintf(`Port %d
@@ -49,6 +50,7 @@ LogLevel Info
 // allows CONNECT only, this one relays UDP.
 func (tp *Topology) StartDanteUDP(t testing.TB, at netip.AddrPort) *Process {
 	t.Helper()
+	RequireCommand(t, "danted", "dante-server")
 	dir := t.TempDir()
 	conf := filepath.Join(dir, "danted.conf")
 	text := fmt.Sprintf(`logoutput: stderr
@@ -83,6 +85,7 @@ socks pass { from: 0/0 to: 0/0
 // from inside the server namespace is answered.
 func (tp *Topology) StartDnsmasq(t testing.TB, listen netip.Addr, records map[string]netip.Addr) *Process {
 	t.Helper()
+	RequireCommand(t, "dnsmasq", "dnsmasq-base")
 	args := []string{"dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
 		"--listen-address=" + listen.String(), "--bind-interfaces", "--port=53", "--pid-file=",
 		"--local-ttl=300", "--log-queries", "--log-facility=-", "--user=root"}

@@ -109,7 +109,8 @@ func (n Netns) Command(ctx context.Context, args ...string) *exec.Cmd {
 }
 
 // Exec runs args in n, killed after timeout, and returns what it did. When
-// the command fails the result is logged to t.
+// the command fails the result is logged to t. A program of a Debian package
+// RequireCommand knows (curl, dig, ping...) skips t when missing.
 func (n Netns) Exec(t testing.TB, timeout time.Duration, args ...string) *Result {
 	t.Helper()
 	return n.ExecInput(t, timeout, nil, args...)
@@ -118,6 +119,7 @@ func (n Netns) Exec(t testing.TB, timeout time.Duration, args ...string) *Result
 // ExecInput is Exec with stdin as the command's standard input.
 func (n Netns) ExecInput(t testing.TB, timeout time.Duration, stdin io.Reader, args ...string) *Result {
 	t.Helper()
+	requireKnown(t, args[0])
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := n.Command(ctx, args...)

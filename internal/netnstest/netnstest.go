@@ -21,6 +21,16 @@
 // t.Cleanup, every command is bounded by a timeout, and every process the
 // helpers start is ended by its PID in t.Cleanup (and, should the test binary
 // die first, by the kernel through PR_SET_PDEATHSIG).
+//
+// For tests of TUN devices and links there are bare namespaces
+// (NewBareNetns), `ip` bounded by a timeout (IP), rtnetlink handles acting
+// inside a namespace (NetlinkHandle), and UDP packets built and parsed by
+// hand (UDPPacket, ParseUDP). The package imports no netstackd package, so
+// the tests of every package, internal ones included, can use it.
+//
+// A helper that needs a program the machine lacks skips its test, naming the
+// Debian package to install (RequireCommand); so does every helper when not
+// root. scripts/deps.sh installs them all.
 package netnstest
 
 import (
@@ -99,11 +109,12 @@ var topoSeq atomic.Int64
 
 // New builds the server, daemon and client namespaces described in the
 // package comment and deletes them in t.Cleanup, also when t fails. It skips
-// t when not root. The veth between server and daemon is up when New
-// returns.
+// t when not root or without ip. The veth between server and daemon is up
+// when New returns.
 func New(t testing.TB) *Topology {
 	t.Helper()
 	RequireRoot(t)
+	RequireCommand(t, "ip", "iproute2")
 	sweepStale(t)
 	seq := topoSeq.Add(1)
 	mk := func(role string) Netns {
@@ -144,10 +155,12 @@ func New(t testing.TB) *Topology {
 }
 
 // NewNetns creates one namespace with only lo, up, and deletes it in
-// t.Cleanup. It skips t when not root.
+// t.Cleanup. It skips t when not root or without ip. NewBareNetns leaves lo
+// down and takes a name prefix.
 func NewNetns(t testing.TB) Netns {
 	t.Helper()
 	RequireRoot(t)
+	RequireCommand(t, "ip", "iproute2")
 	sweepStale(t)
 	return newNetns(t, fmt.Sprintf("%s-%d-%d-one", namePrefix, os.Getpid(), topoSeq.Add(1)))
 }
@@ -222,7 +235,9 @@ func deleteNetns(t testing.TB, name string) {
 	}
 }
 
-var staleName = regexp.MustCompile(`^` + namePrefix + `-([0-9]+)-[0-9]+-(srv|dmn|cli|one)$`)
+// staleName matches the names New, NewUplink, NewNetns and NewBareNetns
+// give: prefix, PID, sequence number, role or the caller's prefix.
+var staleName = regexp.MustCompile(`^` + namePrefix + `-([0-9]+)-[0-9]+-[a-z0-9]+$`)
 
 // sweepStale deletes namespaces that an earlier test binary created and could
 // not delete because it was killed (go test -timeout panics without running

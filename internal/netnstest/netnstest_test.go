@@ -160,6 +160,8 @@ func TestTopology(t *testing.T) {
 // After a topology's test ends, its namespaces and processes are gone.
 func TestCleanup(t *testing.T) {
 	netnstest.RequireRoot(t)
+	// Here, not in the subtest, whose skip would leave nothing to check.
+	netnstest.RequireCommand(t, "microsocks", "microsocks")
 	var tp *netnstest.Topology
 	var pid int
 	t.Run("topology", func(t *testing.T) {

@@ -41,9 +41,11 @@ var procSeq atomic.Int64
 // that PID is the program's. Its cleanup sends SIGTERM to a process still
 // running, SIGKILL after StopGrace, waits for it, and logs its output if t
 // failed. Should the test binary die first, the kernel kills the process
-// (PR_SET_PDEATHSIG).
+// (PR_SET_PDEATHSIG). A program of a Debian package RequireCommand knows
+// skips t when missing; any other fails it.
 func (n Netns) Start(t testing.TB, args ...string) *Process {
 	t.Helper()
+	requireKnown(t, args[0])
 	prog, err := exec.LookPath(args[0])
 	if err != nil {
 		t.Fatalf("start %s: %v", args[0], err)
@@ -177,6 +179,7 @@ func (p *Process) Stop(sig os.Signal, grace time.Duration) (*os.ProcessState, er
 // returns once it accepts connections from the daemon namespace.
 func (tp *Topology) StartMicrosocks(t testing.TB, at netip.AddrPort) *Process {
 	t.Helper()
+	RequireCommand(t, "microsocks", "microsocks")
 	p := tp.Server.Start(t, "microsocks", "-i", at.Addr().String(), "-p", fmt.Sprint(at.Port()))
 	tp.waitListening(t, p, at)
 	return p
@@ -192,6 +195,7 @@ const DantePort = 1081
 // the first EOF, Dante relays a half-close.
 func (tp *Topology) StartDante(t testing.TB) *Process {
 	t.Helper()
+	RequireCommand(t, "danted", "dante-server")
 	conf := filepath.Join(t.TempDir(), "danted.conf")
 	text := fmt.Sprintf(`logoutput: stderr
 internal: %s port = %d

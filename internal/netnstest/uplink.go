@@ -59,10 +59,11 @@ const (
 // every group (net.ipv4.ping_group_range) and uses loose reverse-path
 // filtering. StartServers, StartMicrosocks, StartLoggingSOCKS5,
 // StartDnsmasq and StartUDPEcho work on it as on New's topology. It skips t
-// when not root.
+// when not root or without ip.
 func NewUplink(t testing.TB) *Topology {
 	t.Helper()
 	RequireRoot(t)
+	RequireCommand(t, "ip", "iproute2")
 	sweepStale(t)
 	seq := topoSeq.Add(1)
 	mk := func(role string) Netns {

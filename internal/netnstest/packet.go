@@ -1,88 +1,14 @@
-// Package tundevtest helps tests that need real TUN devices: throwaway
-// network namespaces that are always deleted, `ip` commands bounded by a
-// timeout, rtnetlink handles inside a namespace, and IPv4/IPv6 UDP packets
-// built and parsed by hand to write into and read from a device.
-package tundevtest
+package netnstest
 
 import (
-	"context"
 	"encoding/binary"
 	"fmt"
 	"net/netip"
-	"os"
-	"os/exec"
-	"strings"
-	"sync/atomic"
-	"testing"
-	"time"
-
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
-
-	"github.com/netstackd/netstackd/tundev"
 )
 
-// CommandTimeout bounds every command these helpers run.
-const CommandTimeout = 15 * time.Second
-
-// RequireRoot skips t unless the test runs as root.
-func RequireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates TUN devices and network namespaces")
-	}
-}
-
-var netnsSeq atomic.Int64
-
-// NewNetns creates a network namespace with `ip netns add`, named
-// nstest-PREFIX-PID-N so that parallel tests and test binaries never share
-// one, and deletes it in t.Cleanup even if the test fails. It returns the
-// name (for `ip -n`) and the path (for tundev.Config.NetnsPath).
-func NewNetns(t testing.TB, prefix string) (name, path string) {
-	t.Helper()
-	name = fmt.Sprintf("nstest-%s-%d-%d", prefix, os.Getpid(), netnsSeq.Add(1))
-	IP(t, "netns", "add", name)
-	t.Cleanup(func() {
-		// t.Context is already cancelled when cleanups run.
-		ctx, cancel := context.WithTimeout(context.Background(), CommandTimeout)
-		defer cancel()
-		if out, err := exec.CommandContext(ctx, "ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", name, err, out)
-		}
-	})
-	return name, "/run/netns/" + name
-}
-
-// IP runs `ip ARGS...`, bounded by CommandTimeout and the test's context,
-// fails t if it fails, and returns its output.
-func IP(t testing.TB, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), CommandTimeout)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
-// Handle returns an rtnetlink handle acting in the namespace at netnsPath
-// ("" for the test's own), closed in t.Cleanup.
-func Handle(t testing.TB, netnsPath string) *netlink.Handle {
-	t.Helper()
-	var h *netlink.Handle
-	err := tundev.InNetns(netnsPath, func() error {
-		var err error
-		h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
-		return err
-	})
-	if err != nil {
-		t.Fatalf("netlink handle in %q: %v", netnsPath, err)
-	}
-	t.Cleanup(h.Close)
-	return h
-}
+// Packets for tests that write into a TUN and read from it: UDP datagrams
+// in IPv4 or IPv6, built and parsed by hand so that a test sees every byte
+// the kernel gets or gives.
 
 const (
 	ipv4HeaderLen = 20
@@ -98,7 +24,7 @@ const (
 func UDPPacket(src, dst netip.AddrPort, payload []byte) []byte {
 	s, d := src.Addr(), dst.Addr()
 	if s.Is4() != d.Is4() {
-		panic(fmt.Sprintf("tundevtest.UDPPacket: %s and %s are of different families", s, d))
+		panic(fmt.Sprintf("netnstest.UDPPacket: %s and %s are of different families", s, d))
 	}
 	udpLen := udpHeaderLen + len(payload)
 	var pkt, udp []byte

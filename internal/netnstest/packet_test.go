@@ -1,4 +1,4 @@
-package tundevtest
+package netnstest
 
 import (
 	"bytes"
