@@ -171,6 +171,7 @@ func TestCreateQueues(t *testing.T) {
 		in := inside.LocalAddr().(*net.UDPAddr).AddrPort()
 		outside := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.9"), uint16(7000+k))
 		pkt := netnstest.UDPPacket(outside, in, []byte("ping"))
+		wq := tundev.FlowQueue(pkt, queues)
 		if _, err := writePackets(dev, pkt); err != nil {
 			t.Fatalf("Write (flow %d): %v", k, err)
 		}
@@ -192,8 +193,8 @@ func TestCreateQueues(t *testing.T) {
 				if !ok || src != in || d != outside || string(payload) != "pong" {
 					continue
 				}
-				if p.queue != k {
-					t.Errorf("reply of a flow written on queue %d read on queue %d", k, p.queue)
+				if p.queue != wq {
+					t.Errorf("reply of a flow written on queue %d read on queue %d", wq, p.queue)
 				}
 				break reply
 			case <-timeout:

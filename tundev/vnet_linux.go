@@ -176,6 +176,7 @@ func (q *queue) splitUSO(b *readBatch, pkt []byte, gsoSize int) bool {
 	b.count++
 	for len(rest) > 0 && b.count < len(b.bufs) {
 		if !b.emit(hdrs, rest[:min(gsoSize, len(rest))], false) {
+			b.count = first // none of them, then
 			return false
 		}
 		rest = rest[min(gsoSize, len(rest)):]

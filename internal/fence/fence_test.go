@@ -78,9 +78,6 @@ var rules = []rule{
 	// harness in.
 	{pkg: module + "/cmd/...", allow: []string{anything}, deny: []string{module + "/internal/netnstest"}},
 	{pkg: module + "/examples/...", allow: []string{anything}, deny: []string{module + "/internal/netnstest"}},
-	// The benchmark programs, until they move to a module of their own
-	// (bench/go.mod), which ./... of this module does not reach.
-	{pkg: module + "/bench/...", allow: []string{anything}, deny: []string{module + "/internal/netnstest"}},
 	// The test harness knows no program. Nor tundev or stack: their own
 	// in-package tests import it, which would make a cycle.
 	{pkg: module + "/internal/netnstest", allow: []string{anything}, deny: []string{
