@@ -285,8 +285,9 @@ func (d *Device) Capabilities() device.Capabilities {
 }
 
 // Events delivers EventDown when reading the device fails for a reason
-// other than Close (the interface was deleted), and EventMTU when the
-// interface's MTU changes. It is closed after EventDown or Close.
+// other than Close (the interface was deleted). It is closed after
+// EventDown or Close. MTU changes are not watched yet: the device sends no
+// EventMTU.
 func (d *Device) Events() <-chan device.Event { return d.events }
 
 // down reports that the device can carry no more packets, once.

@@ -16,7 +16,7 @@ import (
 // a quiet flow holds one. The client-to-upstream direction parks on the
 // endpoint's waiter queue, and gVisor's readiness callback starts a
 // goroutine when data, a FIN or a reset arrives. The upstream-to-client
-// direction parks its socket in our own epoll set (upstream_poll.go) once
+// direction parks its socket in our own epoll set (poller.go) once
 // the socket has been quiet for parkAfter; until then it waits in the
 // runtime poller, which costs nothing per read.
 //

@@ -91,7 +91,7 @@ const (
 
 var udpBufs = sync.Pool{New: func() any { b := make([]byte, udpHeadroom+maxPacket); return &b }}
 
-// udpTable is the NAT table for UDP: one association per client source
+// Table is the NAT table for UDP: one association per client source
 // address and port (endpoint-independent mapping, RFC 4787 REQ-1), whatever
 // the destinations, so STUN, QUIC migration and peer-to-peer work.
 type Table struct {
@@ -114,7 +114,7 @@ type Table struct {
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	droppedBig   atomic.Uint64 // replies too large for the link MTU
 
-	// Batched I/O on kernel sockets (udp_batch.go).
+	// Batched I/O on kernel sockets (batch.go).
 	tx           udpTx
 	rxBatches    sync.Pool // *udpRxBatch
 	smallBufOnce sync.Once
