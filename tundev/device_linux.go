@@ -98,6 +98,10 @@ type Device struct {
 	events   chan device.Event
 	evMu     sync.Mutex // guards evClosed and sending on events
 	evClosed bool
+	// stopWatch ends the link watcher (watch_linux.go) of a device that
+	// Create made; nil for others. watcher waits for it.
+	stopWatch func()
+	watcher   sync.WaitGroup
 
 	mu     sync.Mutex // guards link, isUp and closed
 	link   *link      // nil for FromFile devices
@@ -204,6 +208,9 @@ func Create(cfg Config) (_ *Device, err error) {
 		if err := bringUpLoopback(l.h); err != nil {
 			return nil, fmt.Errorf("in %s: %w", where, err)
 		}
+	}
+	if err := d.watchLink(ns, l.nl.Attrs().Index, cfg.MTU); err != nil {
+		return nil, err
 	}
 	verb := "tun attached"
 	if created {
@@ -415,6 +422,12 @@ func (d *Device) Name() string { return d.name }
 // call's result.
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
+		if d.stopWatch != nil {
+			// Before the interface is deleted below: that is ours,
+			// not an event.
+			d.stopWatch()
+			d.watcher.Wait()
+		}
 		errs := []error{d.closeQueues()}
 		d.closeEvents()
 		d.mu.Lock()
