@@ -284,10 +284,10 @@ func (d *Device) Capabilities() device.Capabilities {
 	}
 }
 
-// Events delivers EventDown when reading the device fails for a reason
-// other than Close (the interface was deleted). It is closed after
-// EventDown or Close. MTU changes are not watched yet: the device sends no
-// EventMTU.
+// Events delivers EventDown when the interface is deleted or reading the
+// device fails for a reason other than Close, and, for a device Create
+// made, EventMTU when the interface's MTU changes. It is closed after
+// EventDown or Close.
 func (d *Device) Events() <-chan device.Event { return d.events }
 
 // down reports that the device can carry no more packets, once.
