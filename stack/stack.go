@@ -317,7 +317,8 @@ func (st *Stack) watchDevice() {
 			}
 			switch ev.Kind {
 			case device.EventDown:
-				st.log.Error("device down: no more packets can be carried", "err", ev.Err)
+				// The owner reports it (Done, Err): not logged twice.
+				st.log.Debug("device down", "err", ev.Err)
 				st.end(ev.Err)
 				return
 			case device.EventMTU:
