@@ -4,12 +4,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -41,21 +45,42 @@ type childConfig struct {
 	Addrs     []netip.Prefix `json:"addrs"`
 	Routes    []netip.Prefix `json:"routes"`
 	DNS       netip.Addr     `json:"dns,omitzero"`
-	Command   []string       `json:"command"`
+	// Path is the program to exec, found by the parent (lookCommand).
+	Path    string   `json:"path"`
+	Command []string `json:"command"` // its argv
 }
 
 // runCommand is the parent side of `netstackd run`. It returns the exit
-// status for netstackd: the program's own, or 128+signal.
+// status for netstackd: the program's own, or 128+signal; 127 or 126, as a
+// shell gives, when the program is not found or cannot be run.
+//
+// Every path waits for the namespace child exactly once: after a failure
+// before the go byte the child is killed and reaped, and netstackd exits
+// exitFail whatever the child's status was.
 func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, error), log *slog.Logger) (int, error) {
+	// Found here, before any namespace exists, so a mistyped command
+	// costs nothing and the answer does not depend on the child's timing.
+	path, err := lookCommand(opts.command[0])
+	if err != nil {
+		return cannotRun(opts.command[0], err), nil
+	}
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
+		return exitFail, fmt.Errorf("socketpair: %w", err)
+	}
+	// Our end is non-blocking, so the runtime's poller owns it and a
+	// read deadline bounds the wait for the TUN; the child's stays
+	// blocking.
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
 		return exitFail, fmt.Errorf("socketpair: %w", err)
 	}
 	parentEnd := os.NewFile(uintptr(fds[0]), "run-parent")
 	childEnd := os.NewFile(uintptr(fds[1]), "run-child")
 	defer parentEnd.Close()
 
-	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Command: opts.command}
+	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command}
 	if opts.dnsMode != "off" {
 		cfg.DNS = opts.dnsAddr
 	}
@@ -86,20 +111,7 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 		cmd.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getgid(), Size: 1}}
 		cmd.SysProcAttr.GidMappingsEnableSetgroups = false
 	}
-	// Pdeathsig fires when the thread that started the child exits, not the
-	// process (golang/go#27505): start and wait on one locked thread.
-	started := make(chan error, 1)
-	waitErr := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		err := cmd.Start()
-		started <- err
-		if err == nil {
-			waitErr <- cmd.Wait()
-		}
-	}()
-	err = <-started
+	child, err := startChild(cmd)
 	childEnd.Close()
 	if err != nil {
 		return exitFail, fmt.Errorf("start namespace child (unprivileged user namespaces may be disabled: sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces): %w", err)
@@ -111,23 +123,22 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH)
 	defer signal.Stop(sigs)
 
-	tun, err := receiveTUN(parentEnd, waitErr)
+	tun, err := receiveTUN(parentEnd, time.Now().Add(tunWithin))
+	if errors.Is(err, io.EOF) {
+		<-child.exited
+		return exitFail, fmt.Errorf("namespace child ended before it sent the tun: %v", child.err)
+	}
 	if err != nil {
-		_ = cmd.Process.Kill()
-		return exitStatus(<-waitErr), err
+		return exitFail, child.abort(err)
 	}
 	dev, err := tundev.FromFile(tun, opts.mtu)
 	if err != nil {
 		tun.Close()
-		_ = cmd.Process.Kill()
-		<-waitErr
-		return exitFail, err
+		return exitFail, child.abort(err)
 	}
 	svc, err := serveTUN(dev)
 	if err != nil {
-		_ = cmd.Process.Kill()
-		<-waitErr
-		return exitFail, err
+		return exitFail, child.abort(err)
 	}
 	defer func() {
 		if err := svc.Stop(); err != nil {
@@ -135,74 +146,108 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 		}
 	}()
 	if _, err := parentEnd.Write([]byte{goByte}); err != nil {
-		_ = cmd.Process.Kill()
-		return exitStatus(<-waitErr), fmt.Errorf("start program: %w", err)
+		return exitFail, child.abort(fmt.Errorf("start program: %w", err))
 	}
 	for {
 		select {
 		case sig := <-sigs:
-			_ = cmd.Process.Signal(sig)
-		case err := <-waitErr:
-			return exitStatus(err), nil
+			_ = child.cmd.Process.Signal(sig)
+		case <-child.exited:
+			return exitStatus(child.err), nil
 		case <-svc.Done():
 			// The program's network is gone: it must not run on
 			// believing it has one.
-			_ = cmd.Process.Kill()
-			<-waitErr
-			return exitFail, fmt.Errorf("tun is gone, program killed: %w", svc.Err())
+			return exitFail, child.abort(fmt.Errorf("tun is gone, program killed: %w", svc.Err()))
 		}
 	}
 }
 
-// receiveTUN waits for the child to send the TUN descriptor, or to die.
-func receiveTUN(sock *os.File, waitErr <-chan error) (*os.File, error) {
-	type result struct {
-		f   *os.File
-		err error
-	}
-	got := make(chan result, 1)
+// tunWithin bounds the namespace child's set-up, up to the TUN it sends.
+const tunWithin = 30 * time.Second
+
+// nsChild is the namespace child, started. One goroutine waits for it;
+// exited is closed once it has been reaped, and err then holds its status
+// for any number of readers, so no path can take the exit from another.
+type nsChild struct {
+	cmd    *exec.Cmd
+	exited chan struct{}
+	err    error // from cmd.Wait; read only after exited is closed
+}
+
+// startChild starts cmd and waits for it on one locked OS thread:
+// Pdeathsig fires when the thread that started the child exits, not the
+// process (golang/go#27505).
+func startChild(cmd *exec.Cmd) (*nsChild, error) {
+	c := &nsChild{cmd: cmd, exited: make(chan struct{})}
+	started := make(chan error, 1)
 	go func() {
-		buf := make([]byte, 512)
-		oob := make([]byte, unix.CmsgSpace(4))
-		rc, err := sock.SyscallConn()
-		if err != nil {
-			got <- result{err: err}
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
 			return
 		}
-		var n, oobn int
-		var rerr error
-		err = rc.Read(func(fd uintptr) bool {
-			n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
-			return rerr != unix.EAGAIN
-		})
-		if err = errors.Join(err, rerr); err != nil {
-			got <- result{err: fmt.Errorf("receive tun from child: %w", err)}
-			return
-		}
-		if n > 0 && oobn == 0 {
-			got <- result{err: fmt.Errorf("namespace set-up failed: %s", buf[:n])}
-			return
-		}
-		msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
-		if err != nil || len(msgs) != 1 {
-			got <- result{err: fmt.Errorf("receive tun from child: no descriptor (%v)", err)}
-			return
-		}
-		fds, err := unix.ParseUnixRights(&msgs[0])
-		if err != nil || len(fds) != 1 {
-			got <- result{err: fmt.Errorf("receive tun from child: bad rights message (%v)", err)}
-			return
-		}
-		got <- result{f: os.NewFile(uintptr(fds[0]), "tun from child")}
+		started <- nil
+		c.err = cmd.Wait()
+		close(c.exited)
 	}()
-	select {
-	case r := <-got:
-		return r.f, r.err
-	case err := <-waitErr:
-		return nil, fmt.Errorf("namespace child exited before sending the tun: %v", err)
-	case <-time.After(30 * time.Second):
-		return nil, errors.New("namespace child sent no tun within 30s")
+	if err := <-started; err != nil {
+		return nil, err
 	}
+	return c, nil
+}
+
+// abort ends a child that has not started the program: it kills it (which
+// may have exited already), waits until it is reaped and returns err.
+func (c *nsChild) abort(err error) error {
+	_ = c.cmd.Process.Kill()
+	<-c.exited
+	return err
+}
+
+// receiveTUN reads the child's one message, the TUN descriptor or why the
+// child could not create it, until deadline. It returns io.EOF when the
+// child ended without a word.
+func receiveTUN(sock *os.File, deadline time.Time) (*os.File, error) {
+	if err := sock.SetReadDeadline(deadline); err != nil {
+		return nil, fmt.Errorf("receive tun from child: %w", err)
+	}
+	rc, err := sock.SyscallConn()
+	if err != nil {
+		return nil, fmt.Errorf("receive tun from child: %w", err)
+	}
+	buf := make([]byte, 512)
+	oob := make([]byte, unix.CmsgSpace(4))
+	var n, oobn int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, oobn, _, _, rerr = unix.Recvmsg(int(fd), buf, oob, unix.MSG_CMSG_CLOEXEC)
+		return rerr != unix.EAGAIN
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return nil, fmt.Errorf("namespace child sent no tun within %v", tunWithin)
+	}
+	if err = errors.Join(err, rerr); err != nil {
+		return nil, fmt.Errorf("receive tun from child: %w", err)
+	}
+	if n == 0 && oobn == 0 {
+		return nil, io.EOF // a SOCK_SEQPACKET peer closed: the child is gone
+	}
+	if oobn == 0 {
+		return nil, fmt.Errorf("namespace set-up failed: %s", buf[:n])
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		return nil, fmt.Errorf("receive tun from child: no descriptor (%v)", err)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+		return nil, fmt.Errorf("receive tun from child: bad rights message (%v)", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "tun from child"), nil
 }
 
 func exitStatus(err error) int {
@@ -219,12 +264,67 @@ func exitStatus(err error) int {
 	return exitFail
 }
 
+// Exit statuses of a command that could not be run, as bash gives them
+// (execute_cmd.c: EX_NOTFOUND, EX_NOEXEC).
+const (
+	exitNotFound = 127 // nothing by that name
+	exitNoExec   = 126 // found, but not something the kernel will run
+)
+
+// lookCommand finds the program as a shell does: a name with a slash is
+// taken as it is, others are searched for in PATH, where "." or an empty
+// entry means the working directory. When PATH holds the name only as files
+// that may not be run, bash takes the first of them and fails with
+// "permission denied" (findcmd.c, file_to_lose_on); so does lookCommand.
+func lookCommand(name string) (string, error) {
+	path, err := exec.LookPath(name)
+	if err == nil || errors.Is(err, exec.ErrDot) {
+		// The user typed the command, as at a shell prompt, which
+		// runs what a relative PATH entry finds.
+		return path, nil
+	}
+	if strings.Contains(name, "/") || !errors.Is(err, exec.ErrNotFound) {
+		return "", err
+	}
+	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
+		if dir == "" {
+			dir = "."
+		}
+		if st, serr := os.Stat(filepath.Join(dir, name)); serr == nil && !st.IsDir() {
+			return "", &exec.Error{Name: name, Err: fs.ErrPermission}
+		}
+	}
+	return "", err
+}
+
+// cannotRun reports on stderr, as a shell would, that the command name
+// could not be run for err (from lookCommand or execve), and returns the
+// exit status for it: exitNotFound when nothing of that name exists
+// (ENOENT), exitNoExec for anything else (EACCES, EISDIR, ENOEXEC, EPERM).
+// The message goes straight to stderr, as the program's own would, because
+// the child, whose exec may fail too, has no other way out.
+func cannotRun(name string, err error) int {
+	code, why := exitNoExec, err.Error()
+	var errno syscall.Errno
+	switch {
+	case errors.Is(err, exec.ErrNotFound), errors.Is(err, fs.ErrNotExist):
+		code, why = exitNotFound, "command not found"
+	case errors.As(err, &errno):
+		why = errno.Error()
+	case errors.Is(err, fs.ErrPermission):
+		why = "permission denied"
+	}
+	fmt.Fprintf(os.Stderr, "netstackd: run: %s: %s\n", name, why)
+	return code
+}
+
 // runChild is the child side: it runs inside the new namespaces, before
 // anything else in main. It never returns on success: it execs the program.
+// When the exec fails it returns 127 or 126, as a shell would.
 func runChild(blob string) int {
 	sock := os.NewFile(childSock, "run-socket")
 	fail := func(err error) int {
-		// The parent prints it: our stderr is the program's.
+		// The parent reports it, with the status netstackd exits with.
 		_, _ = sock.Write([]byte(err.Error()))
 		return exitFail
 	}
@@ -232,12 +332,8 @@ func runChild(blob string) int {
 	if err := json.Unmarshal([]byte(blob), &cfg); err != nil {
 		return fail(fmt.Errorf("child config: %w", err))
 	}
-	if len(cfg.Command) == 0 {
+	if len(cfg.Command) == 0 || cfg.Path == "" {
 		return fail(errors.New("no command"))
-	}
-	path, err := exec.LookPath(cfg.Command[0])
-	if err != nil {
-		return fail(err)
 	}
 	dev, err := tundev.Create(tundev.Config{
 		Name: cfg.Tun, NetnsPath: "/proc/self/ns/net", MTU: cfg.MTU, Addrs: cfg.Addrs, Routes: cfg.Routes,
@@ -273,9 +369,8 @@ func runChild(blob string) int {
 			env = append(env, kv)
 		}
 	}
-	err = syscall.Exec(path, cfg.Command, env)
-	fmt.Fprintf(os.Stderr, "netstackd: exec %s: %v\n", path, err)
-	return 127
+	err = syscall.Exec(cfg.Path, cfg.Command, env)
+	return cannotRun(cfg.Command[0], err)
 }
 
 // bindResolvConf points the namespace's resolver at the stack's DNS address
