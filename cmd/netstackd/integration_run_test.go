@@ -55,7 +55,14 @@ func TestIntegrationRun(t *testing.T) {
 	t.Run("unprivileged", func(t *testing.T) { testRunUnprivileged(t, tp) })
 	t.Run("signal-forwarding", func(t *testing.T) { testRunSignal(t, tp) })
 	t.Run("tun-gone", func(t *testing.T) {
-		t.Skip("the TUN lives in the network namespace run creates for the program, which dies with it")
+		// The program deletes its own TUN (it is root in its namespace):
+		// netstackd must end it and say why, not leave it running
+		// without a network (issue 14).
+		r := runNetstackd(t, tp, nil, "--dns", "off", "--", "sh", "-c", "ip link del netstack0 && exec sleep 25")
+		if r.ExitCode != 1 || r.Elapsed > 10*time.Second || !strings.Contains(r.Stderr, "tun is gone") {
+			t.Errorf("after the program deleted its TUN: exit %d after %v, want 1 within 10s with \"tun is gone\": %s",
+				r.ExitCode, r.Elapsed.Round(time.Millisecond), r)
+		}
 	})
 }
 
