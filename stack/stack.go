@@ -7,7 +7,7 @@
 //
 //   - internal/link: the gVisor NIC on the Device; one dispatcher per
 //     device queue, an outbound writer.
-//   - this package: what the dispatchers do not give gVisor (HandlePacket,
+//   - this package: what the dispatchers do not give gVisor (handlePacket,
 //     udp.go), the TCP forwarder (tcp.go), published ports (publish.go).
 //   - internal/tcprelay: the bytes of TCP flows, half-close and resets,
 //     idle flows parked without a goroutine.
@@ -225,7 +225,7 @@ func New(cfg Config) (*Stack, error) {
 		relay.Close()
 		return nil, err
 	}
-	st.link = link.New(cfg.Device, st, st.log)
+	st.link = link.New(cfg.Device, linkHandler{st}, st.log)
 	if err := st.s.CreateNIC(nicID, st.link); err != nil {
 		st.closeStack()
 		relay.Close()

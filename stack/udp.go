@@ -30,12 +30,19 @@ type KernelSocket = udpnat.KernelSocket
 
 var replyBufs = sync.Pool{New: func() any { b := make([]byte, packet.Headroom+1<<16); return &b }}
 
-// HandlePacket takes the inbound packets that do not need gVisor: whole UDP
+// linkHandler is the stack as the link's Handler, so that the methods stay
+// off the stack's public API.
+type linkHandler struct{ st *Stack }
+
+func (h linkHandler) HandlePacket(pkt []byte) bool { return h.st.handlePacket(pkt) }
+func (h linkHandler) EndBatch()                    { h.st.endBatch() }
+
+// handlePacket takes the inbound packets that do not need gVisor: whole UDP
 // datagrams (the NAT, published ports and DNS), echo requests and ICMP
 // errors about published ports. It runs on a device dispatcher for every
 // packet but long TCP segments, checksums verified, and reports whether it
 // took the packet; what it leaves goes to gVisor.
-func (st *Stack) HandlePacket(pkt []byte) bool {
+func (st *Stack) handlePacket(pkt []byte) bool {
 	// One look at the protocol keeps TCP, the bulk of the traffic, off
 	// the other paths.
 	switch packet.TransportProtocol(pkt) {
@@ -63,15 +70,15 @@ func (st *Stack) HandlePacket(pkt []byte) bool {
 	return false
 }
 
-// EndBatch sends what the datagrams of one device read queued for their
+// endBatch sends what the datagrams of one device read queued for their
 // upstream sockets, in as few calls as it can.
-func (st *Stack) EndBatch() {
+func (st *Stack) endBatch() {
 	if st.udp != nil {
 		st.udp.Flush()
 	}
 }
 
-// handleUDP is gVisor's UDP handler, for the datagrams HandlePacket left to
+// handleUDP is gVisor's UDP handler, for the datagrams handlePacket left to
 // it: those it reassembled from fragments. Returning false makes gVisor
 // answer ICMP port unreachable. It may run on goroutines other than the
 // dispatchers, whose end of batch would flush a queue: it sends at once.
