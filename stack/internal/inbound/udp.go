@@ -4,6 +4,7 @@
 package inbound
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"fmt"
@@ -41,6 +42,12 @@ const (
 	// UDP timeout before a sweep removes it.
 	inboundSweepMax = 5 * time.Second
 	udpHeadroom     = packet.Headroom
+	// maxSecondChances bounds how many associations eviction sends back to
+	// the front for replies the list has not seen, before it evicts the
+	// last regardless; relistAfter is how much later than its place in
+	// the list a reply must be to count.
+	maxSecondChances = 8
+	relistAfter      = time.Second
 )
 
 var udpBufs = sync.Pool{New: func() any { b := make([]byte, udpHeadroom+1<<16); return &b }}
@@ -78,6 +85,11 @@ type UDP struct {
 	mu       sync.Mutex
 	byPort   map[uint16]*inboundAssoc // gateway port → association
 	nextPort uint16                   // where the search for a free port starts
+	// lru lists the associations, the most recently used by their outside
+	// source first: eviction takes the last in O(1). A reply from inside
+	// only stamps last, and eviction gives such an association a second
+	// chance.
+	lru list.List
 
 	droppedBig     atomic.Uint64 // datagrams too large for the link MTU
 	refused        atomic.Uint64 // datagrams to a gateway port with no association
@@ -104,6 +116,10 @@ type inboundAssoc struct {
 	port    uint16       // on the gateway address
 	last    atomic.Int64 // unix nanoseconds of the last datagram either way
 	log     *slog.Logger
+	// elem is the association's place in UDP.lru, and listed its last
+	// stamp when it was put at the front; guarded by UDP.mu.
+	elem   *list.Element
+	listed int64
 
 	refusalLogged atomic.Bool // an ICMP port unreachable from inside was logged
 }
@@ -253,6 +269,8 @@ func (in *UDP) lookup(srv *inboundServer, from netip.AddrPort) *inboundAssoc {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	if a, ok := srv.assocs[from]; ok {
+		in.lru.MoveToFront(a.elem)
+		a.listed = a.last.Load()
 		return a
 	}
 	if len(in.byPort) >= in.max {
@@ -261,6 +279,8 @@ func (in *UDP) lookup(srv *inboundServer, from netip.AddrPort) *inboundAssoc {
 	a := &inboundAssoc{srv: srv, outside: from, port: in.freePortLocked()}
 	a.log = srv.log.With("flow", in.nextFlow(), "src", from, "gateway", netip.AddrPortFrom(srv.gw, a.port))
 	a.touch()
+	a.listed = a.last.Load()
+	a.elem = in.lru.PushFront(a)
 	srv.assocs[from] = a
 	in.byPort[a.port] = a
 	a.log.Debug("inbound udp association open")
@@ -287,14 +307,24 @@ func (in *UDP) freePortLocked() uint16 {
 	}
 }
 
+// evictOldestLocked ends the least recently active association: the list's
+// last, unless replies from inside came after it was listed, which send it
+// back to the front, a few at most.
 func (in *UDP) evictOldestLocked() {
-	var oldest *inboundAssoc
-	for _, a := range in.byPort {
-		if oldest == nil || a.last.Load() < oldest.last.Load() {
-			oldest = a
+	for range maxSecondChances {
+		e := in.lru.Back()
+		if e == nil {
+			return
 		}
+		a := e.Value.(*inboundAssoc)
+		if a.last.Load() <= a.listed+int64(relistAfter) {
+			break
+		}
+		in.lru.MoveToFront(e)
+		a.listed = a.last.Load()
 	}
-	if oldest != nil {
+	if e := in.lru.Back(); e != nil {
+		oldest := e.Value.(*inboundAssoc)
 		in.removeLocked(oldest)
 		in.evicted.Add(1)
 		oldest.log.Debug("inbound udp table full, evicting the least recently active association", "max", in.max)
@@ -305,6 +335,10 @@ func (in *UDP) removeLocked(a *inboundAssoc) {
 	delete(a.srv.assocs, a.outside)
 	if in.byPort[a.port] == a {
 		delete(in.byPort, a.port)
+	}
+	if a.elem != nil {
+		in.lru.Remove(a.elem)
+		a.elem = nil
 	}
 }
 
