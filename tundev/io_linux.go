@@ -321,7 +321,3 @@ func (d *Device) closeEvents() {
 		close(d.events)
 	}
 }
-
-// DroppedFrames counts frames read whose vnet header made no sense or asked
-// for what we never enabled.
-func (d *Device) DroppedFrames() uint64 { return d.droppedFrames.Load() }
