@@ -27,9 +27,11 @@
 // where to send that flow's packets from then on. More queues help only
 // where there are CPUs to run their readers and many flows to spread.
 //
-// When the interface is deleted under an open device (ip link del, or its
-// namespace torn down), reads fail and Events reports EventDown, so the
-// owner can stop instead of serving nothing.
+// When the interface is deleted under an open device (ip link del), reads
+// fail and Events reports EventDown, so the owner can stop instead of
+// serving nothing. (The device's own descriptors keep its namespace alive:
+// a namespace whose processes have all gone does not take the interface
+// with it while the device is open.)
 //
 // A Device undoes what it did: Close deletes an interface it created, and
 // on a persistent interface it only attached to (one made with `ip tuntap
