@@ -346,7 +346,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 	select {
 	case <-ctx.Done():
 	case <-svc.Done():
-		// The TUN is gone (deleted, or its namespace torn down): there is
+		// The TUN is gone (its interface was deleted): there is
 		// nothing left to serve, and a supervisor must see it.
 		return fmt.Errorf("tun %s is gone, stopping: %w", dev.Name(), svc.Err())
 	}
