@@ -17,6 +17,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 // tcpPair returns the two ends of a real loopback TCP connection.
@@ -107,7 +109,7 @@ func (p *peer) serveInsideUDP(t *testing.T, at netip.AddrPort) *insideUDP {
 	if at.Addr().Is6() {
 		proto = ipv6.ProtocolNumber
 	}
-	c, err := gonet.DialUDP(p.client, &tcpip.FullAddress{NIC: 1, Addr: tcpipAddr(at.Addr()), Port: at.Port()}, nil, proto)
+	c, err := gonet.DialUDP(p.client, &tcpip.FullAddress{NIC: 1, Addr: packet.TCPIPAddr(at.Addr()), Port: at.Port()}, nil, proto)
 	if err != nil {
 		t.Fatalf("listen inside on %v: %v", at, err)
 	}
@@ -270,7 +272,7 @@ func TestServeInboundUDP(t *testing.T) {
 			// One that does not fit is dropped, and counted.
 			a.WriteToUDPAddrPort(make([]byte, 1500), pub)
 			outsideRoundTrip(t, a, pub, []byte("after the big one"))
-			if n := p.st.inUDP.droppedBig.Load(); n != 1 {
+			if n := p.st.inUDP.Stats().DroppedBig; n != 1 {
 				t.Errorf("%d datagrams dropped as too big, want 1", n)
 			}
 		})
@@ -310,7 +312,7 @@ func TestServeInboundUDPBounded(t *testing.T) {
 			t.Fatalf("%d inbound associations, want at most 4", n)
 		}
 	}
-	if n := p.st.inUDP.evicted.Load(); n != 8 {
+	if n := p.st.inUDP.Stats().Evicted; n != 8 {
 		t.Errorf("%d associations evicted, want 8", n)
 	}
 }
@@ -361,7 +363,7 @@ func TestServeInboundUDPNothingInside(t *testing.T) {
 			pub := publishUDP(t, p.st, dst)
 			c := outsideUDP(t)
 			deadline := time.Now().Add(10 * time.Second)
-			for p.st.inUDP.insideRefusals.Load() == 0 {
+			for p.st.inUDP.Stats().InsideRefusals == 0 {
 				if time.Now().After(deadline) {
 					t.Fatal("no ICMP port unreachable from inside reached the stack")
 				}
@@ -389,7 +391,7 @@ func TestGatewayUDPIsNotOutbound(t *testing.T) {
 	gw := netip.MustParseAddr("198.18.0.2")
 	p := newPeer(t, Config{Gateway4: gw, UDP: d, DNS: fixedDNS{}})
 
-	c, err := gonet.DialUDP(p.client, nil, &tcpip.FullAddress{NIC: 1, Addr: tcpipAddr(gw), Port: 50000}, ipv4.ProtocolNumber)
+	c, err := gonet.DialUDP(p.client, nil, &tcpip.FullAddress{NIC: 1, Addr: packet.TCPIPAddr(gw), Port: 50000}, ipv4.ProtocolNumber)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -421,61 +423,4 @@ func TestGatewayUDPIsNotOutbound(t *testing.T) {
 	if err != nil || string(buf[:n]) != "answer:query" {
 		t.Errorf("DNS on the gateway: %q, %v; want %q", buf[:n], err, "answer:query")
 	}
-}
-
-// FuzzInboundUDPFromTUN feeds arbitrary packets to the published-port paths
-// of the device reader, with inbound associations on gateway ports 49152
-// (IPv4) and 49153 (IPv6). Whatever the namespace writes, they must not crash, and
-// they may take only packets addressed to a gateway.
-func FuzzInboundUDPFromTUN(f *testing.F) {
-	gw4, gw6 := netip.MustParseAddr("198.18.0.2"), netip.MustParseAddr("fd00:1898::2")
-	var b [ipv6HeaderLen + udpHeaderLen + 64]byte
-	reply4 := append([]byte(nil), buildUDP(b[:], netip.MustParseAddrPort("198.18.0.1:9000"), netip.AddrPortFrom(gw4, inboundPortFirst), []byte("reply"))...)
-	reply6 := append([]byte(nil), buildUDP(b[:], netip.MustParseAddrPort("[fd00:1898::1]:9000"), netip.AddrPortFrom(gw6, inboundPortFirst+1), []byte("reply"))...)
-	f.Add(reply4)
-	f.Add(reply6)
-	in4 := append([]byte(nil), buildUDP(b[:], netip.AddrPortFrom(gw4, inboundPortFirst), netip.MustParseAddrPort("198.18.0.1:9000"), []byte("x"))...)
-	in6 := append([]byte(nil), buildUDP(b[:], netip.AddrPortFrom(gw6, inboundPortFirst+1), netip.MustParseAddrPort("[fd00:1898::1]:9000"), []byte("x"))...)
-	var icmp [ipv6HeaderLen + 8 + icmpQuoteLen]byte
-	refused4 := append([]byte(nil), buildPortUnreachable(icmp[:], netip.MustParseAddr("198.18.0.1"), gw4, in4)...)
-	refused6 := append([]byte(nil), buildPortUnreachable(icmp[:], netip.MustParseAddr("fd00:1898::1"), gw6, in6)...)
-	f.Add(refused4)
-	f.Add(refused6)
-	f.Add([]byte{0x45, 0, 0, 20})
-
-	p := newPeer(f, Config{Gateway4: gw4, Gateway6: gw6})
-	// The association's outside source is the published socket itself, so
-	// whatever the fuzzer delivers stays on loopback.
-	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		f.Fatal(err)
-	}
-	defer pc.Close()
-	for _, dst := range []netip.AddrPort{netip.MustParseAddrPort("198.18.0.1:9000"), netip.MustParseAddrPort("[fd00:1898::1]:9000")} {
-		srv := &inboundServer{pc: pc, udp: pc, dst: dst, gw: p.st.inUDP.gateway(dst.Addr()), log: p.st.log, assocs: make(map[netip.AddrPort]*inboundAssoc)}
-		p.st.inUDP.lookup(srv, pc.LocalAddr().(*net.UDPAddr).AddrPort())
-	}
-	// The seeds that are well formed are taken.
-	for _, pkt := range [][]byte{reply4, reply6} {
-		if !p.st.inUDP.handleRaw(pkt, false) || p.st.inUDP.refused.Load() != 0 {
-			f.Fatalf("handleRaw did not deliver a reply on an association: % x", pkt)
-		}
-	}
-	for _, pkt := range [][]byte{refused4, refused6} {
-		if !p.st.inUDP.handleICMPError(pkt) {
-			f.Fatalf("handleICMPError did not take a port unreachable for an association: % x", pkt)
-		}
-	}
-	f.Fuzz(func(t *testing.T, pkt []byte) {
-		if len(pkt) > maxPacket {
-			return
-		}
-		toGateway := p.st.inUDP.isGateway(packetDst(pkt))
-		if p.st.inUDP.handleRaw(pkt, false) && !toGateway {
-			t.Fatalf("handleRaw took a packet to %v, not a gateway", packetDst(pkt))
-		}
-		if p.st.inUDP.handleICMPError(pkt) && !toGateway {
-			t.Fatalf("handleICMPError took a packet to %v, not a gateway", packetDst(pkt))
-		}
-	})
 }

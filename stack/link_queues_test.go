@@ -1,41 +1,24 @@
 package stack
 
 import (
-	"bytes"
 	"encoding/binary"
-	"log/slog"
 	"net/netip"
-	"os"
 	"runtime/pprof"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
-// queuesDevice is a multiQueueDevice over n SOCK_SEQPACKET socketpairs, one
-// per queue: real kernel objects that keep packet boundaries, as the queues
-// of a multi-queue TUN do. far holds the other ends, for the test's client.
-type queuesDevice struct {
-	files  []*os.File
-	far    []int
-	writes []atomic.Int64 // packets written to each queue
-	mtu    int
-}
-
-var _ multiQueueDevice = (*queuesDevice)(nil)
-
-func newQueuesDevice(t testing.TB, n int) *queuesDevice {
+// newQueuesDevice is a seqpacketDevice of n queues, each one packet a read,
+// whose far ends the test's cleanup closes.
+func newQueuesDevice(t testing.TB, n int) *seqpacketDevice {
 	t.Helper()
-	d := &queuesDevice{writes: make([]atomic.Int64, n), mtu: 1500}
-	for range n {
-		fds := packetPair(t)
-		d.files = append(d.files, os.NewFile(uintptr(fds[0]), "stack-side"))
-		d.far = append(d.far, fds[1])
-	}
+	d := newSeqpacketDevice(t, n, 1, 1500)
 	t.Cleanup(func() {
 		for _, fd := range d.far {
 			unix.Close(fd)
@@ -44,49 +27,10 @@ func newQueuesDevice(t testing.TB, n int) *queuesDevice {
 	return d
 }
 
-func (d *queuesDevice) NumQueues() int { return len(d.files) }
-
-func (d *queuesDevice) ReadQueue(q int, bufs [][]byte, sizes []int, offset int) (int, error) {
-	n, err := d.files[q].Read(bufs[0][offset:])
-	if err != nil {
-		return 0, err
-	}
-	sizes[0] = n
-	return 1, nil
-}
-
-func (d *queuesDevice) WriteQueue(q int, bufs [][]byte, offset int) (int, error) {
-	for i, b := range bufs {
-		if _, err := d.files[q].Write(b[offset:]); err != nil {
-			return i, err
-		}
-		d.writes[q].Add(1)
-	}
-	return len(bufs), nil
-}
-
-func (d *queuesDevice) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	return d.ReadQueue(0, bufs, sizes, offset)
-}
-
-func (d *queuesDevice) Write(bufs [][]byte, offset int) (int, error) {
-	return d.WriteQueue(0, bufs, offset)
-}
-
-func (d *queuesDevice) BatchSize() int { return 1 }
-func (d *queuesDevice) MTU() int       { return d.mtu }
-
-func (d *queuesDevice) Close() error {
-	for _, f := range d.files {
-		f.Close()
-	}
-	return nil
-}
-
-// newQueuesPeer is newPeer over a queuesDevice: the client is a gVisor stack
+// newQueuesPeer is newPeer over a device of n queues: the client is a gVisor stack
 // whose fdbased endpoint has one fd per queue and spreads its flows over
 // them by hash, as a kernel spreads them over a multi-queue TUN.
-func newQueuesPeer(t testing.TB, n int, cfg Config) (*peer, *queuesDevice) {
+func newQueuesPeer(t testing.TB, n int, cfg Config) (*peer, *seqpacketDevice) {
 	t.Helper()
 	dev := newQueuesDevice(t, n)
 	p := &peer{dialer: &redirectDialer{}}
@@ -106,7 +50,7 @@ func newQueuesPeer(t testing.TB, n int, cfg Config) (*peer, *queuesDevice) {
 func dispatchers() int {
 	var b strings.Builder
 	_ = pprof.Lookup("goroutine").WriteTo(&b, 2) // one entry per goroutine
-	return strings.Count(b.String(), "(*queueDispatcher).readInbound")
+	return strings.Count(b.String(), "link.(*dispatcher).readInbound")
 }
 
 // waitDispatchers waits until want dispatcher goroutines run, and reports
@@ -156,7 +100,7 @@ func TestLinkQueues(t *testing.T) {
 		}
 	}
 	for q := range queues {
-		r, w := p.st.link.queueReads[q].Load(), dev.writes[q].Load()
+		r, w := p.st.link.QueueReads()[q], dev.writes[q].Load()
 		t.Logf("queue %d: %d packets read, %d written", q, r, w)
 		if r == 0 {
 			t.Errorf("queue %d: nothing read: its dispatcher delivered nothing", q)
@@ -185,7 +129,7 @@ func TestLinkQueuesUDP(t *testing.T) {
 		var payload [64]byte
 		binary.BigEndian.PutUint16(payload[0:], uint16(q*flowsPerQueue+f))
 		binary.BigEndian.PutUint32(payload[2:], uint32(i))
-		pkt := buildUDP(make([]byte, ipv4HeaderLen+udpHeaderLen+len(payload)), netip.AddrPortFrom(client, flowPort(q, f)), sink.addr, payload[:])
+		pkt := packet.BuildUDP(make([]byte, packet.IPv4HeaderLen+packet.UDPHeaderLen+len(payload)), netip.AddrPortFrom(client, flowPort(q, f)), sink.addr, payload[:])
 		for {
 			_, err := unix.Write(dev.far[q], pkt)
 			if err != unix.EAGAIN && err != unix.ENOBUFS {
@@ -237,110 +181,9 @@ func TestLinkQueuesUDP(t *testing.T) {
 		}
 		next[flow]++
 	}
-	for q := range queues {
-		if p.st.link.queueReads[q].Load() < flowsPerQueue*count {
-			t.Errorf("queue %d: %d packets read, want at least the %d sent into it", q, p.st.link.queueReads[q].Load(), flowsPerQueue*count)
-		}
-	}
-}
-
-// TestFlowQueue checks the queue choice for outbound packets: one flow, one
-// queue, whatever else the packet says; flows spread over all queues.
-func TestFlowQueue(t *testing.T) {
-	src4, dst4 := netip.MustParseAddrPort("192.0.2.2:443"), netip.MustParseAddrPort("198.18.0.1:40000")
-	src6, dst6 := netip.MustParseAddrPort("[2001:db8::2]:443"), netip.MustParseAddrPort("[fd00:1898::1]:40000")
-	udp := func(src, dst netip.AddrPort, n int) []byte {
-		hl := ipHeaderLen(dst.Addr())
-		return buildUDP(make([]byte, hl+udpHeaderLen+n), src, dst, make([]byte, n))
-	}
-	for _, tc := range []struct {
-		name     string
-		src, dst netip.AddrPort
-	}{
-		{"ipv4", src4, dst4},
-		{"ipv6", src6, dst6},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			for _, n := range []int{2, 3, 4, 16} {
-				// The same flow with any payload: the same queue.
-				want := flowQueue(udp(tc.src, tc.dst, 10), n)
-				for _, size := range []int{0, 1, 100, 1400} {
-					if got := flowQueue(udp(tc.src, tc.dst, size), n); got != want {
-						t.Errorf("n=%d: %d-byte datagram on queue %d, the flow's other packets on %d", n, size, got, want)
-					}
-				}
-				// Flows differing only in the client port cover
-				// every queue, each about evenly.
-				hits := make([]int, n)
-				const flows = 4096
-				for p := range flows {
-					dst := netip.AddrPortFrom(tc.dst.Addr(), uint16(30000+p))
-					q := flowQueue(udp(tc.src, dst, 10), n)
-					if q < 0 || q >= n {
-						t.Fatalf("n=%d: queue %d out of range", n, q)
-					}
-					hits[q]++
-				}
-				for q, h := range hits {
-					if h < flows/n/2 || h > flows/n*3/2 {
-						t.Errorf("n=%d: queue %d got %d of %d flows: %v", n, q, h, flows, hits)
-					}
-				}
-			}
-		})
-	}
-	t.Run("short", func(t *testing.T) {
-		for _, pkt := range [][]byte{nil, {0x45}, bytes.Repeat([]byte{0x60}, 39), {0x10, 0, 0}} {
-			if got := flowQueue(pkt, 4); got != 0 {
-				t.Errorf("flowQueue(% x) = %d, want 0 for a packet it cannot read", pkt, got)
-			}
-		}
-	})
-	t.Run("one queue", func(t *testing.T) {
-		if got := flowQueue(udp(src4, dst4, 10), 1); got != 0 {
-			t.Errorf("flowQueue with one queue = %d", got)
-		}
-	})
-}
-
-// TestWriteDeviceRuns checks that a batch of packets of several flows is
-// written queue by queue with nothing lost or reordered within a queue.
-func TestWriteDeviceRuns(t *testing.T) {
-	const queues = 4
-	dev := newQueuesDevice(t, queues)
-	t.Cleanup(func() { dev.Close() })
-	e := newLinkEndpoint(dev, slog.New(slog.DiscardHandler))
-	if e.queues != queues || e.mq == nil {
-		t.Fatalf("link sees %d queues, want %d", e.queues, queues)
-	}
-	var bufs [][]byte
-	want := make([][][]byte, queues)
-	for i := range 64 {
-		src := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), 53)
-		dst := netip.AddrPortFrom(netip.MustParseAddr("198.18.0.1"), uint16(40000+i%7))
-		payload := []byte{byte(i)}
-		pkt := buildUDP(make([]byte, ipv4HeaderLen+udpHeaderLen+1), src, dst, payload)
-		bufs = append(bufs, pkt)
-		q := flowQueue(pkt, queues)
-		want[q] = append(want[q], pkt)
-	}
-	n, err := e.writeDevice(bufs, 0)
-	if err != nil || n != len(bufs) {
-		t.Fatalf("writeDevice = %d, %v; want %d, nil", n, err, len(bufs))
-	}
-	buf := make([]byte, 2048)
-	for q := range queues {
-		for i, w := range want[q] {
-			m, err := unix.Read(dev.far[q], buf)
-			if err != nil {
-				t.Fatalf("queue %d: read packet %d: %v", q, i, err)
-			}
-			if !bytes.Equal(buf[:m], w) {
-				t.Fatalf("queue %d: packet %d differs", q, i)
-			}
-		}
-		if _, _, err := unix.Recvfrom(dev.far[q], buf, unix.MSG_DONTWAIT); err != unix.EAGAIN {
-			t.Errorf("queue %d: more packets than its flows sent (%v)", q, err)
+	for q, n := range p.st.link.QueueReads() {
+		if n < flowsPerQueue*count {
+			t.Errorf("queue %d: %d packets read, want at least the %d sent into it", q, n, flowsPerQueue*count)
 		}
 	}
 }

@@ -6,12 +6,14 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -30,47 +32,169 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/stack/internal/gverr"
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-// seqpacketDevice is a Device over one end of a SOCK_SEQPACKET socketpair:
-// a real kernel object that keeps packet boundaries as a TUN fd does, so the
-// stack can be tested without root (the approach of gVisor's fdbased tests).
+// seqpacketDevice is a Device over SOCK_SEQPACKET socketpairs, one per
+// queue: real kernel objects that keep packet boundaries as the queues of a
+// TUN do, so the stack can be tested without root (the approach of gVisor's
+// fdbased tests). A Read returns every packet already queued, up to the
+// batch size, as tundev's does; far holds the other ends, for the test's
+// client. It offers no offloads: every packet it writes is whole, with its
+// checksums complete.
 type seqpacketDevice struct {
-	resets atomic.Int64 // TCP RSTs written
-	f      *os.File
-	mtu    int
+	files []*os.File
+	rcs   []syscall.RawConn
+	far   []int
+	batch int
+	mtu   int
+	// gate is held by a test while it writes a burst, so that the whole
+	// burst is one read.
+	gate    sync.Mutex
+	closed  atomic.Bool
+	events  chan device.Event
+	endOnce sync.Once
+
+	resets atomic.Int64   // TCP RSTs written
+	writes []atomic.Int64 // packets written to each queue
 }
 
-func (d *seqpacketDevice) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	n, err := d.f.Read(bufs[0][offset:])
-	if err != nil {
-		return 0, err
+var _ device.Device = (*seqpacketDevice)(nil)
+
+// newSeqpacketDevice makes a device of queues socketpairs whose reads
+// return up to batch packets. The far ends are the caller's to close.
+func newSeqpacketDevice(t testing.TB, queues, batch, mtu int) *seqpacketDevice {
+	t.Helper()
+	d := &seqpacketDevice{
+		batch:  batch,
+		mtu:    mtu,
+		events: make(chan device.Event, 1),
+		writes: make([]atomic.Int64, queues),
 	}
-	sizes[0] = n
-	return 1, nil
+	for range queues {
+		fds := packetPair(t)
+		f := os.NewFile(uintptr(fds[0]), "stack-side")
+		rc, err := f.SyscallConn()
+		if err != nil {
+			t.Fatalf("syscall conn: %v", err)
+		}
+		d.files = append(d.files, f)
+		d.rcs = append(d.rcs, rc)
+		d.far = append(d.far, fds[1])
+	}
+	return d
 }
 
-func (d *seqpacketDevice) Write(bufs [][]byte, offset int) (int, error) {
-	for i, b := range bufs {
-		if _, err := d.f.Write(b[offset:]); err != nil {
+func (d *seqpacketDevice) Queues() int { return len(d.files) }
+
+func (d *seqpacketDevice) Read(q int, bufs [][]byte, sizes []int, metas []device.Meta, offset int) (int, error) {
+	count := 0
+	var rerr error
+	err := d.rcs[q].Read(func(fd uintptr) bool {
+		d.gate.Lock()
+		defer d.gate.Unlock()
+		for count < min(len(bufs), d.batch) {
+			n, err := unix.Read(int(fd), bufs[count][offset:])
+			if err == unix.EAGAIN {
+				break
+			}
+			if err == nil && n == 0 {
+				err = io.EOF // the far end is closed
+			}
+			if err != nil {
+				rerr = err
+				return true
+			}
+			sizes[count] = n
+			// Not Verified: the link checks the checksums.
+			metas[count] = device.Meta{}
+			count++
+		}
+		return count > 0
+	})
+	if d.closed.Load() {
+		return count, os.ErrClosed
+	}
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		d.end(&device.Event{Kind: device.EventDown, Err: err})
+	}
+	return count, err
+}
+
+// end closes the event channel, once, after ev if it is not nil.
+func (d *seqpacketDevice) end(ev *device.Event) {
+	d.endOnce.Do(func() {
+		if ev != nil {
+			d.events <- *ev
+		}
+		close(d.events)
+	})
+}
+
+func (d *seqpacketDevice) Write(pkts [][][]byte, metas []device.Meta) (int, error) {
+	for i, pieces := range pkts {
+		if m := metas[i]; m.GSO != device.GSONone || m.NeedsCsum {
+			return i, fmt.Errorf("packet %d: offload %+v asked of a device without offloads", i, m)
+		}
+		pkt := bytes.Join(pieces, nil)
+		q := flowQueueOf(pkt, len(d.files))
+		if _, err := d.files[q].Write(pkt); err != nil {
 			return i, err
 		}
-		if pkt := b[offset:]; transportProtocol(pkt) == header.TCPProtocolNumber && header.IPVersion(pkt) == header.IPv4Version {
+		d.writes[q].Add(1)
+		if packet.TransportProtocol(pkt) == header.TCPProtocolNumber && header.IPVersion(pkt) == header.IPv4Version {
 			if tcp := header.TCP(pkt[header.IPv4(pkt).HeaderLength():]); len(tcp) >= header.TCPMinimumSize && tcp.Flags().Contains(header.TCPFlagRst) {
 				d.resets.Add(1)
 			}
 		}
 	}
-	return len(bufs), nil
+	return len(pkts), nil
 }
 
-func (d *seqpacketDevice) BatchSize() int { return 1 }
-func (d *seqpacketDevice) MTU() int       { return d.mtu }
-func (d *seqpacketDevice) Close() error   { return d.f.Close() }
+// flowQueueOf picks the queue of a packet's flow from its addresses and
+// ports, so that one flow stays on one queue.
+func flowQueueOf(pkt []byte, queues int) int {
+	if queues == 1 {
+		return 0
+	}
+	h := fnv.New32a()
+	switch header.IPVersion(pkt) {
+	case header.IPv4Version:
+		if ihl := int(pkt[0]&0xf) * 4; len(pkt) >= ihl+4 && ihl >= header.IPv4MinimumSize {
+			h.Write(pkt[12:20])
+			h.Write(pkt[ihl : ihl+4])
+		}
+	case header.IPv6Version:
+		if len(pkt) >= header.IPv6MinimumSize+4 {
+			h.Write(pkt[8 : header.IPv6MinimumSize+4])
+		}
+	}
+	return int(h.Sum32() % uint32(queues))
+}
+
+func (d *seqpacketDevice) BatchSize() int                    { return d.batch }
+func (d *seqpacketDevice) MTU() int                          { return d.mtu }
+func (d *seqpacketDevice) Capabilities() device.Capabilities { return device.Capabilities{} }
+func (d *seqpacketDevice) Events() <-chan device.Event       { return d.events }
+
+func (d *seqpacketDevice) Close() error {
+	d.closed.Store(true)
+	for _, f := range d.files {
+		f.Close()
+	}
+	d.end(nil)
+	return nil
+}
 
 // redirectDialer dials every flow's destination port on loopback instead, so
 // the far end is a real socket served by the test.
@@ -181,33 +305,22 @@ func newPeer(t testing.TB, cfg Config) *peer {
 // packet carries what a TSO segment would.
 func newPeerMTU(t testing.TB, cfg Config, mtu int) *peer {
 	t.Helper()
-	return newPeerDevice(t, cfg, mtu, nil)
-}
-
-// newPeerDevice is newPeerMTU with the stack's device wrapped by wrap (nil:
-// the socketpair device as it is).
-func newPeerDevice(t testing.TB, cfg Config, mtu int, wrap func(*seqpacketDevice) Device) *peer {
-	t.Helper()
-	fds := packetPair(t)
-	dev := &seqpacketDevice{f: os.NewFile(uintptr(fds[0]), "stack-side"), mtu: mtu}
+	dev := newSeqpacketDevice(t, 1, 1, mtu)
+	far := dev.far[0]
 
 	p := &peer{dialer: &redirectDialer{}, dev: dev}
 	var dialer Dialer = p.dialer
 	if cfg.Dialer != nil { // a test's own, around p.dialer
 		dialer = cfg.Dialer
 	}
-	var stackDev Device = dev
-	if wrap != nil {
-		stackDev = wrap(dev)
-	}
-	p.st = newTestStack(t, cfg, stackDev, dialer)
+	p.st = newTestStack(t, cfg, dev, dialer)
 
-	p.client = newClientStackMTU(t, []int{fds[1]}, uint32(mtu))
+	p.client = newClientStackMTU(t, []int{far}, uint32(mtu))
 	t.Cleanup(func() {
 		p.st.Close()
 		p.client.Close()
 		p.client.Wait()
-		unix.Close(fds[1])
+		unix.Close(far)
 	})
 	return p
 }
@@ -242,7 +355,7 @@ func (p *peer) dialFrom(t testing.TB, port uint16, dst netip.AddrPort, timeout t
 		ep.SocketOptions().SetReuseAddress(true)
 		if terr := ep.Bind(tcpip.FullAddress{Port: port}); terr != nil {
 			ep.Close()
-			return nil, goError("bind", terr)
+			return nil, gverr.Error("bind", terr)
 		}
 	}
 	addr := tcpip.FullAddress{Addr: tcpip.AddrFromSlice(dst.Addr().AsSlice()), Port: dst.Port()}
@@ -258,7 +371,7 @@ func (p *peer) dialFrom(t testing.TB, port uint16, dst netip.AddrPort, timeout t
 	}
 	if terr != nil {
 		ep.Close()
-		return nil, goError("connect", terr)
+		return nil, gverr.Error("connect", terr)
 	}
 	return &clientConn{TCPConn: gonet.NewTCPConn(&wq, ep), ep: ep}, nil
 }
@@ -495,7 +608,7 @@ func TestCloseResetsFlows(t *testing.T) {
 	}
 	p.closeWithin(t, 5*time.Second, "flows open")
 	// Every flow's reset was written before the device closed
-	// (flushOutbound), so no client waits for a timeout. (Whether this
+	// (link.FlushOutbound), so no client waits for a timeout. (Whether this
 	// client stack reads them after its peer closed is its own business;
 	// the namespace test checks a kernel client sees ECONNRESET.)
 	if got := p.dev.resets.Load(); got != int64(len(conns)) {
@@ -538,5 +651,44 @@ func TestReconnectSamePortAfterServerClose(t *testing.T) {
 	c2.Close()
 	if d := time.Since(start); d > 3*time.Second {
 		t.Errorf("reconnect from the same port took %v", d)
+	}
+}
+
+// pipeDialer reaches every destination with an in-memory pipe: an upstream
+// that is not a socket, whose far end the test holds.
+type pipeDialer struct{ far chan net.Conn }
+
+func (d pipeDialer) DialContext(context.Context, string, string) (net.Conn, error) {
+	near, far := net.Pipe()
+	d.far <- far
+	return near, nil
+}
+
+// TestNonSocketUpstreamResets: an upstream that is not a syscall.Conn
+// cannot be relayed (the relay parks and polls its descriptor), so the
+// flow is reset, and the upstream closed, rather than left hanging.
+func TestNonSocketUpstreamResets(t *testing.T) {
+	d := pipeDialer{far: make(chan net.Conn, 1)}
+	p := newPeer(t, Config{Dialer: d})
+	c, err := p.dial(t, netip.MustParseAddrPort("192.0.2.2:80"))
+	switch {
+	case err != nil:
+		// Reset in reply to the SYN.
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("dial to a non-socket upstream: %v, want a reset", err)
+		}
+	default:
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		// gonet reports gVisor's error by its text alone.
+		if _, err := io.ReadAll(c); err == nil || !strings.Contains(err.Error(), "connection reset") {
+			t.Errorf("read: %v, want a reset", err)
+		}
+	}
+	far := <-d.far
+	defer far.Close()
+	_ = far.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := far.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrClosedPipe) {
+		t.Errorf("upstream read: %v, want it closed", err)
 	}
 }

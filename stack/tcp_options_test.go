@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	gstack "gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -45,7 +46,12 @@ func TestTCPOptionsValidate(t *testing.T) {
 // TestNewRejectsBadTCPOptions: New checks the options itself, for callers
 // that did not call Validate.
 func TestNewRejectsBadTCPOptions(t *testing.T) {
-	_, err := New(Config{Device: nopDevice{}, Dialer: &net.Dialer{}, TCP: TCPOptions{CongestionControl: "vegas"}})
+	dev := newSeqpacketDevice(t, 1, 1, 1500)
+	t.Cleanup(func() {
+		dev.Close()
+		unix.Close(dev.far[0])
+	})
+	_, err := New(Config{Device: dev, Dialer: &net.Dialer{}, TCP: TCPOptions{CongestionControl: "vegas"}})
 	if err == nil || !strings.Contains(err.Error(), "vegas") {
 		t.Fatalf("New with unknown congestion control: %v, want an error naming it", err)
 	}
@@ -75,7 +81,7 @@ func TestTCPOptionsReachGVisor(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newPeer(t, Config{TCP: tc.in})
-			got, err := p.st.TCPSettings()
+			got, err := p.st.tcpSettings()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -140,12 +146,3 @@ func flowEndpoint(t *testing.T, st *Stack, port uint16) *tcp.Endpoint {
 	t.Fatalf("no stack endpoint for the flow to port %d", port)
 	return nil
 }
-
-// nopDevice is a Device that never delivers a packet.
-type nopDevice struct{}
-
-func (nopDevice) Read([][]byte, []int, int) (int, error) { select {} }
-func (nopDevice) Write(b [][]byte, _ int) (int, error)   { return len(b), nil }
-func (nopDevice) BatchSize() int                         { return 1 }
-func (nopDevice) MTU() int                               { return 1500 }
-func (nopDevice) Close() error                           { return nil }

@@ -1,4 +1,4 @@
-package stack
+package tcprelay
 
 import (
 	"log/slog"
