@@ -1,0 +1,87 @@
+package icmp
+
+import (
+	"log/slog"
+	"net/netip"
+	"testing"
+
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
+)
+
+// capture is a Writer that keeps what it is given.
+type capture struct{ pkts [][]byte }
+
+func (c *capture) WriteRaw(pkt []byte) { c.pkts = append(c.pkts, append([]byte(nil), pkt...)) }
+func (c *capture) MTU() uint32         { return 1500 }
+
+// echoRequest builds an echo request from src to dst, as a client sends it.
+func echoRequest(src, dst netip.Addr, id, seq uint16, data string) []byte {
+	hl := packet.IPHeaderLen(dst)
+	pkt := make([]byte, hl+icmpEchoLen+len(data))
+	msg := pkt[hl:]
+	copy(msg[icmpEchoLen:], data)
+	if dst.Is4() {
+		packet.PutIPHeader(pkt, src, dst, header.ICMPv4ProtocolNumber, len(msg))
+		ic := header.ICMPv4(msg)
+		ic.SetType(header.ICMPv4Echo)
+		ic.SetIdent(id)
+		ic.SetSequence(seq)
+		ic.SetChecksum(^checksum.Checksum(msg, 0))
+	} else {
+		packet.PutIPHeader(pkt, src, dst, header.ICMPv6ProtocolNumber, len(msg))
+		ic := header.ICMPv6(msg)
+		ic.SetType(header.ICMPv6EchoRequest)
+		ic.SetIdent(id)
+		ic.SetSequence(seq)
+		ic.SetChecksum(header.ICMPv6Checksum(header.ICMPv6ChecksumParams{Header: ic, Src: packet.TCPIPAddr(src), Dst: packet.TCPIPAddr(dst)}))
+	}
+	return pkt
+}
+
+// TestAnswer: without forwarding, an echo request is answered at once from
+// the address pinged, with the client's identifier, sequence and data, and
+// checksums a kernel accepts.
+func TestAnswer(t *testing.T) {
+	for _, pair := range [][2]netip.Addr{
+		{netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("192.0.2.9")},
+		{netip.MustParseAddr("fd00:1898::1"), netip.MustParseAddr("2001:db8::9")},
+	} {
+		w := &capture{}
+		p := New(Config{Writer: w, Log: slog.New(slog.DiscardHandler), NextFlowID: func() uint64 { return 1 }})
+		req := echoRequest(pair[0], pair[1], 0x1234, 7, "abcdefgh")
+		src, dst, msg, ok := packet.ParseEcho(req)
+		if !ok || !p.Echo(src, dst, msg) {
+			t.Fatalf("%s: echo request not taken", pair[1])
+		}
+		p.Close()
+		if len(w.pkts) != 1 {
+			t.Fatalf("%s: %d replies, want 1", pair[1], len(w.pkts))
+		}
+		reply := w.pkts[0]
+		if !packet.ChecksumsValid(reply) || packet.Dst(reply) != pair[0] {
+			t.Fatalf("%s: reply to %s with valid checksums %v", pair[1], packet.Dst(reply), packet.ChecksumsValid(reply))
+		}
+		hl := packet.IPHeaderLen(pair[0])
+		var typ uint8
+		var id, seq uint16
+		if pair[0].Is4() {
+			ic := header.ICMPv4(reply[hl:])
+			typ, id, seq = uint8(ic.Type()), ic.Ident(), ic.Sequence()
+			if typ != uint8(header.ICMPv4EchoReply) {
+				t.Errorf("type %d, want echo reply", typ)
+			}
+		} else {
+			ic := header.ICMPv6(reply[hl:])
+			typ, id, seq = uint8(ic.Type()), ic.Ident(), ic.Sequence()
+			if typ != uint8(header.ICMPv6EchoReply) {
+				t.Errorf("type %d, want echo reply", typ)
+			}
+		}
+		if id != 0x1234 || seq != 7 || string(reply[hl+icmpEchoLen:]) != "abcdefgh" {
+			t.Errorf("reply id %#x seq %d data %q", id, seq, reply[hl+icmpEchoLen:])
+		}
+	}
+}
