@@ -2,6 +2,7 @@ package tundev
 
 import (
 	"encoding/binary"
+	"math/bits"
 	"sync/atomic"
 
 	"github.com/netstackd/netstackd/internal/device"
@@ -306,22 +307,33 @@ func pseudoHeaderSum(src, dst []byte, proto uint8, length int) uint64 {
 }
 
 // sumBytes adds b to sum as big-endian 16-bit words (RFC 1071), an odd last
-// byte padded with zero. The sum is folded by the caller: 64 bits hold the
-// words of far more than the largest packet.
+// byte padded with zero, and returns the sum unfolded (fold finishes it).
+// It adds eight bytes at a time with end-around carry: the ones' complement
+// sum of 64-bit words folds to that of the 16-bit words they hold.
 func sumBytes(b []byte, sum uint64) uint64 {
+	var carry uint64
+	for len(b) >= 32 {
+		sum, carry = bits.Add64(sum, binary.BigEndian.Uint64(b), carry)
+		sum, carry = bits.Add64(sum, binary.BigEndian.Uint64(b[8:]), carry)
+		sum, carry = bits.Add64(sum, binary.BigEndian.Uint64(b[16:]), carry)
+		sum, carry = bits.Add64(sum, binary.BigEndian.Uint64(b[24:]), carry)
+		b = b[32:]
+	}
 	for len(b) >= 8 {
-		v := binary.BigEndian.Uint64(b)
-		sum += v>>48 + v>>32&0xffff + v>>16&0xffff + v&0xffff
+		sum, carry = bits.Add64(sum, binary.BigEndian.Uint64(b), carry)
 		b = b[8:]
 	}
+	var tail uint64
 	for len(b) >= 2 {
-		sum += uint64(binary.BigEndian.Uint16(b))
+		tail = tail<<16 | uint64(binary.BigEndian.Uint16(b))
 		b = b[2:]
 	}
 	if len(b) == 1 {
-		sum += uint64(b[0]) << 8
+		tail = tail<<16 | uint64(b[0])<<8
 	}
-	return sum
+	sum, carry = bits.Add64(sum, tail, carry)
+	sum, carry = bits.Add64(sum, 0, carry)
+	return sum + carry
 }
 
 // fold folds a ones' complement sum to 16 bits.
