@@ -95,7 +95,7 @@ func TestLinkQueuesTUN(t *testing.T) {
 // that size bytes come back as sent.
 func tunEchoTCP(ctx context.Context, nsPath string, dst netip.AddrPort, seed, size int) error {
 	var c net.Conn
-	err := tundev.InNetns(nsPath, func() error {
+	err := netnstest.Netns{Name: nsPath, Path: nsPath}.Do(func() error {
 		var err error
 		c, err = (&net.Dialer{}).DialContext(ctx, "tcp", dst.String())
 		return err
@@ -139,7 +139,7 @@ func readAll(c net.Conn) ([]byte, error) {
 // waits for each echo, resending a lost one a few times.
 func tunEchoUDP(ctx context.Context, nsPath string, dst netip.AddrPort, seed int) error {
 	var c *net.UDPConn
-	err := tundev.InNetns(nsPath, func() error {
+	err := netnstest.Netns{Name: nsPath, Path: nsPath}.Do(func() error {
 		var err error
 		c, err = net.ListenUDP("udp4", nil)
 		return err

@@ -35,23 +35,6 @@ func openNetns(path string) (int, error) {
 	return fd, nil
 }
 
-// InNetns runs fn on an OS thread that has joined the network namespace at
-// netnsPath ("" runs fn in the current namespace). Sockets and TUN fds that
-// fn opens belong to that namespace for their whole life, and may be used
-// from any goroutine once InNetns returns. Goroutines that fn starts do not
-// inherit the namespace. Other threads of the process are not affected.
-func InNetns(netnsPath string, fn func() error) error {
-	if netnsPath == "" {
-		return fn()
-	}
-	ns, err := openNetns(netnsPath)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(ns)
-	return runInNetns(ns, fn)
-}
-
 // runInNetns runs fn on a new goroutine locked to its thread, which joins
 // the namespace ns while fn runs, and waits for it. With noNetns, fn runs on
 // the caller's goroutine.
@@ -107,30 +90,4 @@ func newHandle(ns int) (*netlink.Handle, error) {
 		return nil, fmt.Errorf("open rtnetlink: %w", err)
 	}
 	return h, nil
-}
-
-// LinkExists reports whether an interface called name exists in the network
-// namespace at netnsPath ("" for the current one).
-func LinkExists(name, netnsPath string) (bool, error) {
-	ns := noNetns
-	if netnsPath != "" {
-		var err error
-		if ns, err = openNetns(netnsPath); err != nil {
-			return false, err
-		}
-		defer unix.Close(ns)
-	}
-	h, err := newHandle(ns)
-	if err != nil {
-		return false, err
-	}
-	defer h.Close()
-	_, err = h.LinkByName(name)
-	if err == nil {
-		return true, nil
-	}
-	if isNotFound(err) {
-		return false, nil
-	}
-	return false, fmt.Errorf("look up link %q: %w", name, err)
 }
