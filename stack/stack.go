@@ -78,7 +78,8 @@ type Config struct {
 	// reached; with AcceptFirst it does not wait for the dial, and dials
 	// still in progress are bounded by MaxFlows instead. 0 means 1024.
 	MaxInFlight int
-	// MaxFlows caps established TCP flows; new ones beyond it are reset.
+	// MaxFlows caps TCP flows, outbound and published (ServeInbound) alike;
+	// new ones beyond it are reset.
 	// 0 means 65536.
 	MaxFlows int
 	// DialTimeout bounds reaching the upstream of a flow. 0 means 10s.
