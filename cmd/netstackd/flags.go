@@ -238,7 +238,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", 10*time.Second, "bound on reaching a flow's upstream; past it the client gets a reset")
 	handshake := fs.String("tcp-handshake", handshakeDialFirst, "when a client's TCP connect completes: "+handshakeDialFirst+" (after the upstream, or the proxy, has accepted the flow, so a refusal reaches the client as one) | "+handshakeAcceptFirst+" (at once, while the upstream is dialed: connect returns sooner, and an unreachable upstream resets the open connection)")
 	fs.DurationVar(&o.halfCloseIdle, "tcp-half-close-timeout", 2*time.Minute, "how long the open direction of a half-closed TCP flow may stay silent")
-	fs.IntVar(&o.maxFlows, "max-flows", 65536, "cap on concurrent TCP flows; new ones beyond it are reset")
+	fs.IntVar(&o.maxFlows, "max-flows", 65536, "cap on concurrent TCP flows, published ones included; new ones beyond it are reset")
 	fs.StringVar(&o.dnsMode, "dns", "", "DNS `mode`: fake-ip (default with a proxy) | remote (default when direct) | off")
 	dnsAddr := fs.String("dns-addr", "198.18.0.2", "the resolver `address` netstackd advertises (port 53 is answered on every address)")
 	var rangesSet bool
