@@ -255,7 +255,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	})
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver `HOST:PORT` for remote mode and the query types fake-ip does not answer (default: the first nameserver in /etc/resolv.conf), reached over TCP through the proxy")
 	fs.DurationVar(&o.udpTimeout, "udp-timeout", 60*time.Second, "a UDP association idle this long is closed")
-	fwmark := fs.String("fwmark", fmt.Sprintf("%#x", defaultFwmark), "firewall `mark` (SO_MARK) on netstackd's own upstream sockets; host-wide mode routes marked traffic by the main table, so it does not loop into the TUN (set outside host-wide mode, it marks them for rules of your own)")
+	fwmark := fs.String("fwmark", fmt.Sprintf("%#x", defaultFwmark), "firewall `mark` (SO_MARK) on netstackd's own upstream sockets; host-wide mode routes marked traffic by the main table, so it does not loop into the TUN (set outside host-wide mode, it marks them for rules of your own, and needs CAP_NET_ADMIN: not with --user there)")
 	fs.IntVar(&o.table, "table", defaultTable, "routing `table` that holds host-wide mode's routes through the TUN")
 	var excludesSet bool
 	fs.Var(prefixList{&o.excludes, &excludesSet}, "exclude", "host-wide mode: keep `CIDR` off the TUN (it goes by the main table), repeatable; the proxy server's addresses are excluded by themselves")
