@@ -282,11 +282,40 @@ func TestIntegrationHostWideSelfLoop(t *testing.T) {
 	if n := strings.Count(log, "level=INFO msg=\"refused a destination"); n != 1 {
 		t.Errorf("%d refusals logged at info level within a few seconds, want 1 (rate-limited)", n)
 	}
-	// Had one looped, netstackd would have seen a flow from its own TUN
-	// address to that destination: a second flow for the same dst.
-	if strings.Contains(log, "flow open") && strings.Contains(log, "upstream=198.18.") {
-		t.Errorf("netstackd opened a flow to its own prefix:\n%s", log)
+	stopHostWide(t, p)
+}
+
+// TestIntegrationHostWideSelfLoopProxy: through a proxy the proxy decides
+// where a flow may go, but an address of netstackd's own is refused before
+// the proxy is asked: it exists only inside netstackd.
+func TestIntegrationHostWideSelfLoopProxy(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.NewUplink(t)
+	tp.StartServers(t)
+	socks := tp.StartLoggingSOCKS5(t, hwSocks, nil)
+	p := startHostWide(t, tp, netstackdBin, "--socks", hwSocks.String(), "--dns-upstream", dnsUpstream.String())
+
+	own := []netip.AddrPort{
+		netip.MustParseAddrPort("198.18.5.5:80"),
+		netip.MustParseAddrPort("[fd00:1898::5]:80"),
+		netip.MustParseAddrPort("198.19.3.250:80"), // fake, never handed out
+		netip.AddrPortFrom(dnsAddr, 80),
 	}
+	for range 3 {
+		for _, dst := range own {
+			dialRefused(t, tp.Daemon, dst)
+			wantBody(t, tp, httpURL(netnstest.ServerIPv4, "/"), netnstest.HelloBody)
+		}
+	}
+	for _, dst := range own {
+		if hasRequest(socks.Requests(), dst) {
+			t.Errorf("the proxy was asked for %s, netstackd's own address", dst)
+		}
+	}
+	if !hasRequest(socks.Requests(), netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.HTTPPort)) {
+		t.Errorf("the proxy saw none of the legitimate flows: %v", socks.Requests())
+	}
+	udpRefused(t, tp.Daemon, netip.MustParseAddrPort("198.18.5.5:9999"))
 	stopHostWide(t, p)
 }
 
