@@ -30,14 +30,24 @@ func LoopbackPrefixes() []netip.Prefix {
 // and an IPv4-mapped IPv6 address (::ffff:127.0.0.1) as the IPv4 address it
 // carries, since that is where the kernel sends it.
 func RefusePrefixes(prefixes ...netip.Prefix) func(netip.Addr) bool {
-	ps := make([]netip.Prefix, 0, len(prefixes))
+	// Split by family: the stack asks about every direct datagram, and an
+	// address is only ever inside prefixes of its own family.
+	var v4, v6 []netip.Prefix
 	for _, p := range prefixes {
-		if p.IsValid() {
-			ps = append(ps, p.Masked())
+		switch {
+		case !p.IsValid():
+		case p.Addr().Is4():
+			v4 = append(v4, p.Masked())
+		default:
+			v6 = append(v6, p.Masked())
 		}
 	}
 	return func(a netip.Addr) bool {
 		a = a.WithZone("").Unmap()
+		ps := v6
+		if a.Is4() {
+			ps = v4
+		}
 		for _, p := range ps {
 			if p.Contains(a) {
 				return true
