@@ -41,13 +41,12 @@ func (e errUnmappedFake) Error() string {
 	return "no name for fake address " + e.addr.String() + " (expired, or from before a restart)"
 }
 
-// errRefusedDst is why a flow to an address Config.Refuse names is refused:
-// the address is netstackd's own, and dialing it would loop back into the
-// TUN or leave for an address that exists only here.
+// errRefusedDst is why a flow to an address Config.Refuse names is refused
+// before anything is dialed.
 type errRefusedDst struct{ addr netip.Addr }
 
 func (e errRefusedDst) Error() string {
-	return "destination " + e.addr.String() + " is refused (netstackd's own address)"
+	return "destination " + e.addr.String() + " is refused: not relayed anywhere"
 }
 
 // refused reports whether Config.Refuse refuses dst.

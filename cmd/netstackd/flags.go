@@ -370,7 +370,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	if err := o.hostWideFlags(fs, runMode, *fwmark, *userFlag); err != nil {
 		return nil, err
 	}
-	if err := o.checkCombinations(fs, runMode); err != nil {
+	if err := o.checkCombinations(fs); err != nil {
 		return nil, err
 	}
 	if o.dnsMode == "fake-ip" && len(o.routes) > 0 {
@@ -442,7 +442,7 @@ func (o *options) hostWideFlags(fs *flag.FlagSet, runMode bool, fwmark, user str
 
 // checkCombinations refuses flags that parse but cannot work together, so
 // that netstackd fails at start with the reason, not at every flow.
-func (o *options) checkCombinations(fs *flag.FlagSet, runMode bool) error {
+func (o *options) checkCombinations(fs *flag.FlagSet) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if o.user != nil && o.fwmark != 0 && !o.hostWide {
