@@ -454,6 +454,15 @@ func (o *options) checkCombinations(fs *flag.FlagSet) error {
 	if o.allowLoopback && !direct {
 		return errors.New("--allow-host-loopback applies to direct mode only: through a proxy, the proxy's host decides what its loopback serves")
 	}
+	if len(o.dnsDirect) > 0 && o.dnsMode != "fake-ip" {
+		return fmt.Errorf("--dns-direct applies to fake-ip mode only (--dns is %s, where every answer is real)", o.dnsMode)
+	}
+	if o.dnsUpstream != "" && o.dnsMode == "off" {
+		return errors.New("--dns-upstream with --dns off: nothing would ask it")
+	}
+	if o.dnsMode == "fake-ip" && slices.ContainsFunc(o.fakeRanges, func(p netip.Prefix) bool { return p.Contains(o.dnsAddr) }) {
+		return fmt.Errorf("--dns-addr %s is inside a --fake-ip-range: the pool could hand it out as a name's address", o.dnsAddr)
+	}
 	own := o.ownPrefixes()
 	if o.tunFD < 0 && slices.ContainsFunc(o.addrs, func(p netip.Prefix) bool { return p.Addr() == o.dnsAddr }) && set["dns-addr"] {
 		return fmt.Errorf("--dns-addr %s is the TUN's own address (--addr): queries to it are answered by the client's side, never reach netstackd", o.dnsAddr)

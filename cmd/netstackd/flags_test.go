@@ -421,6 +421,11 @@ func TestParseFlagsCombinations(t *testing.T) {
 		{name: "proxy in the TUN prefix", args: []string{"--socks", "198.18.7.7:1080"}, errHas: []string{"--proxy", "198.18.7.7:1080"}},
 		{name: "proxy at the dns address", args: []string{"--dns-addr", "10.53.0.53", "--proxy", "http://10.53.0.53:3128"}, errHas: []string{"--proxy"}},
 		{name: "proxy on loopback", args: []string{"--socks", "127.0.0.1:1080"}},
+		{name: "dns-direct in remote mode", args: []string{"--dns-direct", "corp.example"}, errHas: []string{"--dns-direct", "fake-ip"}},
+		{name: "dns-direct in fake-ip mode", args: []string{"--dns", "fake-ip", "--dns-direct", "corp.example"}},
+		{name: "dns-upstream with dns off", args: []string{"--dns", "off", "--dns-upstream", "192.0.2.53:53"}, errHas: []string{"--dns-upstream", "--dns off"}},
+		{name: "dns-addr in the fake range", args: []string{"--socks", "192.0.2.1:1080", "--dns-addr", "198.19.0.1"}, errHas: []string{"--dns-addr 198.19.0.1", "--fake-ip-range"}},
+		{name: "dns-addr in the fake range, remote mode", args: []string{"--dns-addr", "198.19.0.1"}},
 		{name: "dns-addr is the TUN address", args: []string{"--dns-addr", "198.18.0.1"}, errHas: []string{"--dns-addr 198.18.0.1", "--addr"}},
 	}
 	for _, tc := range tests {
