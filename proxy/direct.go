@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"syscall"
 	"time"
 )
@@ -30,6 +31,13 @@ type Direct struct {
 	// of a ListenPacket conn; nil means net.DefaultResolver. Host-wide mode
 	// gives one whose own sockets carry the mark too.
 	Resolver *net.Resolver
+	// Refuse, if not nil, reports destinations Direct must never reach
+	// (netstackd's own TUN prefixes, loopback): a dial, or a datagram
+	// given to the WriteTo of a ListenPacket conn, whose address after
+	// name resolution it refuses fails with an error wrapping
+	// ErrRefusedDestination, and nothing is sent. It sees addresses
+	// without zone, IPv4-mapped ones as IPv4. RefusePrefixes makes one.
+	Refuse func(netip.Addr) bool
 }
 
 // DialContext connects to address and returns the *net.TCPConn. Errors keep
@@ -59,10 +67,13 @@ func (d Direct) DialContext(ctx context.Context, network, address string) (net.C
 	return c, nil
 }
 
-// controlConnect is the Control of DialContext's net.Dialer: d.Control
-// first, which may set options that must precede the connect (SO_MARK),
-// then connectEarly.
+// controlConnect is the Control of DialContext's net.Dialer: the Refuse
+// check on the resolved address, d.Control, which may set options that must
+// precede the connect (SO_MARK), then connectEarly.
 func (d Direct) controlConnect(network, address string, c syscall.RawConn) error {
+	if err := checkRefusedAddress(d.Refuse, address); err != nil {
+		return err
+	}
 	if d.Control != nil {
 		if err := d.Control(network, address, c); err != nil {
 			return err

@@ -21,7 +21,10 @@ import (
 // "host:port" and a name in it is resolved with d.Resolver, each
 // lookup bounded by 2s and remembered for 30s (up to 256 names per conn), so
 // that a datagram to a name waits at most once per name and half-minute.
-// A v4-only socket asks only for IPv4 addresses.
+// A v4-only socket asks only for IPv4 addresses. WriteTo sends nothing to
+// an address d.Refuse refuses; the embedded socket's own methods
+// (WriteToUDPAddrPort, the KernelSocket) do not check, so a caller that
+// uses them checks for itself.
 func (d Direct) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
 	if err := checkPacketNetwork(network); err != nil {
 		return nil, fmt.Errorf("listen %s direct: %w", network, err)
@@ -47,7 +50,7 @@ func (d Direct) ListenPacket(ctx context.Context, network, address string) (net.
 	if d.Resolver != nil {
 		names.lookupNetIP = d.Resolver.LookupNetIP
 	}
-	return &directPacketConn{UDPConn: uc, names: names}, nil
+	return &directPacketConn{UDPConn: uc, names: names, refuse: d.Refuse}, nil
 }
 
 // lookupNetwork returns the resolver network that suits the socket uc:
@@ -67,20 +70,29 @@ func lookupNetwork(network string, uc *net.UDPConn) string {
 // destinations. Every other method is the embedded socket's.
 type directPacketConn struct {
 	*net.UDPConn
-	names *nameCache
+	names  *nameCache
+	refuse func(netip.Addr) bool // Direct.Refuse
 }
 
 // WriteTo sends b to addr: an *net.UDPAddr as the socket would, anything
 // else parsed as "host:port" from its String, a name resolved through the
-// conn's cache.
+// conn's cache. A refused address fails with ErrRefusedDestination.
 func (c *directPacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	if ua, ok := addr.(*net.UDPAddr); ok {
+		if ip, ok := netip.AddrFromSlice(ua.IP); ok {
+			if err := checkRefused(c.refuse, ip); err != nil {
+				return 0, &net.OpError{Op: "write", Net: "udp", Source: c.LocalAddr(), Addr: addr, Err: err}
+			}
+		}
 		return c.UDPConn.WriteTo(b, ua)
 	}
 	if addr == nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: c.LocalAddr(), Err: errors.New("missing address")}
 	}
 	ap, err := c.resolve(addr.String())
+	if err == nil {
+		err = checkRefused(c.refuse, ap.Addr())
+	}
 	if err != nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Source: c.LocalAddr(), Addr: addr, Err: err}
 	}

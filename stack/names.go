@@ -41,11 +41,28 @@ func (e errUnmappedFake) Error() string {
 	return "no name for fake address " + e.addr.String() + " (expired, or from before a restart)"
 }
 
+// errRefusedDst is why a flow to an address Config.Refuse names is refused
+// before anything is dialed.
+type errRefusedDst struct{ addr netip.Addr }
+
+func (e errRefusedDst) Error() string {
+	return "destination " + e.addr.String() + " is refused: not relayed anywhere"
+}
+
+// refused reports whether Config.Refuse refuses dst.
+func (st *Stack) refused(dst netip.Addr) bool {
+	return st.cfg.Refuse != nil && st.cfg.Refuse(dst)
+}
+
 // upstreamAddress returns the address to dial for dst: "name:port" for a
 // mapped fake address, with a release function to call when the flow ends.
+// A refused dst is an error.
 func (st *Stack) upstreamAddress(dst netip.AddrPort) (string, func(), error) {
 	names := st.cfg.Names
 	if names == nil || !names.IsFake(dst.Addr()) {
+		if st.refused(dst.Addr()) {
+			return "", nil, errRefusedDst{dst.Addr()}
+		}
 		return dst.String(), func() {}, nil
 	}
 	release := names.Hold(dst.Addr())

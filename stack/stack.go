@@ -104,6 +104,15 @@ type Config struct {
 	// Names, when set, turns flows to fake addresses into flows to names.
 	// A flow to a fake address with no name is refused.
 	Names FakeNames
+	// Refuse, if not nil, reports destinations the stack must not relay
+	// anywhere (netstackd gives its own addresses, and in direct mode
+	// loopback: a dial there would loop into the TUN, or reach what is not
+	// the client's). A TCP flow to one is reset, a datagram answered with
+	// ICMP port unreachable, an echo request answered by the stack itself.
+	// It is asked about the address the client sent to, after DNS
+	// interception; TCP and UDP to a fake address go by Names instead, so
+	// Refuse may list the fake ranges whole.
+	Refuse func(netip.Addr) bool
 	// Gateway4 and Gateway6 are addresses the stack owns on the TUN's link,
 	// from which connections to published ports (ServeInbound) come. Zero
 	// disables inbound connections of that family.
@@ -270,7 +279,7 @@ func New(cfg Config) (*Stack, error) {
 		})
 	}
 	st.ping = icmp.New(icmp.Config{
-		Writer: st.link, Forward: cfg.ForwardPing, Control: cfg.PingControl,
+		Writer: st.link, Forward: cfg.ForwardPing, Control: cfg.PingControl, Refuse: cfg.Refuse,
 		Log: st.log, NextFlowID: st.nextFlowID,
 	})
 	st.link.Start()

@@ -80,7 +80,8 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	}
 	address, release, err := st.upstreamAddress(dst)
 	if err != nil {
-		log.log(slog.LevelInfo, "refusing flow", "err", err)
+		// Debug: any client can trigger it; Config.Refuse's owner counts.
+		log.log(slog.LevelDebug, "refusing flow", "err", err)
 		req.Complete(true)
 		return
 	}

@@ -122,6 +122,14 @@ func (st *Stack) routeUDP(client, dst netip.AddrPort, payload []byte, quote func
 	if st.udp == nil {
 		return false // refused: gVisor answers port unreachable
 	}
+	if st.refused(dst.Addr()) && (st.cfg.Names == nil || !st.cfg.Names.IsFake(dst.Addr())) {
+		// Answered here, not by returning false: a datagram handed to
+		// gVisor comes back through handleUDP and would be refused twice.
+		bp := replyBufs.Get().(*[]byte)
+		st.link.WriteRaw(packet.BuildPortUnreachable(*bp, dst.Addr(), client.Addr(), quote()))
+		replyBufs.Put(bp)
+		return true
+	}
 	return st.udp.Send(client, dst, payload, quote, batched)
 }
 

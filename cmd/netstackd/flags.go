@@ -9,6 +9,7 @@ import (
 	"math"
 	"net"
 	"net/netip"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -51,6 +52,7 @@ type options struct {
 	table         int            // host-wide mode's routing table
 	excludes      []netip.Prefix // kept off the TUN in host-wide mode
 	user          *userSpec      // --user: switch to it once set up; nil: stay
+	allowLoopback bool           // --allow-host-loopback: direct flows may reach netstackd's own loopback
 	tcp           stack.TCPOptions
 }
 
@@ -253,7 +255,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	})
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver `HOST:PORT` for remote mode and the query types fake-ip does not answer (default: the first nameserver in /etc/resolv.conf), reached over TCP through the proxy")
 	fs.DurationVar(&o.udpTimeout, "udp-timeout", 60*time.Second, "a UDP association idle this long is closed")
-	fwmark := fs.String("fwmark", fmt.Sprintf("%#x", defaultFwmark), "firewall `mark` (SO_MARK) on netstackd's own upstream sockets; host-wide mode routes marked traffic by the main table, so it does not loop into the TUN (set outside host-wide mode, it marks them for rules of your own)")
+	fwmark := fs.String("fwmark", fmt.Sprintf("%#x", defaultFwmark), "firewall `mark` (SO_MARK) on netstackd's own upstream sockets; host-wide mode routes marked traffic by the main table, so it does not loop into the TUN (set outside host-wide mode, it marks them for rules of your own, and needs CAP_NET_ADMIN: not with --user there)")
 	fs.IntVar(&o.table, "table", defaultTable, "routing `table` that holds host-wide mode's routes through the TUN")
 	var excludesSet bool
 	fs.Var(prefixList{&o.excludes, &excludesSet}, "exclude", "host-wide mode: keep `CIDR` off the TUN (it goes by the main table), repeatable; the proxy server's addresses are excluded by themselves")
@@ -265,6 +267,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	tcpRACK := fs.Bool("tcp-rack", true, "TCP RACK loss detection (RFC 8985); false leaves three-duplicate-ACK fast retransmit")
 	tcpModerate := fs.Bool("tcp-moderate-rcvbuf", true, "TCP receive buffer auto-tuning between the --tcp-rmem bounds; false keeps every flow at DEFAULT")
 	fs.BoolVar(&o.tcp.Nagle, "tcp-nagle", false, "Nagle's algorithm on the flows' TUN side: coalesces small writes, at the cost of latency")
+	fs.BoolVar(&o.allowLoopback, "allow-host-loopback", false, "direct mode: let clients reach the loopback addresses of netstackd's own namespace (127.0.0.0/8, ::1), by a name that resolves there (off: such flows are reset, as slirp4netns does by default)")
 	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
 	if err := fs.Parse(args); err != nil {
@@ -367,6 +370,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	if err := o.hostWideFlags(fs, runMode, *fwmark, *userFlag); err != nil {
 		return nil, err
 	}
+	if err := o.checkCombinations(fs); err != nil {
+		return nil, err
+	}
 	if o.dnsMode == "fake-ip" && len(o.routes) > 0 {
 		// Fake addresses only work if they reach the TUN.
 		for _, r := range o.fakeRanges {
@@ -432,6 +438,84 @@ func (o *options) hostWideFlags(fs *flag.FlagSet, runMode bool, fwmark, user str
 		}
 	}
 	return nil
+}
+
+// checkCombinations refuses flags that parse but cannot work together, so
+// that netstackd fails at start with the reason, not at every flow.
+func (o *options) checkCombinations(fs *flag.FlagSet) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if o.user != nil && o.fwmark != 0 && !o.hostWide {
+		// Issue 19: it started, said ready, and then failed every dial
+		// with EPERM.
+		return errors.New("--fwmark with --user outside host-wide mode: setting the mark needs CAP_NET_ADMIN, which --user keeps only in host-wide mode")
+	}
+	direct := strings.HasPrefix(o.proxyURL, "direct")
+	if o.allowLoopback && !direct {
+		return errors.New("--allow-host-loopback applies to direct mode only: through a proxy, the proxy's host decides what its loopback serves")
+	}
+	if len(o.dnsDirect) > 0 && o.dnsMode != "fake-ip" {
+		return fmt.Errorf("--dns-direct applies to fake-ip mode only (--dns is %s, where every answer is real)", o.dnsMode)
+	}
+	if o.dnsUpstream != "" && o.dnsMode == "off" {
+		return errors.New("--dns-upstream with --dns off: nothing would ask it")
+	}
+	if o.dnsMode == "fake-ip" && slices.ContainsFunc(o.fakeRanges, func(p netip.Prefix) bool { return p.Contains(o.dnsAddr) }) {
+		return fmt.Errorf("--dns-addr %s is inside a --fake-ip-range: the pool could hand it out as a name's address", o.dnsAddr)
+	}
+	own := o.ownPrefixes()
+	if o.tunFD < 0 && slices.ContainsFunc(o.addrs, func(p netip.Prefix) bool { return p.Addr() == o.dnsAddr }) && set["dns-addr"] {
+		return fmt.Errorf("--dns-addr %s is the TUN's own address (--addr): queries to it are answered by the client's side, never reach netstackd", o.dnsAddr)
+	}
+	for _, c := range []struct{ flag, hostport string }{
+		{"--dns-upstream", o.dnsUpstream},
+		{"--proxy", proxyHostPort(o.proxyURL)},
+	} {
+		host, _, err := net.SplitHostPort(c.hostport)
+		if err != nil {
+			continue // a name, or checked where it is parsed
+		}
+		a, err := netip.ParseAddr(host)
+		if err != nil {
+			continue
+		}
+		if ownPrefix(own, a) {
+			return fmt.Errorf("%s %s: an address of netstackd's own (its TUN prefixes, fake-IP ranges or --dns-addr), which it would reach only through itself", c.flag, c.hostport)
+		}
+	}
+	return nil
+}
+
+// ownPrefixes are the addresses that exist only inside netstackd: the TUN's
+// prefixes, the fake-IP ranges and the DNS address. Nothing netstackd dials
+// may be there: its own sockets would loop into its TUN (host-wide mode), or
+// leave for an address that means nothing outside.
+func (o *options) ownPrefixes() []netip.Prefix {
+	var own []netip.Prefix
+	for _, p := range o.addrs {
+		own = append(own, p.Masked())
+	}
+	own = append(own, o.fakeRanges...)
+	if o.dnsAddr.IsValid() {
+		own = append(own, netip.PrefixFrom(o.dnsAddr, o.dnsAddr.BitLen()))
+	}
+	return own
+}
+
+// ownPrefix reports whether a, unmapped, is in one of own.
+func ownPrefix(own []netip.Prefix, a netip.Addr) bool {
+	a = a.Unmap()
+	return slices.ContainsFunc(own, func(p netip.Prefix) bool { return p.Contains(a) })
+}
+
+// proxyHostPort is the "host:port" of a --proxy URL, "" when there is none
+// or the URL does not parse (FromURL reports that).
+func proxyHostPort(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return ""
+	}
+	return u.Host
 }
 
 // covered reports whether some route in routes contains all of p.

@@ -396,3 +396,55 @@ func TestParseBytes(t *testing.T) {
 		}
 	}
 }
+
+// TestParseFlagsCombinations: flags that parse one by one but cannot work
+// together are refused at start, naming the flags (issue 19).
+func TestParseFlagsCombinations(t *testing.T) {
+	tests := []struct {
+		name   string
+		args   []string
+		run    bool
+		errHas []string // "" in it: accepted
+	}{
+		{name: "fwmark and user outside host-wide", args: []string{"--fwmark", "7", "--user", "65534:65534"}, errHas: []string{"--fwmark", "--user", "host-wide"}},
+		{name: "fwmark and user with netns", args: []string{"--netns", "/x", "--fwmark", "7", "--user", "65534:65534"}, errHas: []string{"--fwmark", "--user"}},
+		{name: "fwmark and user with tun-fd", args: []string{"--tun-fd", "3", "--fwmark", "7", "--user", "65534:65534"}, errHas: []string{"--fwmark", "--user"}},
+		{name: "user in host-wide mode", args: []string{"--route", "0.0.0.0/0", "--user", "65534:65534"}},
+		{name: "fwmark and user in host-wide mode", args: []string{"--route", "0.0.0.0/0", "--fwmark", "7", "--user", "65534:65534"}},
+		{name: "user alone", args: []string{"--user", "65534:65534"}},
+		{name: "allow-host-loopback direct", args: []string{"--allow-host-loopback"}},
+		{name: "allow-host-loopback run", args: []string{"--allow-host-loopback", "--", "true"}, run: true},
+		{name: "allow-host-loopback with a proxy", args: []string{"--allow-host-loopback", "--socks", "127.0.0.1:1080"}, errHas: []string{"--allow-host-loopback", "direct"}},
+		{name: "dns-upstream in the TUN prefix", args: []string{"--dns-upstream", "198.18.0.2:53"}, errHas: []string{"--dns-upstream 198.18.0.2:53", "own"}},
+		{name: "dns-upstream in the fake range", args: []string{"--dns-upstream", "[::ffff:198.19.1.1]:53"}, errHas: []string{"--dns-upstream"}},
+		{name: "dns-upstream on loopback", args: []string{"--dns-upstream", "127.0.0.53:53"}},
+		{name: "proxy in the TUN prefix", args: []string{"--socks", "198.18.7.7:1080"}, errHas: []string{"--proxy", "198.18.7.7:1080"}},
+		{name: "proxy at the dns address", args: []string{"--dns-addr", "10.53.0.53", "--proxy", "http://10.53.0.53:3128"}, errHas: []string{"--proxy"}},
+		{name: "proxy on loopback", args: []string{"--socks", "127.0.0.1:1080"}},
+		{name: "dns-direct in remote mode", args: []string{"--dns-direct", "corp.example"}, errHas: []string{"--dns-direct", "fake-ip"}},
+		{name: "dns-direct in fake-ip mode", args: []string{"--dns", "fake-ip", "--dns-direct", "corp.example"}},
+		{name: "dns-upstream with dns off", args: []string{"--dns", "off", "--dns-upstream", "192.0.2.53:53"}, errHas: []string{"--dns-upstream", "--dns off"}},
+		{name: "dns-addr in the fake range", args: []string{"--socks", "192.0.2.1:1080", "--dns-addr", "198.19.0.1"}, errHas: []string{"--dns-addr 198.19.0.1", "--fake-ip-range"}},
+		{name: "dns-addr in the fake range, remote mode", args: []string{"--dns-addr", "198.19.0.1"}},
+		{name: "dns-addr is the TUN address", args: []string{"--dns-addr", "198.18.0.1"}, errHas: []string{"--dns-addr 198.18.0.1", "--addr"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseFlags(tc.args, tc.run, io.Discard)
+			if len(tc.errHas) == 0 {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted, want a usage error")
+			}
+			for _, s := range tc.errHas {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q does not name %q", err, s)
+				}
+			}
+		})
+	}
+}

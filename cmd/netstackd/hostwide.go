@@ -48,6 +48,19 @@ func markControl(mark uint32) func(network, address string, c syscall.RawConn) e
 	}
 }
 
+// chainControl returns a Control func that calls each of controls in turn,
+// stopping at the first error.
+func chainControl(controls ...func(network, address string, c syscall.RawConn) error) func(network, address string, c syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		for _, control := range controls {
+			if err := control(network, address, c); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
 // markedResolver is a pure-Go resolver (it reads /etc/resolv.conf as usual)
 // whose DNS sockets pass through control.
 func markedResolver(control func(network, address string, c syscall.RawConn) error) *net.Resolver {
@@ -62,10 +75,18 @@ func markedResolver(control func(network, address string, c syscall.RawConn) err
 
 // upstream is how netstackd reaches the far end of its flows.
 type upstream struct {
+	// dialer reaches the flows' destinations: a Direct that also refuses
+	// loopback (unless --allow-host-loopback), or a proxy dialer.
 	dialer proxy.Dialer
 	// direct makes netstackd's own direct sockets and name lookups: marked
-	// when opts.fwmark is set.
+	// when opts.fwmark is set, never to netstackd's own addresses
+	// (refuse.go). It reaches the proxy server and, in direct mode, the
+	// DNS upstream, either of which may be on loopback.
 	direct proxy.Direct
+	// refuse is the stack's Config.Refuse: what the dialer refuses, or
+	// with a proxy netstackd's own addresses, refused before the proxy is
+	// asked.
+	refuse func(netip.Addr) bool
 	// serverAddrs are the proxy server's addresses, resolved once at start
 	// in host-wide mode; nil otherwise or when direct.
 	serverAddrs []netip.Addr
@@ -80,17 +101,30 @@ var errResolveProxy = errors.New("resolve proxy server")
 // always dialed at those addresses, which are then excluded from the TUN: a
 // later lookup could go through the TUN (a local stub resolver forwards
 // without the mark) and come back with a fake address.
-func newUpstream(ctx context.Context, opts *options) (*upstream, error) {
+//
+// Every Direct in it refuses destinations as refuse.go describes, counted
+// and logged by refused.
+func newUpstream(ctx context.Context, opts *options, refused *refusals) (*upstream, error) {
 	up := &upstream{}
+	own := refused.refuser(ownSet(opts), routeSet(opts))
+	up.direct.Refuse = own
 	if opts.fwmark != 0 {
 		up.direct.Control = markControl(opts.fwmark)
-		up.direct.Resolver = markedResolver(up.direct.Control)
+		// Its lookups too: a resolv.conf naming --dns-addr would send
+		// them into the TUN.
+		up.direct.Resolver = markedResolver(chainControl(proxy.RefuseControl(own), up.direct.Control))
 	}
 	d, err := proxy.FromURL(opts.proxyURL, up.direct)
 	if err != nil {
 		return nil, err
 	}
 	up.dialer = d
+	up.refuse = refused.refuser(ownSet(opts))
+	if direct, ok := d.(proxy.Direct); ok {
+		flows := refused.refuser(ownSet(opts), routeSet(opts), loopbackSet(opts))
+		direct.Refuse = flows
+		up.dialer, up.refuse = direct, flows
+	}
 	if !opts.hostWide {
 		return up, nil
 	}

@@ -56,7 +56,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netstackd: %v\n", errNeedsNoCgo)
 		return exitUsage
 	}
-	up, err := newUpstream(context.Background(), opts)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	refused := &refusals{log: log}
+	defer func() {
+		if n := refused.count.Load(); n > 0 {
+			log.Info("refused destinations while running", "refused_total", n)
+		}
+	}()
+	up, err := newUpstream(context.Background(), opts, refused)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: --proxy: %v\n", err)
 		if errors.Is(err, errResolveProxy) {
@@ -83,7 +90,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		defer stop()
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	_, envProcs := os.LookupEnv("GOMAXPROCS")
 	procs := chooseProcs(opts.procs, runtime.GOMAXPROCS(0), envProcs)
 	runtime.GOMAXPROCS(procs)
@@ -96,7 +102,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		stopTrim()
 		trimming.Wait()
 	}()
-	resolver, err := newDNS(opts, dialer, up.direct.Resolver, log)
+	dnsDialer := dialer
+	if _, ok := dialer.(proxy.Direct); ok {
+		// The DNS upstream is the operator's choice, and often on
+		// loopback (a local stub resolver): not refused as a client's
+		// loopback flow is.
+		dnsDialer = up.direct
+	}
+	resolver, err := newDNS(opts, dnsDialer, up.direct.Resolver, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: %v\n", err)
 		return exitUsage
@@ -164,6 +177,7 @@ func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.S
 		Device:        dev,
 		Dialer:        dialer,
 		PingControl:   up.direct.Control,
+		Refuse:        up.refuse,
 		Logger:        log,
 		MaxFlows:      opts.maxFlows,
 		DialTimeout:   opts.dialTimeout,

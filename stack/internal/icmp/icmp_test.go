@@ -1,8 +1,10 @@
 package icmp
 
 import (
+	"errors"
 	"log/slog"
 	"net/netip"
+	"syscall"
 	"testing"
 
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -83,5 +85,35 @@ func TestAnswer(t *testing.T) {
 		if id != 0x1234 || seq != 7 || string(reply[hl+icmpEchoLen:]) != "abcdefgh" {
 			t.Errorf("reply id %#x seq %d data %q", id, seq, reply[hl+icmpEchoLen:])
 		}
+	}
+}
+
+// TestRefusedAnswered: an echo request to a destination Config.Refuse names
+// (netstackd's own addresses) opens no ping socket and is answered here
+// (issue 19), with forwarding on.
+func TestRefusedAnswered(t *testing.T) {
+	own := netip.MustParsePrefix("198.18.0.0/15")
+	w := &capture{}
+	var controlled bool
+	p := New(Config{
+		Writer: w, Forward: true, Log: slog.New(slog.DiscardHandler), NextFlowID: func() uint64 { return 1 },
+		Control: func(string, string, syscall.RawConn) error {
+			controlled = true
+			return errors.New("no ping socket in this test")
+		},
+		Refuse: own.Contains,
+	})
+	defer p.Close()
+	src, dst, msg, ok := packet.ParseEcho(echoRequest(netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("198.18.7.7"), 1, 1, "loop?"))
+	if !ok || !p.Echo(src, dst, msg) {
+		t.Fatal("echo request not taken")
+	}
+	// A ping socket would have been handed to Control, or, where the host
+	// forbids them, have turned forwarding off.
+	if controlled || p.disabled.Load() {
+		t.Fatalf("a ping socket was opened for a refused destination (control called %v, forwarding off %v)", controlled, p.disabled.Load())
+	}
+	if len(w.pkts) != 1 || packet.Dst(w.pkts[0]) != src {
+		t.Fatalf("%d replies, want 1 to %s", len(w.pkts), src)
 	}
 }

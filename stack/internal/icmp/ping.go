@@ -50,7 +50,10 @@ type Config struct {
 	Forward bool
 	// Control, if not nil, is called with each ping socket before it is
 	// bound, as net.Dialer.Control is.
-	Control    func(network, address string, c syscall.RawConn) error
+	Control func(network, address string, c syscall.RawConn) error
+	// Refuse, if not nil, names destinations no ping socket may send to
+	// (netstackd's own addresses): their echo requests are answered here.
+	Refuse     func(netip.Addr) bool
 	Log        *slog.Logger
 	NextFlowID func() uint64
 }
@@ -104,7 +107,7 @@ func (t *Pinger) Echo(src, dst netip.Addr, msg []byte) bool {
 
 // forward sends an echo request on; it reports whether it took the packet.
 func (t *Pinger) forward(src, dst netip.Addr, msg []byte) bool {
-	if t.disabled.Load() {
+	if t.disabled.Load() || t.cfg.Refuse != nil && t.cfg.Refuse(dst) {
 		return false
 	}
 	key := pingKey{client: src, dst: dst, id: header.ICMPv4(msg).Ident()}

@@ -1,0 +1,89 @@
+package stack
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+)
+
+// ownPrefix stands for netstackd's own addresses in these tests.
+var ownPrefix = netip.MustParsePrefix("198.51.100.0/24")
+
+func refuseOwn(a netip.Addr) bool { return ownPrefix.Contains(a) }
+
+// Issue 19: a flow to netstackd's own addresses is reset without a dial,
+// and flows elsewhere keep working right after, however many came before.
+func TestRefusedTCPNotDialed(t *testing.T) {
+	p := newPeer(t, Config{Refuse: refuseOwn})
+	port := listen(t, echo)
+	for i := range 20 {
+		start := time.Now()
+		c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), port))
+		if err == nil {
+			c.Close()
+			t.Fatal("dial to a refused address succeeded")
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("dial error %v, want ECONNREFUSED (a RST in reply to the SYN)", err)
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Fatalf("refusal took %v", d)
+		}
+		if err := echoFlow(t, p, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port), i, 1000); err != nil {
+			t.Fatalf("flow after refusal %d: %v", i, err)
+		}
+	}
+	p.dialer.mu.Lock()
+	defer p.dialer.mu.Unlock()
+	for _, d := range p.dialer.dsts {
+		if a, err := netip.ParseAddrPort(d); err == nil && ownPrefix.Contains(a.Addr()) {
+			t.Fatalf("dialed %s, a refused address", d)
+		}
+	}
+	if len(p.dialer.dsts) != 20 {
+		t.Fatalf("%d dials, want the 20 allowed flows'", len(p.dialer.dsts))
+	}
+}
+
+// A datagram to a refused address is answered with port unreachable, and
+// opens no association.
+func TestRefusedUDPNotSent(t *testing.T) {
+	d := &loopbackUDP{}
+	p := newPeer(t, Config{UDP: d, Refuse: refuseOwn})
+	dst := netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), udpEcho(t))
+	c, err := gonet.DialUDP(p.client, nil, &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(dst.Addr().As4()), Port: dst.Port()}, ipv4.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var rerr error
+	for range 20 {
+		if _, rerr = c.Write([]byte("loop?")); rerr != nil {
+			break
+		}
+		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		_, rerr = c.Read(make([]byte, 100))
+		if rerr != nil && !isTimeout(rerr) {
+			break
+		}
+	}
+	// gonet's UDP errors are gVisor's text, not errnos.
+	if !errors.Is(rerr, syscall.ECONNREFUSED) && (rerr == nil || isTimeout(rerr) || !strings.Contains(rerr.Error(), "refused")) {
+		t.Fatalf("read gave %v, want ECONNREFUSED from an ICMP port unreachable", rerr)
+	}
+	if n := d.opened.Load(); n != 0 {
+		t.Fatalf("%d upstream sockets opened for a refused destination", n)
+	}
+	// Elsewhere still works, from a fresh client socket.
+	roundTrip(t, p.udpClient(t), netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), dst.Port()), []byte("fine"))
+	if n := d.opened.Load(); n != 1 {
+		t.Fatalf("%d upstream sockets, want 1", n)
+	}
+}
