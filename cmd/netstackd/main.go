@@ -45,7 +45,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		args = args[1:]
 	}
 	opts, err := parseFlags(args, runMode, stdout)
-	if errors.Is(err, errHelp) {
+	if errors.Is(err, errHelp) || errors.Is(err, errVersion) {
 		return exitOK
 	}
 	if err != nil {
@@ -294,7 +294,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		dev, err = tundev.Create(cfg)
 	}
 	if err != nil {
-		return err
+		return tunHint(err, false)
 	}
 	svc, err := serveTUN(dev)
 	if err != nil {
