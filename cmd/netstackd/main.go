@@ -337,9 +337,15 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		}
 		log.Info("privileges dropped", "uid", opts.user.uid, "gid", opts.user.gid, "keep", keptCaps(opts.hostWide))
 	}
+	// Report what netstackd configured: a --tun-fd interface is its
+	// owner's, whatever --addr and --route say.
+	addrs, routes := fmt.Sprint(opts.addrs), fmt.Sprint(opts.routes)
+	if opts.tunFD >= 0 {
+		addrs = "none (--tun-fd: the owner's)"
+		routes = addrs
+	}
 	log.Info("ready", "tun", dev.Name(), "netns", opts.netns, "mtu", dev.MTU(), "offloads", dev.Offloads(),
-		"addrs", fmt.Sprint(opts.addrs), "routes", fmt.Sprint(opts.routes), "via", opts.proxyURL,
-		"hostwide", opts.hostWide)
+		"addrs", addrs, "routes", routes, "via", opts.proxyURL, "hostwide", opts.hostWide)
 	if err := notify("READY=1"); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}
