@@ -20,7 +20,7 @@ type link struct {
 	nl      netlink.Link
 	name    string
 	where   string // the namespace, for errors: "the current netns", "netns PATH"
-	created bool // we created the interface, so undo deletes it
+	created bool   // we created the interface, so undo deletes it
 	log     *slog.Logger
 
 	// State found on an attached interface, restored by undo.
