@@ -67,9 +67,9 @@ type pingKey struct {
 // Pinger answers echo requests. With Config.Forward it holds one ping
 // socket per (client, destination, identifier).
 type Pinger struct {
-	cfg      Config
-	ctx      context.Context // ends the flows' goroutines
-	cancel   context.CancelFunc
+	cfg        Config
+	ctx        context.Context // ends the flows' goroutines
+	cancel     context.CancelFunc
 	disabled   atomic.Bool // forwarding is off
 	notAllowed atomic.Bool // the host refuses ping sockets: drop echo requests
 
