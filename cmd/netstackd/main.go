@@ -96,6 +96,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 		stopTrim()
 		trimming.Wait()
 	}()
+	// A proxy that does not answer is said at start, not first learnt
+	// from a client's refused connection; it is not a reason to refuse to
+	// start, since it may come up later.
+	probeCtx, stopProbe := context.WithCancel(context.Background())
+	var probing sync.WaitGroup
+	probing.Go(func() { probeUpstream(probeCtx, dialer, opts.dialTimeout, log) })
+	defer func() {
+		stopProbe()
+		probing.Wait()
+	}()
 	resolver, err := newDNS(opts, dialer, up.direct.Resolver, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: %v\n", err)
@@ -359,6 +369,26 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 	log.Info("stopping")
 	watchShutdown(log)
 	return nil
+}
+
+// probeUpstream checks once that the proxy answers (proxy.Probe), and warns
+// when it does not.
+func probeUpstream(ctx context.Context, d proxy.Dialer, timeout time.Duration, log *slog.Logger) {
+	if _, ok := d.(proxy.Prober); !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	start := time.Now()
+	err := proxy.Probe(ctx, d)
+	switch {
+	case err == nil:
+		log.Info("proxy answers", "proxy", d, "took", time.Since(start).Round(time.Microsecond))
+	case errors.Is(err, context.Canceled):
+		// Stopped before it answered.
+	default:
+		log.Warn("proxy does not answer: flows through it fail until it does", "proxy", d, "err", err)
+	}
 }
 
 // shutdownLimit bounds an orderly stop. Past it netstackd prints where every
