@@ -43,6 +43,22 @@ type PacketListener interface {
 	ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error)
 }
 
+// Prober is a dialer that can check its proxy server answers without
+// opening a flow: netstackd warns at start when it does not, and not only
+// when the first flow fails.
+type Prober interface {
+	Probe(ctx context.Context) error
+}
+
+// Probe checks that d's proxy server answers, if d has one (Prober); nil
+// for a dialer with nothing to probe, such as Direct.
+func Probe(ctx context.Context, d Dialer) error {
+	if p, ok := d.(Prober); ok {
+		return p.Probe(ctx)
+	}
+	return nil
+}
+
 // Compile-time proof that every dialer here, and the standard ones, fit.
 var (
 	_ Dialer = Direct{}
@@ -54,6 +70,10 @@ var (
 	_ PacketListener = Direct{}
 	_ PacketListener = SOCKS5{}
 	_ PacketListener = (*net.ListenConfig)(nil)
+
+	_ Prober = SOCKS5{}
+	_ Prober = SOCKS4{}
+	_ Prober = HTTPConnect{}
 )
 
 // checkNetwork accepts the stream networks that every dialer here carries.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"time"
 )
@@ -62,4 +63,22 @@ func handshakeContext(ctx context.Context, c net.Conn, timeout time.Duration, ha
 		return err
 	}
 	return c.SetDeadline(time.Time{})
+}
+
+// probeConnect checks that server accepts a connection through forward
+// within timeout (0 means 10s), and closes it.
+func probeConnect(ctx context.Context, forward Dialer, scheme, server string, timeout time.Duration) error {
+	if forward == nil {
+		forward = Direct{}
+	}
+	if timeout == 0 {
+		timeout = defaultTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	c, err := forward.DialContext(ctx, "tcp", server)
+	if err != nil {
+		return fmt.Errorf("probe %s %s: %w", scheme, server, err)
+	}
+	return c.Close()
 }

@@ -77,37 +77,10 @@ func (s SOCKS5) handshake(c net.Conn, cmd socks5.Command, dst socks5.Addr) (sock
 	// The longest message either way is the username/password request:
 	// 3 octets and two strings of up to 255.
 	buf := make([]byte, 0, 3+255+255)
-
-	methods := []byte{socks5.MethodNoAuth}
-	if s.Username != "" {
-		methods = append(methods, socks5.MethodUserPass)
-	}
-	buf, err := socks5.AppendGreeting(buf[:0], methods...)
-	if err != nil {
+	if err := s.negotiate(c, buf); err != nil {
 		return socks5.Reply{}, err
 	}
-	if _, err := c.Write(buf); err != nil {
-		return socks5.Reply{}, fmt.Errorf("send greeting: %w", err)
-	}
-	buf = buf[:socks5.MethodSelectionLen]
-	if _, err := io.ReadFull(c, buf); err != nil {
-		return socks5.Reply{}, fmt.Errorf("read method selection: %w", err)
-	}
-	method, err := socks5.ParseMethodSelection(buf)
-	switch {
-	case err != nil && s.Username == "" && errors.Is(err, socks5.ErrNoAcceptableMethods):
-		return socks5.Reply{}, fmt.Errorf("%w (offered no authentication only; does the server need a username?)", err)
-	case err != nil:
-		return socks5.Reply{}, fmt.Errorf("method selection: %w", err)
-	case method == socks5.MethodUserPass && s.Username != "":
-		if err := s.authenticate(c, buf); err != nil {
-			return socks5.Reply{}, fmt.Errorf("authenticate as %q: %w", s.Username, err)
-		}
-	case method != socks5.MethodNoAuth:
-		return socks5.Reply{}, fmt.Errorf("server chose method %#02x, which was not offered", method)
-	}
-
-	buf, err = socks5.AppendRequest(buf[:0], cmd, dst)
+	buf, err := socks5.AppendRequest(buf[:0], cmd, dst)
 	if err != nil {
 		return socks5.Reply{}, fmt.Errorf("encode %s: %w", dst, err)
 	}
@@ -119,6 +92,53 @@ func (s SOCKS5) handshake(c net.Conn, cmd socks5.Command, dst socks5.Addr) (sock
 		return socks5.Reply{}, fmt.Errorf("read reply: %w", err)
 	}
 	return reply, reply.Err()
+}
+
+// negotiate agrees on a method and authenticates if the server asks to
+// (RFC 1928 §3, RFC 1929 §2), using buf as scratch space.
+func (s SOCKS5) negotiate(c net.Conn, buf []byte) error {
+	methods := []byte{socks5.MethodNoAuth}
+	if s.Username != "" {
+		methods = append(methods, socks5.MethodUserPass)
+	}
+	buf, err := socks5.AppendGreeting(buf[:0], methods...)
+	if err != nil {
+		return err
+	}
+	if _, err := c.Write(buf); err != nil {
+		return fmt.Errorf("send greeting: %w", err)
+	}
+	buf = buf[:socks5.MethodSelectionLen]
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return fmt.Errorf("read method selection: %w", err)
+	}
+	method, err := socks5.ParseMethodSelection(buf)
+	switch {
+	case err != nil && s.Username == "" && errors.Is(err, socks5.ErrNoAcceptableMethods):
+		return fmt.Errorf("%w (offered no authentication only; does the server need a username?)", err)
+	case err != nil:
+		return fmt.Errorf("method selection: %w", err)
+	case method == socks5.MethodUserPass && s.Username != "":
+		if err := s.authenticate(c, buf); err != nil {
+			return fmt.Errorf("authenticate as %q: %w", s.Username, err)
+		}
+	case method != socks5.MethodNoAuth:
+		return fmt.Errorf("server chose method %#02x, which was not offered", method)
+	}
+	return nil
+}
+
+// Probe checks that Server answers as a SOCKS5 server and takes the
+// credentials, without asking it to reach anything: the greeting and, when
+// the server picks it, the username/password sub-negotiation.
+func (s SOCKS5) Probe(ctx context.Context) error {
+	c, err := dialHandshake(ctx, s.Forward, s.Server, s.HandshakeTimeout, func(c net.Conn) error {
+		return s.negotiate(c, make([]byte, 0, 3+255+255))
+	})
+	if err != nil {
+		return fmt.Errorf("probe socks5 %s: %w", s.Server, err)
+	}
+	return c.Close()
 }
 
 // authenticate runs the username/password sub-negotiation (RFC 1929 §2),

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -18,7 +19,8 @@ type link struct {
 	h       *netlink.Handle // socket in the interface's namespace; owned
 	nl      netlink.Link
 	name    string
-	created bool // we created the interface, so undo deletes it
+	where   string // the namespace, for errors: "the current netns", "netns PATH"
+	created bool   // we created the interface, so undo deletes it
 	log     *slog.Logger
 
 	// State found on an attached interface, restored by undo.
@@ -42,6 +44,7 @@ func newLink(h *netlink.Handle, name, where string, created bool, log *slog.Logg
 		h:       h,
 		nl:      nl,
 		name:    name,
+		where:   where,
 		created: created,
 		log:     log,
 		origMTU: nl.Attrs().MTU,
@@ -82,6 +85,9 @@ func (l *link) setTxQueueLen(n int) error {
 // address that is already there (a persistent interface left configured) is
 // accepted and left in place by undo.
 func (l *link) addAddr(p netip.Prefix) error {
+	if err := l.checkAddrFree(p); err != nil {
+		return err
+	}
 	a := &netlink.Addr{IPNet: ipNet(p)}
 	if p.Addr().Is6() {
 		a.Flags = unix.IFA_F_NODAD
@@ -96,6 +102,42 @@ func (l *link) addAddr(p netip.Prefix) error {
 	}
 	l.addrs = append(l.addrs, p)
 	l.log.Debug("address added", "tun", l.name, "addr", p)
+	return nil
+}
+
+// ErrAddrInUse is returned by Create when an address it is to configure
+// overlaps one that another interface of the namespace already holds.
+var ErrAddrInUse = errors.New("address in use")
+
+// checkAddrFree refuses p when another interface of the namespace holds an
+// address in an overlapping subnet: the kernel would accept both and route
+// the subnet by whichever prefix route came first, so a second netstackd
+// started with the defaults would silently get none of its traffic, or take
+// the first one's. Link-local addresses, which every interface has, are
+// not compared.
+func (l *link) checkAddrFree(p netip.Prefix) error {
+	family := netlink.FAMILY_V4
+	if p.Addr().Is6() {
+		family = netlink.FAMILY_V6
+	}
+	addrs, err := l.h.AddrList(nil, family)
+	if err != nil {
+		return fmt.Errorf("list addresses %s: %w", l.where, err)
+	}
+	for _, a := range addrs {
+		q := prefixOf(a.IPNet)
+		if !q.IsValid() || q.Addr().IsLinkLocalUnicast() || a.LinkIndex == l.nl.Attrs().Index {
+			continue
+		}
+		if q.Masked().Overlaps(p.Masked()) {
+			owner := strconv.Itoa(a.LinkIndex)
+			if other, err := l.h.LinkByIndex(a.LinkIndex); err == nil {
+				owner = other.Attrs().Name
+			}
+			return fmt.Errorf("add address %s to %s: %w: %s on %s in %s overlaps it (another netstackd? give this one other --addr, --dns-addr and --fake-ip-range)",
+				p, l.name, ErrAddrInUse, q, owner, l.where)
+		}
+	}
 	return nil
 }
 

@@ -537,3 +537,49 @@ func TestNoOffload(t *testing.T) {
 		t.Errorf("FromFile of a device with offloads: VnetHdrLen, TSO = %d, %v; want %d, true", dup2.VnetHdrLen(), dup2.TSO(), tundev.VnetHdrLen)
 	}
 }
+
+// TestCreateRefusesAddressInUse: a second TUN in the namespace whose subnet
+// overlaps the first one's is refused, naming the holder, and leaves no
+// interface behind; a subnet of its own is accepted. Issue 15: two
+// instances with the defaults both took 198.18.0.1/15 without a word.
+func TestCreateRefusesAddressInUse(t *testing.T) {
+	netnstest.RequireRoot(t)
+	_, nsPath := netnstest.NewBareNetns(t, "tundev")
+	first, err := tundev.Create(tundev.Config{Name: "nsdfirst", NetnsPath: nsPath,
+		Addrs: []netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fd00:1898::1/64")}})
+	if err != nil {
+		t.Fatalf("Create first: %v", err)
+	}
+	defer first.Close()
+	for _, tc := range []struct {
+		addr string
+		ok   bool
+	}{
+		{"198.18.0.1/15", false},
+		{"198.19.7.1/24", false}, // inside the first one's /15
+		{"fd00:1898::2/64", false},
+		{"198.20.0.1/15", true},
+		{"fd00:1899::1/64", true},
+	} {
+		second, err := tundev.Create(tundev.Config{Name: "nsdsecond", NetnsPath: nsPath, Addrs: []netip.Prefix{netip.MustParsePrefix(tc.addr)}})
+		if tc.ok {
+			if err != nil {
+				t.Errorf("%s: %v, want it accepted", tc.addr, err)
+				continue
+			}
+			second.Close()
+			continue
+		}
+		if err == nil {
+			second.Close()
+			t.Errorf("%s: accepted beside nsdfirst's addresses", tc.addr)
+			continue
+		}
+		if !errors.Is(err, tundev.ErrAddrInUse) || !strings.Contains(err.Error(), "nsdfirst") {
+			t.Errorf("%s: error %q, want ErrAddrInUse naming nsdfirst", tc.addr, err)
+		}
+		if _, lerr := netnstest.NetlinkHandle(t, nsPath).LinkByName("nsdsecond"); lerr == nil {
+			t.Errorf("%s: the refused TUN was left behind", tc.addr)
+		}
+	}
+}

@@ -196,16 +196,6 @@ func formatBytes(n int) string {
 	return strconv.Itoa(n)
 }
 
-const usageHead = `netstackd: a userspace TCP/IP stack on a TUN device that relays every
-connection directly or through a proxy.
-
-Usage:
-  netstackd [flags]                  serve a TUN device
-  netstackd run [flags] -- CMD ARGS  run CMD with a network of its own, served by netstackd
-
-Flags:
-`
-
 func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, error) {
 	o := &options{
 		addrs: []netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fd00:1898::1/64")},
@@ -270,12 +260,18 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.BoolVar(&o.allowLoopback, "allow-host-loopback", false, "direct mode: let clients reach the loopback addresses of netstackd's own namespace (127.0.0.0/8, ::1), by a name that resolves there (off: such flows are reset, as slirp4netns does by default)")
 	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
+	showVersion := fs.Bool("version", false, "print netstackd's version and exit")
+
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			printUsage(usageOut, fs)
+			printUsage(usageOut, fs, runMode)
 			return nil, errHelp
 		}
-		return nil, err
+		return nil, explainFlagError(fs, err)
+	}
+	if *showVersion {
+		fmt.Fprintln(usageOut, version())
+		return nil, errVersion
 	}
 	if runMode {
 		if fs.NArg() == 0 {
@@ -526,21 +522,4 @@ func covered(p netip.Prefix, routes []netip.Prefix) bool {
 		}
 	}
 	return false
-}
-
-// printUsage lists the flags GNU-style, with two dashes, as users type them.
-func printUsage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprint(w, usageHead)
-	fs.VisitAll(func(f *flag.Flag) {
-		name, usage := flag.UnquoteUsage(f)
-		line := "  --" + f.Name
-		if name != "" {
-			line += " " + name
-		}
-		fmt.Fprintf(w, "%s\n      %s", line, usage)
-		if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "[]" && !strings.Contains(usage, "default") {
-			fmt.Fprintf(w, " (default %s)", f.DefValue)
-		}
-		fmt.Fprintln(w)
-	})
 }

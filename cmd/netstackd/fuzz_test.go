@@ -1,6 +1,9 @@
 package main
 
 import (
+	"io"
+	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/netstackd/netstackd/stack"
@@ -24,6 +27,26 @@ func FuzzBufferRangeFlag(f *testing.F) {
 		var back stack.BufferRange
 		if err := (bufferRangeFlag{&back}).Set(printed); err != nil || back != r {
 			t.Fatalf("%q -> %+v prints as %q, which parses to %+v, %v", v, r, printed, back, err)
+		}
+	})
+}
+
+// FuzzFlagArgs: whatever is typed, parseFlags answers with options or with
+// an error in our words, never the flag package's one-dash spelling.
+func FuzzFlagArgs(f *testing.F) {
+	for _, s := range []string{"--dial-timeout 10", "--mtu x", "--tcp-sack=maybe", "--dns", "-dns off", "---x", "--addr 1.2.3.4/33", "--socks h:1 --proxy direct://", "--publish 80", "--", "run --netns x"} {
+		f.Add(s)
+	}
+	raw := regexp.MustCompile(`flag provided but not defined|for flag -|needs an argument: -|parse error`)
+	f.Fuzz(func(t *testing.T, line string) {
+		args := strings.Fields(line)
+		runMode := len(args) > 0 && args[0] == "run"
+		if runMode {
+			args = args[1:]
+		}
+		_, err := parseFlags(args, runMode, io.Discard)
+		if err != nil && raw.MatchString(err.Error()) {
+			t.Fatalf("%q: error in the flag package's words: %v", line, err)
 		}
 	})
 }

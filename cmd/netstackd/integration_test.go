@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -563,6 +564,7 @@ func TestIntegrationBadFlags(t *testing.T) {
 		{"mtu-too-small", []string{"--mtu", "100"}},
 		{"log-level", []string{"--log-level", "loud"}},
 		{"positional", []string{"extra"}},
+		{"duration-no-unit", []string{"--dial-timeout", "10"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ns := netnstest.NewNetns(t)
@@ -570,6 +572,9 @@ func TestIntegrationBadFlags(t *testing.T) {
 			stderr := strings.TrimSuffix(r.Stderr, "\n")
 			if r.ExitCode != 2 || stderr == "" || strings.Contains(stderr, "\n") {
 				t.Errorf("netstackd %s: exit %d, stderr %q; want exit 2 and one line", strings.Join(tc.args, " "), r.ExitCode, r.Stderr)
+			}
+			if oneDashFlag.MatchString(stderr) || !strings.Contains(stderr, "--") {
+				t.Errorf("netstackd %s: %q does not name the flag as --help does, with two dashes", strings.Join(tc.args, " "), stderr)
 			}
 			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 			defer cancel()
@@ -579,6 +584,9 @@ func TestIntegrationBadFlags(t *testing.T) {
 		})
 	}
 }
+
+// oneDashFlag matches a flag spelled as the flag package does, -name.
+var oneDashFlag = regexp.MustCompile(`(^|[\s"(])-[a-z]`)
 
 func fileSHA256(t *testing.T, path string) (string, int64) {
 	t.Helper()

@@ -52,6 +52,7 @@ func TestIntegrationTunFD(t *testing.T) {
 	}
 	f.Close()
 	var logLines []string
+	var readyLine string
 	ready := make(chan struct{})
 	scanned := make(chan struct{})
 	go func() {
@@ -62,6 +63,7 @@ func TestIntegrationTunFD(t *testing.T) {
 			logLines = append(logLines, sc.Text())
 			if !once && strings.Contains(sc.Text(), "msg=ready") {
 				once = true
+				readyLine = sc.Text()
 				close(ready)
 			}
 		}
@@ -82,6 +84,11 @@ func TestIntegrationTunFD(t *testing.T) {
 		t.Fatal("netstackd exited before it was ready")
 	case <-ctx.Done():
 		t.Fatal("netstackd not ready within a minute")
+	}
+	// Issue 15: the ready line listed the default addresses, which
+	// netstackd never put on a descriptor it was handed.
+	if strings.Contains(readyLine, "198.18.0.1") || !strings.Contains(readyLine, `addrs="none`) {
+		t.Errorf("ready line claims addresses netstackd did not configure: %s", readyLine)
 	}
 	// The runtime brings the link up once netstackd serves it.
 	if err := dev.Up(); err != nil {

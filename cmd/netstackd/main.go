@@ -45,7 +45,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		args = args[1:]
 	}
 	opts, err := parseFlags(args, runMode, stdout)
-	if errors.Is(err, errHelp) {
+	if errors.Is(err, errHelp) || errors.Is(err, errVersion) {
 		return exitOK
 	}
 	if err != nil {
@@ -101,6 +101,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer func() {
 		stopTrim()
 		trimming.Wait()
+	}()
+	// A proxy that does not answer is said at start, not first learnt
+	// from a client's refused connection; it is not a reason to refuse to
+	// start, since it may come up later.
+	probeCtx, stopProbe := context.WithCancel(context.Background())
+	var probing sync.WaitGroup
+	probing.Go(func() { probeUpstream(probeCtx, dialer, opts.dialTimeout, log) })
+	defer func() {
+		stopProbe()
+		probing.Wait()
 	}()
 	dnsDialer := dialer
 	if _, ok := dialer.(proxy.Direct); ok {
@@ -308,7 +318,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		dev, err = tundev.Create(cfg)
 	}
 	if err != nil {
-		return err
+		return tunHint(err, false)
 	}
 	svc, err := serveTUN(dev)
 	if err != nil {
@@ -351,9 +361,15 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		}
 		log.Info("privileges dropped", "uid", opts.user.uid, "gid", opts.user.gid, "keep", keptCaps(opts.hostWide))
 	}
+	// Report what netstackd configured: a --tun-fd interface is its
+	// owner's, whatever --addr and --route say.
+	addrs, routes := fmt.Sprint(opts.addrs), fmt.Sprint(opts.routes)
+	if opts.tunFD >= 0 {
+		addrs = "none (--tun-fd: the owner's)"
+		routes = addrs
+	}
 	log.Info("ready", "tun", dev.Name(), "netns", opts.netns, "mtu", dev.MTU(), "offloads", dev.Offloads(),
-		"addrs", fmt.Sprint(opts.addrs), "routes", fmt.Sprint(opts.routes), "via", opts.proxyURL,
-		"hostwide", opts.hostWide)
+		"addrs", addrs, "routes", routes, "via", opts.proxyURL, "hostwide", opts.hostWide)
 	if err := notify("READY=1"); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}
@@ -367,6 +383,26 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 	log.Info("stopping")
 	watchShutdown(log)
 	return nil
+}
+
+// probeUpstream checks once that the proxy answers (proxy.Probe), and warns
+// when it does not.
+func probeUpstream(ctx context.Context, d proxy.Dialer, timeout time.Duration, log *slog.Logger) {
+	if _, ok := d.(proxy.Prober); !ok {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	start := time.Now()
+	err := proxy.Probe(ctx, d)
+	switch {
+	case err == nil:
+		log.Info("proxy answers", "proxy", d, "took", time.Since(start).Round(time.Microsecond))
+	case errors.Is(err, context.Canceled):
+		// Stopped before it answered.
+	default:
+		log.Warn("proxy does not answer: flows through it fail until it does", "proxy", d, "err", err)
+	}
 }
 
 // shutdownLimit bounds an orderly stop. Past it netstackd prints where every

@@ -340,7 +340,7 @@ func runChild(blob string) int {
 		NoOffload: cfg.NoOffload,
 	})
 	if err != nil {
-		return fail(err)
+		return fail(tunHint(err, true))
 	}
 	tun, err := dev.DupFile()
 	if err != nil {

@@ -4,12 +4,14 @@ import (
 	"errors"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"syscall"
 	"testing"
 
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"github.com/netstackd/netstackd/internal/netnstest"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
@@ -115,5 +117,44 @@ func TestRefusedAnswered(t *testing.T) {
 	}
 	if len(w.pkts) != 1 || packet.Dst(w.pkts[0]) != src {
 		t.Fatalf("%d replies, want 1 to %s", len(w.pkts), src)
+	}
+}
+
+// TestNotAllowedDrops: where the host refuses ping sockets, forwarded echo
+// requests get no reply (issue 15: the stack answered them, so a dead host
+// replied in 0.25 ms), and one warning says how to allow them.
+func TestNotAllowedDrops(t *testing.T) {
+	netnstest.RequireRoot(t)
+	name, path := netnstest.NewBareNetns(t, "icmp")
+	ns := netnstest.Netns{Name: name, Path: path}
+	ns.Sysctl(t, "net.ipv4.ping_group_range", "1 0")
+	var logs strings.Builder
+	w := &capture{}
+	p := New(Config{Writer: w, Forward: true, Log: slog.New(slog.NewTextHandler(&logs, nil)), NextFlowID: func() uint64 { return 1 }})
+	defer p.Close()
+	for i, pair := range [][2]netip.Addr{
+		{netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("192.0.2.9")},
+		{netip.MustParseAddr("198.18.0.1"), netip.MustParseAddr("192.0.2.10")},
+		{netip.MustParseAddr("fd00:1898::1"), netip.MustParseAddr("2001:db8::9")},
+	} {
+		req := echoRequest(pair[0], pair[1], 0x1234, uint16(i), "abcdefgh")
+		src, dst, msg, ok := packet.ParseEcho(req)
+		if !ok {
+			t.Fatal("echo request does not parse")
+		}
+		// The ping socket is opened by Echo, on the calling thread: in ns.
+		var taken bool
+		if err := ns.Do(func() error { taken = p.Echo(src, dst, msg); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if !taken {
+			t.Errorf("%s: echo request not taken (gVisor would answer it)", dst)
+		}
+	}
+	if len(w.pkts) != 0 {
+		t.Errorf("%d replies, want none where ping sockets are not allowed", len(w.pkts))
+	}
+	if n := strings.Count(logs.String(), "\n"); n != 1 || !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "sysctl -w net.ipv4.ping_group_range") {
+		t.Errorf("%d log lines, want one warning saying how to allow ping sockets:\n%s", n, logs.String())
 	}
 }

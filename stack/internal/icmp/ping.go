@@ -24,8 +24,9 @@ import (
 // Echo requests in direct mode are sent on for real with unprivileged ICMP
 // ("ping") sockets, so the client sees the true round-trip time and a dead
 // host stays silent. Where the host forbids ping sockets
-// (net.ipv4.ping_group_range), the forwarder turns itself off and gVisor
-// answers every echo request itself.
+// (net.ipv4.ping_group_range), echo requests get no reply at all, with one
+// warning that says how to allow them: a reply made up here would tell the
+// client that a dead host is up, 0.25 ms away.
 
 const (
 	pingIdle     = 30 * time.Second
@@ -45,8 +46,9 @@ type Writer interface {
 // Config configures a Pinger.
 type Config struct {
 	Writer Writer
-	// Forward sends echo requests on with ping sockets; false answers
-	// every one at once.
+	// Forward sends echo requests on with ping sockets, and drops them
+	// where the host does not allow ping sockets; false answers every one
+	// at once (through a proxy, which carries no ICMP).
 	Forward bool
 	// Control, if not nil, is called with each ping socket before it is
 	// bound, as net.Dialer.Control is.
@@ -68,10 +70,11 @@ type pingKey struct {
 // Pinger answers echo requests. With Config.Forward it holds one ping
 // socket per (client, destination, identifier).
 type Pinger struct {
-	cfg      Config
-	ctx      context.Context // ends the flows' goroutines
-	cancel   context.CancelFunc
-	disabled atomic.Bool // forwarding is off, or not allowed here
+	cfg        Config
+	ctx        context.Context // ends the flows' goroutines
+	cancel     context.CancelFunc
+	disabled   atomic.Bool // forwarding is off
+	notAllowed atomic.Bool // the host refuses ping sockets: drop echo requests
 
 	mu     sync.Mutex
 	flows  map[pingKey]*pingFlow
@@ -110,14 +113,17 @@ func (t *Pinger) forward(src, dst netip.Addr, msg []byte) bool {
 	if t.disabled.Load() || t.cfg.Refuse != nil && t.cfg.Refuse(dst) {
 		return false
 	}
+	if t.notAllowed.Load() {
+		return true // dropped: see the warning below
+	}
 	key := pingKey{client: src, dst: dst, id: header.ICMPv4(msg).Ident()}
 	f, err := t.lookup(key)
 	if err != nil {
 		if errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EPROTONOSUPPORT) {
-			if !t.disabled.Swap(true) {
-				t.cfg.Log.Info("ping sockets not allowed here (net.ipv4.ping_group_range): echo requests are answered by the stack", "err", err)
+			if !t.notAllowed.Swap(true) {
+				t.cfg.Log.Warn("ping sockets are not allowed for netstackd's group: echo requests get no reply; to forward them, include the group in net.ipv4.ping_group_range (sysctl -w net.ipv4.ping_group_range=\"0 2147483647\")", "gid", os.Getegid(), "err", err)
 			}
-			return false
+			return true
 		}
 		t.cfg.Log.Debug("ping socket", "err", err)
 		return true

@@ -1,0 +1,56 @@
+package main_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/netstackd/netstackd/internal/netnstest"
+)
+
+// TestIntegrationProxyDown: a proxy that does not answer is said at start,
+// naming it, at a level a default run shows; netstackd still starts, and
+// serves once the proxy comes up. Issue 15: only a client's refused
+// connection told, and the reason was at debug level.
+func TestIntegrationProxyDown(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	d := startNetstackd(t, tp, "--socks", socks4.String(), "--log-level", "info")
+	ctx := netnstest.TestContext(t, 15*time.Second)
+	var line string
+	err := netnstest.Poll(ctx, 20*time.Millisecond, func() (bool, error) {
+		for l := range strings.SplitSeq(d.Log(), "\n") {
+			if strings.Contains(l, "proxy does not answer") {
+				line = l
+				return true, nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("no line saying the proxy does not answer: %v\n%s", err, d.Log())
+	}
+	if !strings.Contains(line, "level=WARN") || !strings.Contains(line, socks4.String()) || !strings.Contains(line, "connection refused") {
+		t.Errorf("the line does not name the proxy and the reason at warn level: %s", line)
+	}
+	tp.StartMicrosocks(t, socks4)
+	testGet(t, tp, netnstest.ServerIPv4)
+}
+
+// TestIntegrationPingNotAllowed: where netstackd may not open ping sockets,
+// direct pings get no reply, to a live host or a dead one, and one warning
+// says how to allow them. Issue 15: the stack answered them itself, so a
+// dead host replied in 0.25 ms.
+func TestIntegrationPingNotAllowed(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	tp.Daemon.Sysctl(t, "net.ipv4.ping_group_range", "1 0")
+	d := startNetstackd(t, tp, "--dns", "off")
+	testPing(t, tp, unusedIPv4, false, false)
+	testPing(t, tp, netnstest.ServerIPv4, false, false)
+	if n := strings.Count(d.Log(), "ping sockets are not allowed"); n != 1 {
+		t.Errorf("%d warnings about ping sockets, want 1:\n%s", n, d.Log())
+	}
+}
