@@ -182,8 +182,9 @@ func (p *pool) lookup(name string, v6 bool) (netip.Addr, error) {
 }
 
 // touch marks m used at now: it may not be recycled for reuseAfter, and
-// moves to the front of the recycling list unless a flow holds it. Never
-// moving reusable back keeps the list in order even if the clock does.
+// moves to the front of the recycling list unless a flow holds it. reusable
+// never moves back, so a clock that did could delay recycling but never
+// hasten it (time.Now's monotonic reading does not go back anyway).
 func (p *pool) touch(r *poolRange, m *mapping, now time.Time) {
 	if t := now.Add(p.reuseAfter); t.After(m.reusable) {
 		m.reusable = t
