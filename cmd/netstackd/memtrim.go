@@ -36,7 +36,7 @@ type memoryTrimmer struct {
 
 // memoryTrimInterval is how often the trimmer looks. A burst that ends is
 // seen as over by the first or the second check after it, so its memory
-// goes back to the kernel within 5 to 10 s.
+// goes back to the kernel at most 10 s after it ends.
 const memoryTrimInterval = 5 * time.Second
 
 const (

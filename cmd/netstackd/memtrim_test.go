@@ -38,7 +38,7 @@ func quietTrimmer() *memoryTrimmer {
 
 // TestMemoryTrimmerAfterBurst (issue 19): after a burst that no collection
 // has followed, the first or second check gives the memory back: the
-// README's 5 to 10 s at one check per memoryTrimInterval. Before, the
+// documented 10 s at most, at one check per memoryTrimInterval. Before, the
 // trimmer looked only at pages already collected, and the garbage of the
 // burst's end waited for Go's forced collection, two minutes on.
 func TestMemoryTrimmerAfterBurst(t *testing.T) {
