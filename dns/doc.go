@@ -7,7 +7,10 @@
 //     traffic. netstackd makes no promise about names.
 //   - ModeFakeIP: A and AAAA queries get an address from a fake-IP pool
 //     (198.19.0.0/16 and fd00:1919::/96 by default), one per name, with a
-//     short TTL. A flow to a fake address is dialed as "name:port", so the
+//     short TTL. An address goes to another name only once no flow holds
+//     it and no client can still have it cached under the old one (the TTL
+//     plus a minute since its last use); a name that finds no such address
+//     gets SERVFAIL. A flow to a fake address is dialed as "name:port", so the
 //     proxy resolves the name itself. Names under Config.DirectSuffixes and
 //     "localhost" get real addresses from Config.DirectResolver. Other query
 //     types are forwarded to Config.Upstream over TCP through Config.Dialer,

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 )
@@ -40,11 +41,13 @@ func fuzzSeeds(t testing.TB) [][]byte {
 }
 
 // FuzzAnswer feeds raw bytes to Answer in fake-ip mode, over small ranges
-// so that recycling runs, with an upstream that refuses connections.
-// Properties: no panic; no reply below 12 bytes or to a response; else a
-// reply that parses, with the query's ID, its question when it had one, an
-// UDP size within max(512, EDNS size), and no real address outside the
-// direct names.
+// and a clock that moves on by fuzzStep a query so that recycling runs,
+// with an upstream that refuses connections. Properties: no panic; no reply
+// below 12 bytes or to a response; else a reply that parses, with the
+// query's ID, its question when it had one, an UDP size within max(512,
+// EDNS size), and no real address outside the direct names; a fake address
+// maps back to the name it was answered for, and is never answered for
+// another name while an earlier answer naming it may still be cached.
 func FuzzAnswer(f *testing.F) {
 	for _, seed := range fuzzSeeds(f) {
 		f.Add(seed, false)
@@ -62,7 +65,16 @@ func FuzzAnswer(f *testing.F) {
 		}},
 		Logger: debugLogger(),
 	})
+	c := newClock()
+	setClock(s, c)
+	horizon := defaultFakeTTL + fakeReuseMargin
+	type answered struct {
+		name string
+		at   time.Time
+	}
+	last := make(map[netip.Addr]answered) // each fake address's last answer
 	f.Fuzz(func(t *testing.T, q []byte, overTCP bool) {
+		c.Advance(fuzzStep)
 		r := s.Answer(context.Background(), q, overTCP)
 		if len(q) < headerLen || q[2]&0x80 != 0 {
 			if r != nil {
@@ -107,9 +119,26 @@ func FuzzAnswer(f *testing.F) {
 			default:
 				continue
 			}
-			if name := normaliseName(rr.Header().Name); !s.isDirect(name) && !s.IsFake(a.Unmap()) {
+			a = a.Unmap()
+			name := normaliseName(rr.Header().Name)
+			if s.isDirect(name) {
+				continue
+			}
+			if !s.IsFake(a) {
 				t.Fatalf("real address %v for %s", a, name)
 			}
+			if got, ok := s.Resolve(a); !ok || got != name {
+				t.Fatalf("fake address %v answered for %q maps back to %q, %v", a, name, got, ok)
+			}
+			now := c.Now()
+			if prev, ok := last[a]; ok && prev.name != name && now.Sub(prev.at) < horizon {
+				t.Fatalf("fake address %v answered for %q %v after it was answered for %q", a, name, now.Sub(prev.at), prev.name)
+			}
+			last[a] = answered{name, now}
 		}
 	})
 }
+
+// fuzzStep is how far FuzzAnswer's clock moves per query: with 13 IPv4
+// addresses, a range refills in about one reuse horizon.
+const fuzzStep = 5 * time.Second

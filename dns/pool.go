@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 )
 
 // maxPoolAddrs bounds the mappings of one family whatever the size of its
@@ -15,15 +16,25 @@ import (
 // 65536 is the size of the default IPv4 range.
 const maxPoolAddrs = 1 << 16
 
-// errPoolExhausted is returned when every address of a range is held by a
-// live flow, so none can be recycled.
-var errPoolExhausted = errors.New("fake-ip pool exhausted: every address is held by a live flow")
+// errPoolExhausted is returned when no address of a range may be given to
+// a new name: each is held by a live flow or may still be cached by a
+// client under the name it was last answered for.
+var errPoolExhausted = errors.New("fake-ip pool exhausted: every address is held by a flow or may still be cached under its name")
 
 // pool maps names to fake addresses and back: one IPv4 address (for A) and
 // one IPv6 address (for AAAA) per name, on demand. When a range is full the
-// least recently used mapping that no flow holds is recycled; a held mapping
-// is never reassigned. Memory is bounded by the size of the ranges.
+// least recently used mapping is recycled, but only once no flow holds it
+// and reuseAfter has passed since it was last answered or used: until then
+// a client may still have the answer cached, and reach another name through
+// the address. Memory is bounded by the size of the ranges.
 type pool struct {
+	// reuseAfter is how long a mapping stays after its last use: the TTL
+	// of the answers plus a margin for caches that keep answers longer.
+	reuseAfter time.Duration
+	// now is the clock, read under mu so that the recycling list stays in
+	// the order of the times it records.
+	now func() time.Time
+
 	mu sync.Mutex
 	v4 *poolRange // nil when there is no IPv4 range
 	v6 *poolRange // nil when there is no IPv6 range
@@ -37,16 +48,20 @@ type poolRange struct {
 	byName map[string]*mapping
 	byAddr map[netip.Addr]*mapping
 	// lru holds the mappings no flow holds, most recently used at the
-	// front; a held mapping leaves it until its last hold is released, so
-	// its back is always the mapping to recycle.
+	// front; a held mapping leaves it until its last hold is released.
+	// Every use sets reusable to the time of use plus the pool's constant
+	// reuseAfter and moves the mapping to the front, so the list is also
+	// in order of reusable: its back is the first mapping that may be
+	// recycled, and if that one may not, none may.
 	lru list.List
 }
 
 type mapping struct {
-	name  string
-	addr  netip.Addr
-	holds int
-	elem  *list.Element // in lru; nil while held
+	name     string
+	addr     netip.Addr
+	holds    int
+	elem     *list.Element // in lru; nil while held
+	reusable time.Time     // not recycled before this
 }
 
 // firstOffset skips the network address (offset 0) and the first host
@@ -54,9 +69,10 @@ type mapping struct {
 // IPv4 address (broadcast) is skipped too.
 const firstOffset = 2
 
-// newPool builds a pool over at most one IPv4 and one IPv6 prefix.
-func newPool(prefixes []netip.Prefix) (*pool, error) {
-	p := new(pool)
+// newPool builds a pool over at most one IPv4 and one IPv6 prefix, whose
+// addresses are recycled no sooner than reuseAfter after their last use.
+func newPool(prefixes []netip.Prefix, reuseAfter time.Duration) (*pool, error) {
+	p := &pool{reuseAfter: reuseAfter, now: time.Now}
 	for _, pfx := range prefixes {
 		if !pfx.IsValid() || pfx.Addr().Is4In6() {
 			return nil, fmt.Errorf("fake range %s: not a valid IPv4 or IPv6 prefix", pfx)
@@ -127,8 +143,11 @@ func (p *pool) hasV6() bool { return p.v6 != nil }
 func (p *pool) hasV4() bool { return p.v4 != nil }
 
 // lookup returns the address of name in the IPv6 range if v6, else in the
-// IPv4 range, allocating or recycling one if the name has none. The name
-// must already be normalised and the range must exist.
+// IPv4 range, allocating one if the name has none, and marks the mapping
+// used: the caller is about to answer with it. A new name gets a fresh
+// address while the range has some, then the least recently used mapping
+// that is neither held nor possibly cached; errPoolExhausted when there is
+// none. The name must already be normalised and the range must exist.
 func (p *pool) lookup(name string, v6 bool) (netip.Addr, error) {
 	r := p.v4
 	if v6 {
@@ -136,10 +155,9 @@ func (p *pool) lookup(name string, v6 bool) (netip.Addr, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	now := p.now()
 	if m, ok := r.byName[name]; ok {
-		if m.elem != nil {
-			r.lru.MoveToFront(m.elem)
-		}
+		p.touch(r, m, now)
 		return m.addr, nil
 	}
 	var m *mapping
@@ -149,17 +167,35 @@ func (p *pool) lookup(name string, v6 bool) (netip.Addr, error) {
 		r.byAddr[m.addr] = m
 	} else {
 		back := r.lru.Back()
-		if back == nil {
+		if back == nil || now.Before(back.Value.(*mapping).reusable) {
 			return netip.Addr{}, errPoolExhausted
 		}
 		m = back.Value.(*mapping)
 		r.lru.Remove(back)
+		m.elem = nil
 		delete(r.byName, m.name)
 	}
 	m.name = name
-	m.elem = r.lru.PushFront(m)
 	r.byName[name] = m
+	p.touch(r, m, now)
 	return m.addr, nil
+}
+
+// touch marks m used at now: it may not be recycled for reuseAfter, and
+// moves to the front of the recycling list unless a flow holds it. reusable
+// never moves back, so a clock that did could delay recycling but never
+// hasten it (time.Now's monotonic reading does not go back anyway).
+func (p *pool) touch(r *poolRange, m *mapping, now time.Time) {
+	if t := now.Add(p.reuseAfter); t.After(m.reusable) {
+		m.reusable = t
+	}
+	switch {
+	case m.holds > 0:
+	case m.elem == nil:
+		m.elem = r.lru.PushFront(m)
+	default:
+		r.lru.MoveToFront(m.elem)
+	}
 }
 
 // addrAt returns the address at offset off from the start of the range.
@@ -176,7 +212,7 @@ func (r *poolRange) addrAt(off uint64) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
-// name returns the name mapped to addr and marks the mapping recently used.
+// name returns the name mapped to addr and marks the mapping used.
 func (p *pool) name(addr netip.Addr) (string, bool) {
 	r := p.rangeFor(addr)
 	if r == nil {
@@ -188,14 +224,14 @@ func (p *pool) name(addr netip.Addr) (string, bool) {
 	if !ok {
 		return "", false
 	}
-	if m.elem != nil {
-		r.lru.MoveToFront(m.elem)
-	}
+	p.touch(r, m, p.now())
 	return m.name, true
 }
 
 // hold pins the mapping of addr, if any, until release is called. release
-// may be called more than once; only the first call counts.
+// may be called more than once; only the first call counts. The last
+// release marks the mapping used: a client that just used the address may
+// use it again, and some keep addresses longer than their TTL says.
 func (p *pool) hold(addr netip.Addr) (release func()) {
 	r := p.rangeFor(addr)
 	if r == nil {
@@ -219,7 +255,7 @@ func (p *pool) hold(addr netip.Addr) (release func()) {
 			defer p.mu.Unlock()
 			m.holds--
 			if m.holds == 0 {
-				m.elem = r.lru.PushFront(m)
+				p.touch(r, m, p.now())
 			}
 		})
 	}

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -48,7 +49,10 @@ type Config struct {
 	// an IPv4 range, are never handed out.
 	FakeRanges []netip.Prefix
 	// FakeTTL is the TTL of fake answers and of direct-suffix answers.
-	// 0 means 10s.
+	// 0 means 10s. A fake address is given to no other name until FakeTTL
+	// plus a minute has passed since it was last answered or used by a
+	// flow, so it also sets how fast names can churn through a range: a
+	// full range answers SERVFAIL until an address becomes free.
 	FakeTTL time.Duration
 	// DirectSuffixes are names whose A and AAAA queries, for the names and
 	// everything under them, are answered with real addresses from
@@ -91,9 +95,19 @@ const (
 	// maxStreamInFlight bounds the pipelined queries of one TCP connection
 	// answered at once; further ones wait to be read.
 	maxStreamInFlight = 16
-	defaultFakeTTL    = 10 * time.Second
-	defaultCacheSize  = 4096
-	resolvConfPath    = "/etc/resolv.conf"
+	// defaultFakeTTL is short, so that a name's address outlives the
+	// answers naming it by little, and long enough that clients do not
+	// ask again for every connection.
+	defaultFakeTTL = 10 * time.Second
+	// fakeReuseMargin is added to the fake TTL before an address may go
+	// to another name. Caches count the TTL from when they got the answer,
+	// which can be a moment after we sent it, and some keep answers longer
+	// than the TTL: the JVM caches lookups for 30 s by default
+	// (networkaddress.cache.ttl), Chromium keeps what getaddrinfo gave it,
+	// which carries no TTL, for 60 s. A minute covers both.
+	fakeReuseMargin  = 60 * time.Second
+	defaultCacheSize = 4096
+	resolvConfPath   = "/etc/resolv.conf"
 	// warnEvery rate-limits the warnings a peer can trigger.
 	warnEvery = 10 * time.Second
 )
@@ -123,8 +137,9 @@ type Server struct {
 	sem      chan struct{} // forwarded queries in flight
 	now      func() time.Time
 
-	warnPool     limitedLog
-	warnUpstream limitedLog
+	warnPool      limitedLog
+	warnUpstream  limitedLog
+	poolExhausted atomic.Uint64 // fake A and AAAA queries answered SERVFAIL
 
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
@@ -157,15 +172,6 @@ func New(cfg Config) (*Server, error) {
 	}
 
 	if cfg.Mode == ModeFakeIP {
-		ranges := cfg.FakeRanges
-		if len(ranges) == 0 {
-			ranges = defaultFakeRanges()
-		}
-		p, err := newPool(ranges)
-		if err != nil {
-			return nil, err
-		}
-		s.pool = p
 		ttl := cfg.FakeTTL
 		switch {
 		case ttl == 0:
@@ -174,6 +180,15 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("fake ttl %v: want 0 to 2^31-1 seconds", ttl)
 		}
 		s.fakeTTL = uint32((ttl + time.Second - 1) / time.Second)
+		ranges := cfg.FakeRanges
+		if len(ranges) == 0 {
+			ranges = defaultFakeRanges()
+		}
+		p, err := newPool(ranges, time.Duration(s.fakeTTL)*time.Second+fakeReuseMargin)
+		if err != nil {
+			return nil, err
+		}
+		s.pool = p
 		for _, suffix := range cfg.DirectSuffixes {
 			n := normaliseName(strings.TrimPrefix(suffix, "."))
 			if n == "" {
@@ -516,7 +531,9 @@ func (s *Server) IsFake(addr netip.Addr) bool {
 }
 
 // Hold pins the mapping of a fake address for the life of a flow: it is
-// never recycled for another name until release is called. Holds nest;
+// never recycled for another name until release is called, nor for the
+// fake TTL plus a minute after, since the client may come back to it.
+// Holds nest;
 // release is idempotent. For an address that is not mapped Hold does
 // nothing and release is a no-op.
 func (s *Server) Hold(addr netip.Addr) (release func()) {
@@ -525,6 +542,11 @@ func (s *Server) Hold(addr netip.Addr) (release func()) {
 	}
 	return s.pool.hold(addr)
 }
+
+// PoolExhausted returns how many A and AAAA queries were answered SERVFAIL
+// because no fake address was free: every one was held by a flow or named
+// in an answer that clients may still have cached.
+func (s *Server) PoolExhausted() uint64 { return s.poolExhausted.Load() }
 
 // opContext bounds one upstream operation by upstreamTimeout and by Close.
 func (s *Server) opContext(ctx context.Context) (context.Context, context.CancelFunc) {

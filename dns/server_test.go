@@ -3,6 +3,7 @@ package dns
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -299,19 +300,54 @@ func TestDirectResolverOutcomes(t *testing.T) {
 	}
 }
 
+// setClock makes c the clock of s and of its pool.
+func setClock(s *Server, c *clock) {
+	s.now = c.Now
+	if s.pool != nil {
+		s.pool.now = c.Now
+	}
+}
+
+// fakeA asks name's A record of s and returns the reply.
+func fakeA(t *testing.T, s *Server, id uint16, name string) *dns.Msg {
+	t.Helper()
+	q := query(t, id, name, dns.TypeA, 0)
+	return parse(t, q, s.Answer(t.Context(), q, false))
+}
+
+// answerAddr returns the one address of an A or AAAA reply.
+func answerAddr(t *testing.T, m *dns.Msg) netip.Addr {
+	t.Helper()
+	if m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 {
+		t.Fatalf("rcode %s, answers %v; want one address", dns.RcodeToString[m.Rcode], m.Answer)
+	}
+	var ip net.IP
+	switch rr := m.Answer[0].(type) {
+	case *dns.A:
+		ip = rr.A
+	case *dns.AAAA:
+		ip = rr.AAAA
+	}
+	a, ok := netip.AddrFromSlice(ip)
+	if !ok {
+		t.Fatalf("answer %v holds no address", m.Answer[0])
+	}
+	return a.Unmap()
+}
+
 func TestPoolExhaustedServfail(t *testing.T) {
 	logs := new(logRecorder)
 	s := fakeServer(t, Config{
 		FakeRanges: []netip.Prefix{netip.MustParsePrefix("198.19.0.0/30")}, // one address
 		Logger:     slog.New(logs),
 	})
-	q := query(t, 1, "held.test", dns.TypeA, 0)
-	m := parse(t, q, s.Answer(t.Context(), q, false))
-	addr := netip.MustParseAddr(m.Answer[0].(*dns.A).A.String())
+	c := newClock()
+	setClock(s, c)
+	addr := answerAddr(t, fakeA(t, s, 1, "held.test"))
 	release := s.Hold(addr)
+	c.Advance(defaultFakeTTL + fakeReuseMargin)
 	for i := range 3 {
-		q := query(t, uint16(10+i), "other.test", dns.TypeA, 0)
-		m := parse(t, q, s.Answer(t.Context(), q, false))
+		m := fakeA(t, s, uint16(10+i), "other.test")
 		if m.Rcode != dns.RcodeServerFailure {
 			t.Fatalf("rcode %s with the only address held, want SERVFAIL", dns.RcodeToString[m.Rcode])
 		}
@@ -319,14 +355,103 @@ func TestPoolExhaustedServfail(t *testing.T) {
 	if n := logs.count(slog.LevelWarn); n != 1 {
 		t.Errorf("%d warnings for three exhausted queries, want 1 (rate-limited)", n)
 	}
+	if n := s.PoolExhausted(); n != 3 {
+		t.Errorf("PoolExhausted() = %d after three refused queries, want 3", n)
+	}
 	if name, ok := s.Resolve(addr); !ok || name != "held.test" {
 		t.Errorf("held mapping now %q, %v", name, ok)
 	}
 	release()
-	q = query(t, 20, "other.test", dns.TypeA, 0)
-	m = parse(t, q, s.Answer(t.Context(), q, false))
-	if len(m.Answer) != 1 || m.Answer[0].(*dns.A).A.String() != addr.String() {
-		t.Errorf("after release: %v, want %v recycled", m.Answer, addr)
+	if m := fakeA(t, s, 20, "other.test"); m.Rcode != dns.RcodeServerFailure {
+		t.Errorf("right after the flow ended: rcode %s, want SERVFAIL", dns.RcodeToString[m.Rcode])
+	}
+	c.Advance(defaultFakeTTL + fakeReuseMargin)
+	if a := answerAddr(t, fakeA(t, s, 21, "other.test")); a != addr {
+		t.Errorf("after release and the reuse horizon: %v, want %v recycled", a, addr)
+	}
+	if n := s.PoolExhausted(); n != 4 {
+		t.Errorf("PoolExhausted() = %d, want 4", n)
+	}
+}
+
+// TestFakeReuseHorizon: an address goes to another name only once the TTL
+// of the last answer naming it plus the margin has passed (issue 19: a
+// client that cached alpha.test reached another name through the proxy).
+// Until then the pool answers SERVFAIL, and the name asked earlier keeps
+// its address.
+func TestFakeReuseHorizon(t *testing.T) {
+	const ttl = 42 * time.Second
+	horizon := ttl + fakeReuseMargin
+	tests := []struct {
+		name  string
+		qtype uint16
+		rng   string
+	}{
+		{"A", dns.TypeA, "198.19.0.0/30"},         // one address
+		{"AAAA", dns.TypeAAAA, "fd00:1919::/125"}, // six
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pfx := netip.MustParsePrefix(tt.rng)
+			s := fakeServer(t, Config{FakeTTL: ttl, FakeRanges: []netip.Prefix{pfx}})
+			c := newClock()
+			setClock(s, c)
+			ask := func(id uint16, name string) *dns.Msg {
+				q := query(t, id, name, tt.qtype, 0)
+				return parse(t, q, s.Answer(t.Context(), q, false))
+			}
+			m := ask(1, "alpha.test")
+			if got := m.Answer[0].Header().Ttl; got != uint32(ttl/time.Second) {
+				t.Fatalf("answer TTL %d, want %v", got, ttl)
+			}
+			first := answerAddr(t, m)
+			if !pfx.Contains(first) {
+				t.Fatalf("alpha.test got %v, outside %v", first, pfx)
+			}
+			var others []netip.Addr
+			for i := 0; ; i++ { // the rest of the range
+				m := ask(uint16(100+i), fmt.Sprintf("fill%d.test", i))
+				if m.Rcode != dns.RcodeSuccess {
+					break
+				}
+				others = append(others, answerAddr(t, m))
+			}
+			exhausted := s.PoolExhausted()
+			if exhausted != 1 {
+				t.Fatalf("PoolExhausted() = %d once the range is full, want 1", exhausted)
+			}
+			c.Advance(horizon / 2)
+			if a := answerAddr(t, ask(2, "alpha.test")); a != first {
+				t.Fatalf("alpha.test asked again got %v, want its %v", a, first)
+			}
+			c.Advance(horizon - horizon/2 - time.Second)
+			if m := ask(3, "beta.test"); m.Rcode != dns.RcodeServerFailure {
+				t.Fatalf("a second before the horizon: %v, want SERVFAIL", m.Answer)
+			}
+			c.Advance(time.Second)
+			// The fill names' answers have expired; alpha.test's, given
+			// again, has not.
+			for i := range others {
+				if a := answerAddr(t, ask(uint16(200+i), fmt.Sprintf("new%d.test", i))); a == first {
+					t.Fatalf("new%d.test got alpha.test's %v", i, a)
+				}
+			}
+			if m := ask(4, "beta.test"); m.Rcode != dns.RcodeServerFailure {
+				t.Fatalf("within alpha.test's refreshed horizon: %v, want SERVFAIL", m.Answer)
+			}
+			// Not Resolve here: a reverse lookup is a use, and would
+			// refresh alpha.test's mapping.
+			c.Advance(horizon / 2)
+			if a := answerAddr(t, ask(5, "beta.test")); a != first {
+				t.Errorf("beta.test after alpha.test's horizon got %v, want %v", a, first)
+			}
+			if name, _ := s.Resolve(first); name != "beta.test" {
+				t.Errorf("Resolve(%v) = %q, want beta.test", first, name)
+			}
+			if n := s.PoolExhausted(); n != exhausted+2 {
+				t.Errorf("PoolExhausted() = %d, want %d", n, exhausted+2)
+			}
+		})
 	}
 }
 

@@ -97,7 +97,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// Give memory back after bursts (memtrim.go), for as long as we run.
 	trimCtx, stopTrim := context.WithCancel(context.Background())
 	var trimming sync.WaitGroup
-	trimming.Go(func() { newMemoryTrimmer(log).run(trimCtx, memoryTrimInterval) })
+	trimming.Go(func() {
+		tick := time.NewTicker(memoryTrimInterval)
+		defer tick.Stop()
+		newMemoryTrimmer(log).run(trimCtx, tick.C)
+	})
 	defer func() {
 		stopTrim()
 		trimming.Wait()
