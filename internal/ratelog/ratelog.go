@@ -11,8 +11,10 @@ package ratelog
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -77,4 +79,12 @@ func (l *Limiter) Log(log *slog.Logger, level slog.Level, msg string, args ...an
 // Warn is Log at slog.LevelWarn.
 func (l *Limiter) Warn(log *slog.Logger, msg string, args ...any) bool {
 	return l.Log(log, slog.LevelWarn, msg, args...)
+}
+
+// IsFDExhaustion reports whether err says the process (EMFILE) or the
+// system (ENFILE) has no file descriptor left: the error every user of this
+// package must log at warn level, rate-limited, since a client can cause it
+// at will by opening flows.
+func IsFDExhaustion(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE)
 }

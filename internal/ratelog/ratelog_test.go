@@ -2,9 +2,13 @@ package ratelog
 
 import (
 	"bytes"
+	"fmt"
 	"log/slog"
+	"net"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -114,5 +118,27 @@ func TestLimiterConcurrent(t *testing.T) {
 	c.advance(DefaultEvery)
 	if got, ok := l.Allow(); !ok || got != n-1 {
 		t.Fatalf("next period: ok %v suppressed %d, want true %d", ok, got, n-1)
+	}
+}
+
+func TestIsFDExhaustion(t *testing.T) {
+	cases := []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{name: "emfile", err: syscall.EMFILE, want: true},
+		{name: "enfile", err: syscall.ENFILE, want: true},
+		{name: "wrapped-dial", err: &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", syscall.EMFILE)}, want: true},
+		{name: "wrapped-fmt", err: fmt.Errorf("dial upstream x: %w", syscall.ENFILE), want: true},
+		{name: "refused", err: syscall.ECONNREFUSED, want: false},
+		{name: "nil", err: nil, want: false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := IsFDExhaustion(c.err); got != c.want {
+				t.Errorf("IsFDExhaustion(%v) = %v, want %v", c.err, got, c.want)
+			}
+		})
 	}
 }

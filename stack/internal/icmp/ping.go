@@ -18,6 +18,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
@@ -28,11 +29,10 @@ import (
 // answers every echo request itself.
 
 const (
-	pingIdle     = 30 * time.Second
-	maxPingFlows = 1024
-	icmpEchoLen  = 8 // type, code, checksum, identifier, sequence
-	headroom     = packet.Headroom
-	maxPacket    = 1 << 16
+	pingIdle    = 30 * time.Second
+	icmpEchoLen = 8 // type, code, checksum, identifier, sequence
+	headroom    = packet.Headroom
+	maxPacket   = 1 << 16
 )
 
 // Writer carries packets built outside gVisor to the client: the stack's
@@ -50,7 +50,9 @@ type Config struct {
 	Forward bool
 	// Control, if not nil, is called with each ping socket before it is
 	// bound, as net.Dialer.Control is.
-	Control    func(network, address string, c syscall.RawConn) error
+	Control func(network, address string, c syscall.RawConn) error
+	// Max caps the ping sockets open at once; 0 means 1024.
+	Max        int
 	Log        *slog.Logger
 	NextFlowID func() uint64
 }
@@ -74,6 +76,8 @@ type Pinger struct {
 	flows  map[pingKey]*pingFlow
 	closed bool
 	wg     sync.WaitGroup
+
+	warnFDs ratelog.Limiter
 }
 
 type pingFlow struct {
@@ -86,6 +90,9 @@ type pingFlow struct {
 
 // New makes a Pinger.
 func New(cfg Config) *Pinger {
+	if cfg.Max <= 0 {
+		cfg.Max = 1024
+	}
 	t := &Pinger{cfg: cfg, flows: make(map[pingKey]*pingFlow)}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.disabled.Store(!cfg.Forward)
@@ -116,7 +123,11 @@ func (t *Pinger) forward(src, dst netip.Addr, msg []byte) bool {
 			}
 			return false
 		}
-		t.cfg.Log.Debug("ping socket", "err", err)
+		if ratelog.IsFDExhaustion(err) {
+			t.warnFDs.Warn(t.cfg.Log, "out of file descriptors: echo request dropped", "src", src, "dst", dst, "err", err)
+		} else {
+			t.cfg.Log.Debug("ping socket", "err", err)
+		}
 		return true
 	}
 	if f == nil {
@@ -139,7 +150,7 @@ func (t *Pinger) lookup(key pingKey) (*pingFlow, error) {
 	if f, ok := t.flows[key]; ok {
 		return f, nil
 	}
-	if len(t.flows) >= maxPingFlows {
+	if len(t.flows) >= t.cfg.Max {
 		return nil, errors.New("too many ping flows")
 	}
 	network := "udp4"

@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
@@ -54,11 +55,16 @@ type Names interface {
 
 // Config configures a Table. Every field but Names must be set.
 type Config struct {
-	Dialer      UDPDialer
-	Writer      Writer
-	Names       Names // nil: no fake addresses
-	Timeout     time.Duration
-	Max         int
+	Dialer  UDPDialer
+	Writer  Writer
+	Names   Names // nil: no fake addresses
+	Timeout time.Duration
+	Max     int
+	// EvictIdle is how long the least recently active association must
+	// have been silent for a new one to evict it when the table is full;
+	// a younger one stays and the new source is refused. 0 evicts it
+	// whatever its age.
+	EvictIdle   time.Duration
 	DialTimeout time.Duration
 	Log         *slog.Logger
 	// NextFlowID numbers the associations in logs, with the stack's other
@@ -112,7 +118,11 @@ type Table struct {
 	wg     sync.WaitGroup // one per association
 
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
-	droppedBig   atomic.Uint64 // replies too large for the link MTU
+	refusedFull  atomic.Uint64 // datagrams from new sources refused: table full
+
+	// Warnings a client can trigger, one line per period each.
+	warnFull, warnFailed, warnFDs ratelog.Limiter
+	droppedBig                    atomic.Uint64 // replies too large for the link MTU
 
 	// Batched I/O on kernel sockets (batch.go).
 	tx           udpTx
@@ -174,7 +184,8 @@ func New(ctx context.Context, cfg Config) *Table {
 
 // Send carries one datagram from client to dst, opening the client's
 // association if it has none; it reports false when it cannot (the table
-// is closed), for the caller to refuse the datagram. quote gives the start
+// is closed, or full of associations too active to evict), for the caller
+// to refuse the datagram. quote gives the start
 // of the client's packet, kept for ICMP errors. With batched, the caller is
 // a device dispatcher, and a datagram for a kernel socket may wait in the
 // send queue until the end of its read (Flush).
@@ -182,7 +193,12 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
-	a, created := t.lookup(client)
+	a, created, full := t.lookup(client)
+	if full {
+		t.refusedFull.Add(1)
+		t.warnFull.Warn(t.log, "udp table full of active associations: refusing new sources",
+			"max", t.cfg.Max, "src", client, "refused_total", t.refusedFull.Load())
+	}
 	if a == nil {
 		return false
 	}
@@ -195,20 +211,22 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 
 // lookup finds the association of a client source, creating it (and evicting
 // the least recently active one when the table is full) if there is none.
-func (t *Table) lookup(client netip.AddrPort) (*udpAssoc, bool) {
+// full reports a new source refused because no association could be
+// evicted (Config.EvictIdle).
+func (t *Table) lookup(client netip.AddrPort) (a *udpAssoc, created, full bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
-		return nil, false
+		return nil, false, false
 	}
 	if a, ok := t.assocs[client]; ok {
 		t.lru.moveToFront(a)
-		return a, false
+		return a, false, false
 	}
-	if len(t.assocs) >= t.cfg.Max {
-		t.evictOldestLocked()
+	if len(t.assocs) >= t.cfg.Max && !t.evictOldestLocked(time.Now().UnixNano()) {
+		return nil, false, true
 	}
-	a := &udpAssoc{
+	a = &udpAssoc{
 		t:      t,
 		client: client,
 		ready:  make(chan struct{}),
@@ -219,13 +237,23 @@ func (t *Table) lookup(client netip.AddrPort) (*udpAssoc, bool) {
 	t.assocs[client] = a
 	t.lru.pushFront(a)
 	t.wg.Go(a.run)
-	return a, true
+	return a, true, false
 }
 
-// evictOldestLocked ends the least recently active association. The list's
-// last one is the least recently used by its client; one that has had
-// replies since it was listed goes back to the front, a few at most.
-func (t *Table) evictOldestLocked() {
+// evictOldestLocked ends the least recently active association and reports
+// whether it did: not when that one was active less than Config.EvictIdle
+// before now (unix nanoseconds). The list's last one is the least recently
+// used by its client; one that has had replies since it was listed goes
+// back to the front, a few at most.
+//
+// Refusing rather than evicting an active association is what keeps a
+// client's established UDP traffic working while another floods the table
+// from thousands of source ports: under pure LRU each flood datagram from a
+// new port would evict the oldest entry, and the flood turns the whole
+// table over every few milliseconds. An association silent for EvictIdle
+// has most likely ended its exchange, and its source re-associates on its
+// next datagram. DNS to the stack never enters this table.
+func (t *Table) evictOldestLocked(now int64) bool {
 	for range maxSecondChances {
 		a := t.lru.back()
 		if a == nil || a.last.Load() <= a.listed+int64(relistAfter) {
@@ -235,11 +263,15 @@ func (t *Table) evictOldestLocked() {
 	}
 	oldest := t.lru.back()
 	if oldest == nil {
-		return
+		return true
+	}
+	if idle := t.cfg.EvictIdle; idle > 0 && now-oldest.last.Load() < int64(idle) {
+		return false
 	}
 	t.removeLocked(oldest)
 	oldest.log.Debug("udp table full, evicting the least recently active association", "max", t.cfg.Max)
 	oldest.abort()
+	return true
 }
 
 func (t *Table) remove(a *udpAssoc) {
@@ -267,7 +299,7 @@ func (t *Table) Close() {
 	t.wg.Wait()
 	t.log.Debug("udp totals", "sent", t.sent.Load(), "send_calls", t.sendCalls.Load(), "dropped_send", t.droppedSend.Load(),
 		"received", t.received.Load(), "recv_calls", t.recvCalls.Load(), "dropped_big", t.droppedBig.Load(),
-		"dropped_opening", t.droppedQueue.Load())
+		"dropped_opening", t.droppedQueue.Load(), "refused_full", t.refusedFull.Load())
 }
 
 func (a *udpAssoc) touch() { a.last.Store(time.Now().UnixNano()) }
@@ -393,7 +425,11 @@ func (a *udpAssoc) run() {
 	a.mu.Unlock()
 
 	if err != nil {
-		a.log.Warn("udp association failed: datagrams from this source are refused", "err", err)
+		if ratelog.IsFDExhaustion(err) {
+			a.t.warnFDs.Warn(a.log, "out of file descriptors: udp association refused", "err", err)
+		} else {
+			a.t.warnFailed.Warn(a.log, "udp association failed: datagrams from this source are refused", "err", err)
+		}
 		for _, d := range pending {
 			a.send(d.dst, d.payload, false)
 		}
@@ -579,6 +615,7 @@ type Stats struct {
 	RecvCalls         uint64 // recvmmsg calls that returned datagrams or an error
 	DroppedBig        uint64 // replies too large for the link MTU
 	DroppedOpening    uint64 // datagrams dropped while an association opened
+	RefusedFull       uint64 // datagrams from new sources refused: table full
 	RxBatchesBorrowed int64  // receive batches held right now
 }
 
@@ -587,7 +624,7 @@ func (t *Table) Stats() Stats {
 	return Stats{
 		Sent: t.sent.Load(), SendCalls: t.sendCalls.Load(), DroppedSend: t.droppedSend.Load(),
 		Received: t.received.Load(), RecvCalls: t.recvCalls.Load(),
-		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(),
+		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(), RefusedFull: t.refusedFull.Load(),
 		RxBatchesBorrowed: t.rxHeld.Load(),
 	}
 }
