@@ -98,8 +98,8 @@ type Config struct {
 	UDPTimeout time.Duration
 	// MaxUDPFlows caps UDP associations, each an upstream socket; beyond
 	// it the least recently active one is evicted if it has been silent
-	// for 10s (udpEvictIdle), else the new source is refused with ICMP
-	// port unreachable. 0 means 16384.
+	// for 10s (udpEvictIdle), else the new source's datagrams are
+	// dropped until one is. 0 means 16384.
 	MaxUDPFlows int
 	// MaxPingFlows caps the ping sockets of ForwardPing, one per client,
 	// destination and identifier; beyond it new ones are dropped. 0 means

@@ -52,6 +52,12 @@ type options struct {
 	excludes      []netip.Prefix // kept off the TUN in host-wide mode
 	user          *userSpec      // --user: switch to it once set up; nil: stay
 	tcp           stack.TCPOptions
+
+	// The open-file limit's say (fdlimit.go).
+	maxFlowsSet  bool   // --max-flows given: a lower limit caps it with a warning
+	maxUDPFlows  int    // sized against the limit at start; 0: stack's default
+	maxPingFlows int    // likewise
+	nofileSoft   uint64 // run's program gets this soft limit back; 0: Go's runtime restores it
 }
 
 // The values of --tcp-handshake.
@@ -274,6 +280,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		}
 		return nil, err
 	}
+	fs.Visit(func(f *flag.Flag) { o.maxFlowsSet = o.maxFlowsSet || f.Name == "max-flows" })
 	if runMode {
 		if fs.NArg() == 0 {
 			return nil, errors.New("run: no command (netstackd run [flags] -- CMD ARGS)")

@@ -96,6 +96,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		stopTrim()
 		trimming.Wait()
 	}()
+	opts.nofileSoft = sizeTables(opts, up, log)
 	resolver, err := newDNS(opts, dialer, up.direct.Resolver, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: %v\n", err)
@@ -166,6 +167,8 @@ func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.S
 		PingControl:   up.direct.Control,
 		Logger:        log,
 		MaxFlows:      opts.maxFlows,
+		MaxUDPFlows:   opts.maxUDPFlows,
+		MaxPingFlows:  opts.maxPingFlows,
 		DialTimeout:   opts.dialTimeout,
 		AcceptFirst:   opts.acceptFirst,
 		HalfCloseIdle: opts.halfCloseIdle,

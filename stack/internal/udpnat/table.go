@@ -62,8 +62,8 @@ type Config struct {
 	Max     int
 	// EvictIdle is how long the least recently active association must
 	// have been silent for a new one to evict it when the table is full;
-	// a younger one stays and the new source is refused. 0 evicts it
-	// whatever its age.
+	// a younger one stays and the new source's datagrams are dropped.
+	// 0 evicts it whatever its age.
 	EvictIdle   time.Duration
 	DialTimeout time.Duration
 	Log         *slog.Logger
@@ -118,7 +118,7 @@ type Table struct {
 	wg     sync.WaitGroup // one per association
 
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
-	refusedFull  atomic.Uint64 // datagrams from new sources refused: table full
+	refusedFull  atomic.Uint64 // datagrams from new sources dropped: table full
 
 	// Warnings a client can trigger, one line per period each.
 	warnFull, warnFailed, warnFDs ratelog.Limiter
@@ -184,8 +184,12 @@ func New(ctx context.Context, cfg Config) *Table {
 
 // Send carries one datagram from client to dst, opening the client's
 // association if it has none; it reports false when it cannot (the table
-// is closed, or full of associations too active to evict), for the caller
-// to refuse the datagram. quote gives the start
+// is closed), for the caller to refuse the datagram. A datagram from a new
+// source that a full table cannot take (Config.EvictIdle) is dropped and
+// counted, as a NAT whose table is full drops: the client retries, and gets
+// in once an association idles out. An ICMP error instead would fail its
+// connected socket for good, and would cost a packet for every one a flood
+// sends. quote gives the start
 // of the client's packet, kept for ICMP errors. With batched, the caller is
 // a device dispatcher, and a datagram for a kernel socket may wait in the
 // send queue until the end of its read (Flush).
@@ -195,9 +199,10 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 	}
 	a, created, full := t.lookup(client)
 	if full {
-		t.refusedFull.Add(1)
-		t.warnFull.Warn(t.log, "udp table full of active associations: refusing new sources",
-			"max", t.cfg.Max, "src", client, "refused_total", t.refusedFull.Load())
+		n := t.refusedFull.Add(1)
+		t.warnFull.Warn(t.log, "udp table full of active associations: dropping datagrams from new sources",
+			"max", t.cfg.Max, "src", client, "dropped_total", n)
+		return true
 	}
 	if a == nil {
 		return false
@@ -615,7 +620,7 @@ type Stats struct {
 	RecvCalls         uint64 // recvmmsg calls that returned datagrams or an error
 	DroppedBig        uint64 // replies too large for the link MTU
 	DroppedOpening    uint64 // datagrams dropped while an association opened
-	RefusedFull       uint64 // datagrams from new sources refused: table full
+	RefusedFull       uint64 // datagrams from new sources dropped: table full
 	RxBatchesBorrowed int64  // receive batches held right now
 }
 

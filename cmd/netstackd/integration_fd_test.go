@@ -1,0 +1,270 @@
+package main_test
+
+// Issue 19, item 6: with 1,024 descriptors, a client flooding UDP from
+// thousands of source ports once made netstackd refuse every TCP flow and
+// fail DNS for the whole UDP timeout, logging a warning per source. The
+// tables are now sized against the open-file limit; this test floods and
+// checks that the rest keeps working.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/netstackd/netstackd/internal/netnstest"
+)
+
+const (
+	fdLimit      = 1024 // netstackd's open-file limit, soft and hard
+	floodSources = 2000 // distinct UDP source ports of the flood
+	// floodFor covers more than one rate-limit period (10 s), so that the
+	// count of warnings means something.
+	floodFor   = 12 * time.Second
+	floodRound = 250 * time.Millisecond // each source sends once a round
+)
+
+func TestIntegrationFDExhaustion(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	echo4 := netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.UDPEchoPort)
+	tp.StartUDPEcho(t, echo4)
+	tp.StartDnsmasq(t, netnstest.ServerIPv4, map[string]netip.Addr{dnsName: dnsNameAddr})
+
+	// Remote mode: every query the stack answers costs a TCP connection
+	// to the upstream, the case where DNS needs descriptors of its own.
+	d := startNetstackdLimited(t, tp, fdLimit, "--dns", "remote",
+		"--dns-upstream", netip.AddrPortFrom(netnstest.ServerIPv4, 53).String())
+	maxUDP := loggedInt(t, d, "max_udp_flows")
+	if maxUDP <= 0 || maxUDP >= floodSources {
+		t.Fatalf("max_udp_flows %d with a %d limit, want a cap well below %d sources", maxUDP, fdLimit, floodSources)
+	}
+
+	// An association open before the flood: established traffic that
+	// must keep working through it.
+	established, err := tp.Client.ListenPacket("udp4", ":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer established.Close()
+	if err := udpRoundTrip(established, echo4, "before"); err != nil {
+		t.Fatalf("established association before the flood: %v", err)
+	}
+
+	// The flood: every source sends once a round, so its association
+	// stays active, until stop.
+	socks := make([]net.PacketConn, 0, floodSources)
+	defer func() {
+		for _, c := range socks {
+			c.Close()
+		}
+	}()
+	for range floodSources {
+		c, err := tp.Client.ListenPacket("udp4", ":0")
+		if err != nil {
+			t.Fatalf("flood socket %d: %v (the test's own open-file limit?)", len(socks), err)
+		}
+		socks = append(socks, c)
+	}
+	dst := net.UDPAddrFromAddrPort(echo4)
+	stop := make(chan struct{})
+	var sent atomic.Int64
+	var flooding sync.WaitGroup
+	flooding.Go(func() {
+		tick := time.NewTicker(floodRound)
+		defer tick.Stop()
+		for {
+			for _, c := range socks {
+				if _, err := c.WriteTo([]byte("flood"), dst); err == nil {
+					sent.Add(1)
+				}
+			}
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	})
+	var peak atomic.Int64
+	var sampling sync.WaitGroup
+	sampling.Go(func() {
+		for {
+			if n := countFDs(d.PID()); int64(n) > peak.Load() {
+				peak.Store(int64(n))
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	})
+	end := time.Now().Add(floodFor)
+	defer func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		flooding.Wait()
+		sampling.Wait()
+	}()
+
+	// The checks start once the flood has filled the table: netstackd
+	// says so.
+	ctx := netnstest.TestContext(t, 10*time.Second)
+	if err := netnstest.Poll(ctx, 20*time.Millisecond, func() (bool, error) {
+		return strings.Contains(d.Log(), "udp table full"), nil
+	}); err != nil {
+		t.Fatalf("the flood never filled the udp table: %v\n%s", err, d.Log())
+	}
+	tcpOK, tcpTotal, dnsOK, dnsTotal, udpOK, udpTotal := 0, 0, 0, 0, 0, 0
+	for time.Now().Before(end) {
+		tcpTotal++
+		if err := tcpEcho(t, tp, netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.EchoPort)); err != nil {
+			t.Errorf("tcp during the flood: %v", err)
+		} else {
+			tcpOK++
+		}
+		dnsTotal++
+		r := tp.Client.Exec(t, 10*time.Second, "dig", "+time=2", "+tries=1", "+short", "@"+dnsAddr.String(), dnsName, "A")
+		if got := strings.TrimSpace(r.Stdout); r.Err != nil || got != dnsNameAddr.String() {
+			t.Errorf("dig @%s %s during the flood = %q, want %s: %s", dnsAddr, dnsName, got, dnsNameAddr, r)
+		} else {
+			dnsOK++
+		}
+		udpTotal++
+		if err := udpRoundTrip(established, echo4, fmt.Sprint("during ", udpTotal)); err != nil {
+			t.Errorf("established association during the flood: %v", err)
+		} else {
+			udpOK++
+		}
+		time.Sleep(500 * time.Millisecond) // paced checks, not a wait for a state
+	}
+	close(stop)
+	flooding.Wait()
+	sampling.Wait()
+
+	if r := tp.Client.Exec(t, 5*time.Second, "ip", "-s", "link", "show", tunName); r.Err == nil {
+		t.Logf("tun counters after the flood:\n%s", r.Stdout)
+	}
+	log := d.Log()
+	full := strings.Count(log, "udp table full of active associations")
+	outOfFDs := strings.Count(log, "out of file descriptors")
+	t.Logf("flood: %d sources, %d datagrams in %v; max_udp_flows %d; netstackd's peak descriptors %d of %d; "+
+		"tcp %d/%d, dns %d/%d, established udp %d/%d; %q lines %d, %q lines %d",
+		floodSources, sent.Load(), floodFor, maxUDP, peak.Load(), fdLimit, tcpOK, tcpTotal, dnsOK, dnsTotal, udpOK, udpTotal,
+		"udp table full", full, "out of file descriptors", outOfFDs)
+	if p := peak.Load(); p == 0 || p >= fdLimit-16 {
+		t.Errorf("netstackd's peak descriptors %d, want some, and below the %d limit with room to spare", p, fdLimit)
+	}
+	if full == 0 {
+		t.Errorf("no warning that the UDP table was full: did the flood reach the cap?")
+	}
+	// One line per 10 s period at most, however many sources were refused.
+	if maxLines := int(floodFor/(10*time.Second)) + 2; full > maxLines || outOfFDs > maxLines {
+		t.Errorf("%d table-full and %d out-of-descriptor warnings in %v, want at most %d each", full, outOfFDs, floodFor, maxLines)
+	}
+	if !regexp.MustCompile(`udp table full[^\n]*suppressed=\d+`).MatchString(log) && full > 1 {
+		t.Errorf("the repeated table-full warning does not count the suppressed ones")
+	}
+}
+
+// startNetstackdLimited is startNetstackd with the open-file limit set to
+// nofile, soft and hard, so that netstackd cannot raise it.
+func startNetstackdLimited(t *testing.T, tp *netnstest.Topology, nofile uint64, extra ...string) *netnstest.Process {
+	t.Helper()
+	args := append([]string{netstackdBin, "--netns", tp.Client.Path, "--log-level", "info"}, extra...)
+	p := tp.Daemon.StartLimited(t, nofile, args...)
+	ctx := netnstest.TestContext(t, 20*time.Second)
+	err := netnstest.Poll(ctx, 20*time.Millisecond, func() (bool, error) {
+		select {
+		case <-p.Done():
+			return false, errors.New("netstackd exited")
+		default:
+		}
+		return tp.Client.HasDefaultRoute(ctx, false, tunName)
+	})
+	if err != nil {
+		t.Fatalf("netstackd not ready: %v\n%s", err, p.Log())
+	}
+	return p
+}
+
+// loggedInt is the value of key in netstackd's "open files" line.
+func loggedInt(t *testing.T, p *netnstest.Process, key string) int {
+	t.Helper()
+	m := regexp.MustCompile(`msg="open files".* ` + key + `=(\d+)`).FindStringSubmatch(p.Log())
+	if m == nil {
+		t.Fatalf("no %s in netstackd's \"open files\" line:\n%s", key, p.Log())
+	}
+	var n int
+	fmt.Sscan(m[1], &n)
+	return n
+}
+
+// countFDs is the number of descriptors process pid holds; 0 if unknown.
+func countFDs(pid int) int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return 0
+	}
+	return len(ents)
+}
+
+// udpRoundTrip sends msg from c to dst and waits for the echo, a few tries.
+func udpRoundTrip(c net.PacketConn, dst netip.AddrPort, msg string) error {
+	buf := make([]byte, 512)
+	for range 3 {
+		if _, err := c.WriteTo([]byte(msg), net.UDPAddrFromAddrPort(dst)); err != nil {
+			return err
+		}
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		for {
+			n, _, err := c.ReadFrom(buf)
+			if err != nil {
+				break // timed out: send again
+			}
+			if string(buf[:n]) == msg {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("no echo of %q from %s", msg, dst)
+}
+
+// tcpEcho connects through netstackd to an echo server and round-trips a
+// line.
+func tcpEcho(t *testing.T, tp *netnstest.Topology, dst netip.AddrPort) error {
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	c, err := tp.Client.DialContext(ctx, "tcp", dst.String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	msg := []byte("hello through the flood\n")
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return fmt.Errorf("read echo: %w", err)
+	}
+	if string(got) != string(msg) {
+		return fmt.Errorf("echo %q, want %q", got, msg)
+	}
+	return nil
+}
