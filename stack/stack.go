@@ -206,14 +206,16 @@ type Stack struct {
 	helpers sync.WaitGroup
 
 	flowSlots chan struct{}
-	// Warnings a client can trigger (issue 19), one line per period each.
-	warnFlowLimit, warnFDs ratelog.Limiter
-	flowSeq                atomic.Uint64
-	dnsSlots               chan struct{} // DNS queries over UDP being answered
+	flowSeq   atomic.Uint64
+	dnsSlots  chan struct{} // DNS queries over UDP being answered
 	// droppedDNS counts queries dropped: too many at once, or an answer
 	// too large for the link.
 	droppedDNS atomic.Uint64
 	closeOnce  sync.Once
+
+	// Lines a client can trigger at will (issue 19), one per period
+	// each: flows beyond MaxFlows, descriptors exhausted, flows refused.
+	warnFlowLimit, warnFDs, logRefused ratelog.Limiter
 
 	done    chan struct{} // closed when the stack stops serving
 	doneErr error         // why, set before done is closed; nil after Close

@@ -81,7 +81,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	}
 	address, release, err := st.upstreamAddress(dst)
 	if err != nil {
-		log.log(slog.LevelInfo, "refusing flow", "err", err)
+		st.logRefused.Log(st.log, slog.LevelInfo, "refusing flow", "src", client, "dst", dst, "err", err)
 		req.Complete(true)
 		return
 	}

@@ -37,6 +37,10 @@ func TestPlanFDs(t *testing.T) {
 		// Below the reserve every table keeps one slot: a 0 would mean
 		// stack's default.
 		{name: "tiny", d: direct, limit: 32, tcp: 1, udp: 1, ping: 1},
+		// The smallest limit at which every table keeps its default
+		// (docs/architecture.md says "about 83,000"), and one below.
+		{name: "defaults-threshold", d: direct, limit: 83265, tcp: 65536, udp: 16384, ping: 1024, dnsN: 256},
+		{name: "below-threshold", d: direct, limit: 83264, tcp: 65535, udp: 16384, ping: 1024, dnsN: 256},
 		{name: "huge-limit", d: direct, limit: 1 << 40, tcp: 65536, udp: 16384, ping: 1024, dnsN: 256},
 	}
 	for _, c := range cases {

@@ -121,13 +121,15 @@ func TestIntegrationFDExhaustion(t *testing.T) {
 		sampling.Wait()
 	}()
 
-	// The checks start once the flood has filled the table: netstackd
-	// says so.
+	// The checks start once the flood has filled the table, or (were the
+	// table not sized against the limit) the descriptors: netstackd says
+	// so.
 	ctx := netnstest.TestContext(t, 10*time.Second)
 	if err := netnstest.Poll(ctx, 20*time.Millisecond, func() (bool, error) {
-		return strings.Contains(d.Log(), "udp table full"), nil
+		log := d.Log()
+		return strings.Contains(log, "udp table full") || strings.Contains(log, "out of file descriptors"), nil
 	}); err != nil {
-		t.Fatalf("the flood never filled the udp table: %v\n%s", err, d.Log())
+		t.Fatalf("the flood filled neither the udp table nor the descriptors: %v\n%s", err, d.Log())
 	}
 	tcpOK, tcpTotal, dnsOK, dnsTotal, udpOK, udpTotal := 0, 0, 0, 0, 0, 0
 	for time.Now().Before(end) {
@@ -267,4 +269,23 @@ func tcpEcho(t *testing.T, tp *netnstest.Topology, dst netip.AddrPort) error {
 		return fmt.Errorf("echo %q, want %q", got, msg)
 	}
 	return nil
+}
+
+// TestIntegrationRunFileLimit checks the other side of the open-file limit:
+// netstackd serves with the soft limit raised (Go's runtime raises it to
+// hard-1 before main, and netstackd leaves it there, fdlimit.go), while the
+// program `netstackd run` starts gets the soft limit netstackd was given,
+// as it would have without netstackd. Calling Setrlimit in netstackd would
+// make the runtime stop restoring it, and the program would see 4095.
+func TestIntegrationRunFileLimit(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	r := runNetstackd(t, tp, []string{"prlimit", "--nofile=1024:4096", "--"},
+		"--dns", "off", "--log-level", "info", "--", "sh", "-c", "ulimit -Sn; ulimit -Hn")
+	if got := strings.Fields(r.Stdout); r.ExitCode != 0 || len(got) != 2 || got[0] != "1024" || got[1] != "4096" {
+		t.Errorf("the program's open-file limit, soft and hard = %q, want 1024 and 4096: %s", r.Stdout, r)
+	}
+	if !regexp.MustCompile(`msg="open files" limit=4095 hard=4096 `).MatchString(r.Stderr) {
+		t.Errorf("netstackd does not say it serves with the raised limit 4095 of 4096:\n%s", r.Stderr)
+	}
 }

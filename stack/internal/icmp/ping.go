@@ -29,10 +29,11 @@ import (
 // answers every echo request itself.
 
 const (
-	pingIdle    = 30 * time.Second
-	icmpEchoLen = 8 // type, code, checksum, identifier, sequence
-	headroom    = packet.Headroom
-	maxPacket   = 1 << 16
+	pingIdle     = 30 * time.Second
+	maxPingFlows = 1024 // the default of Config.Max
+	icmpEchoLen  = 8    // type, code, checksum, identifier, sequence
+	headroom     = packet.Headroom
+	maxPacket    = 1 << 16
 )
 
 // Writer carries packets built outside gVisor to the client: the stack's
@@ -91,7 +92,7 @@ type pingFlow struct {
 // New makes a Pinger.
 func New(cfg Config) *Pinger {
 	if cfg.Max <= 0 {
-		cfg.Max = 1024
+		cfg.Max = maxPingFlows
 	}
 	t := &Pinger{cfg: cfg, flows: make(map[pingKey]*pingFlow)}
 	t.ctx, t.cancel = context.WithCancel(context.Background())

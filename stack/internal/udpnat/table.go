@@ -55,21 +55,21 @@ type Names interface {
 
 // Config configures a Table. Every field but Names must be set.
 type Config struct {
-	Dialer  UDPDialer
-	Writer  Writer
-	Names   Names // nil: no fake addresses
-	Timeout time.Duration
-	Max     int
-	// EvictIdle is how long the least recently active association must
-	// have been silent for a new one to evict it when the table is full;
-	// a younger one stays and the new source's datagrams are dropped.
-	// 0 evicts it whatever its age.
-	EvictIdle   time.Duration
+	Dialer      UDPDialer
+	Writer      Writer
+	Names       Names // nil: no fake addresses
+	Timeout     time.Duration
+	Max         int
 	DialTimeout time.Duration
 	Log         *slog.Logger
 	// NextFlowID numbers the associations in logs, with the stack's other
 	// flows.
 	NextFlowID func() uint64
+	// EvictIdle is how long the least recently active association must
+	// have been silent for a new one to evict it when the table is full;
+	// a younger one stays and the new source's datagrams are dropped.
+	// 0 evicts it whatever its age.
+	EvictIdle time.Duration
 }
 
 const (
@@ -119,10 +119,7 @@ type Table struct {
 
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	refusedFull  atomic.Uint64 // datagrams from new sources dropped: table full
-
-	// Warnings a client can trigger, one line per period each.
-	warnFull, warnFailed, warnFDs ratelog.Limiter
-	droppedBig                    atomic.Uint64 // replies too large for the link MTU
+	droppedBig   atomic.Uint64 // replies too large for the link MTU
 
 	// Batched I/O on kernel sockets (batch.go).
 	tx           udpTx
@@ -134,6 +131,9 @@ type Table struct {
 	recvCalls    atomic.Uint64 // recvmmsg calls that returned datagrams or an error
 	received     atomic.Uint64 // datagrams they returned
 	rxHeld       atomic.Int64  // receive batches borrowed now
+
+	// Lines a client can trigger at will (issue 19), one per period each.
+	warnFull, warnFailed, warnFDs, logNoName ratelog.Limiter
 }
 
 // udpAssoc is one client source's association.
@@ -380,7 +380,7 @@ func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 		if d == nil {
 			hostport, release, err := names.Lookup(dst)
 			if err != nil {
-				a.log.Info("dropping datagram", "dst", dst, "err", err)
+				a.t.logNoName.Log(a.log, slog.LevelInfo, "dropping datagram", "dst", dst, "err", err)
 				return
 			}
 			d = &fakeDest{fake: dst, hostport: hostport, release: release}
