@@ -179,8 +179,12 @@ func sizeTables(opts *options, up *upstream, log *slog.Logger) (origSoft uint64)
 	d.ping = direct
 	b := planFDs(d)
 	opts.maxFlows, opts.maxUDPFlows, opts.maxPingFlows = b.maxFlows, b.maxUDPFlows, b.maxPingFlows
-	log.Info("open files", "limit", soft, "hard", hard, "raised_from", orig, "reserve", b.reserve, "dns", b.dns,
-		"max_flows", b.maxFlows, "max_udp_flows", b.maxUDPFlows, "max_ping_flows", b.maxPingFlows)
+	attrs := []any{"limit", soft, "hard", hard, "reserve", b.reserve, "dns", b.dns,
+		"max_flows", b.maxFlows, "max_udp_flows", b.maxUDPFlows, "max_ping_flows", b.maxPingFlows}
+	if orig != 0 {
+		attrs = append(attrs, "raised_from", orig)
+	}
+	log.Info("open files", attrs...)
 	if b.capped != "" {
 		log.Warn(b.capped)
 	}
