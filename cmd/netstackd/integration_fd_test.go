@@ -297,3 +297,75 @@ func TestIntegrationRunFileLimit(t *testing.T) {
 		t.Errorf("netstackd does not say it serves with the raised limit 4095 of 4096:\n%s", r.Stderr)
 	}
 }
+
+// TestIntegrationFDExhaustionTCP holds more TCP flows open than the
+// open-file limit leaves room for: netstackd admits exactly its max_flows,
+// resets the rest at once, stays below the limit, and says so in a line or
+// two, not one per flow.
+func TestIntegrationFDExhaustionTCP(t *testing.T) {
+	requireBinary(t)
+	const over = 50 // flows beyond the cap
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil || lim.Cur < 3*fdLimit {
+		t.Skipf("the test holds both ends of about %d flows: open-file limit %d (%v)", fdLimit, lim.Cur, err)
+	}
+	tp := netnstest.New(t)
+	srv := tp.StartServers(t)
+	d := startNetstackdLimited(t, tp, fdLimit, "--dns", "off")
+	maxFlows := loggedInt(t, d, "max_flows")
+	if maxFlows <= 0 || maxFlows >= fdLimit {
+		t.Fatalf("max_flows %d with a %d limit, want a cap below it", maxFlows, fdLimit)
+	}
+
+	echoAt := netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.EchoPort)
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	admitted, refused, peak := 0, 0, 0
+	for i := range maxFlows + over {
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		c, err := tp.Client.DialContext(ctx, "tcp", echoAt.String())
+		cancel()
+		if err != nil {
+			// Reset in reply to the SYN: connection refused.
+			refused++
+			continue
+		}
+		conns = append(conns, c)
+		// Each admitted flow carries bytes: a flow that only looked open
+		// would not echo.
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		msg := fmt.Appendf(nil, "flow %d\n", i)
+		got := make([]byte, len(msg))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("flow %d: write: %v", i, err)
+		}
+		if _, err := io.ReadFull(c, got); err != nil {
+			t.Fatalf("flow %d: no echo: %v", i, err)
+		}
+		admitted++
+		if i%50 == 0 {
+			peak = max(peak, countFDs(d.PID()))
+		}
+	}
+	peak = max(peak, countFDs(d.PID()))
+	log := d.Log()
+	limitLines := strings.Count(log, "flow limit reached")
+	t.Logf("max_flows %d: %d flows admitted, %d refused; netstackd's peak descriptors %d of %d; server holds %d; %d flow-limit lines",
+		maxFlows, admitted, refused, peak, fdLimit, srv.OpenConns(), limitLines)
+	if admitted != maxFlows || refused != over {
+		t.Errorf("%d flows admitted and %d refused, want %d and %d", admitted, refused, maxFlows, over)
+	}
+	if peak >= fdLimit-16 {
+		t.Errorf("netstackd's peak descriptors %d, want below the %d limit with room to spare", peak, fdLimit)
+	}
+	if limitLines < 1 || limitLines > 2 {
+		t.Errorf("%d flow-limit warnings for %d refused flows, want 1 or 2", limitLines, over)
+	}
+	if strings.Contains(log, "out of file descriptors") {
+		t.Errorf("netstackd ran out of descriptors:\n%s", log)
+	}
+}
