@@ -46,11 +46,25 @@ func TestIntegrationFDExhaustion(t *testing.T) {
 	echo4 := netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.UDPEchoPort)
 	tp.StartUDPEcho(t, echo4)
 	tp.StartDnsmasq(t, netnstest.ServerIPv4, map[string]netip.Addr{dnsName: dnsNameAddr})
+	dante := netip.AddrPortFrom(netnstest.ServerIPv4, udpDantePort)
+	tp.StartDanteUDP(t, dante)
 
 	// Remote mode: every query the stack answers costs a TCP connection
 	// to the upstream, the case where DNS needs descriptors of its own.
-	d := startNetstackdLimited(t, tp, fdLimit, "--dns", "remote",
-		"--dns-upstream", netip.AddrPortFrom(netnstest.ServerIPv4, 53).String())
+	dnsArgs := []string{"--dns", "remote", "--dns-upstream", netip.AddrPortFrom(netnstest.ServerIPv4, 53).String()}
+	t.Run("direct", func(t *testing.T) { testUDPFlood(t, tp, echo4, dnsArgs...) })
+	// Through SOCKS5 an association costs two descriptors, the UDP
+	// socket and the control connection: half as many fit.
+	t.Run("dante", func(t *testing.T) {
+		testUDPFlood(t, tp, echo4, append([]string{"--proxy", "socks5://" + dante.String()}, dnsArgs...)...)
+	})
+}
+
+// testUDPFlood starts netstackd with args and a 1,024 open-file limit, and
+// floods UDP to echo4 from floodSources ports while it checks that TCP, DNS
+// and an association opened before keep working.
+func testUDPFlood(t *testing.T, tp *netnstest.Topology, echo4 netip.AddrPort, args ...string) {
+	d := startNetstackdLimited(t, tp, fdLimit, args...)
 	maxUDP := loggedInt(t, d, "max_udp_flows")
 	if maxUDP <= 0 || maxUDP >= floodSources {
 		t.Fatalf("max_udp_flows %d with a %d limit, want a cap well below %d sources", maxUDP, fdLimit, floodSources)
