@@ -53,7 +53,7 @@ func (st *Stack) ServeInbound(c net.Conn, dst netip.AddrPort) {
 		return
 	}
 	if !st.takeFlowSlot() {
-		st.log.Warn("flow limit reached, resetting published connection", "max_flows", st.cfg.MaxFlows, "src", c.RemoteAddr().String(), "dst", dst)
+		st.warnFlowLimit.Warn(st.log, "flow limit reached, resetting new flows", "max_flows", st.cfg.MaxFlows, "src", c.RemoteAddr().String(), "dst", dst, "via", "publish")
 		tcprelay.ResetConn(c)
 		st.flows.Done()
 		return

@@ -44,6 +44,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 
 	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack/internal/gverr"
 	"github.com/netstackd/netstackd/stack/internal/icmp"
 	"github.com/netstackd/netstackd/stack/internal/inbound"
@@ -95,9 +96,15 @@ type Config struct {
 	UDP UDPDialer
 	// UDPTimeout ends a UDP association idle this long. 0 means 60s.
 	UDPTimeout time.Duration
-	// MaxUDPFlows caps UDP associations; beyond it the least recently active
-	// one is evicted. 0 means 16384.
+	// MaxUDPFlows caps UDP associations, each an upstream socket; beyond
+	// it the least recently active one is evicted if it has been silent
+	// for 10s (udpEvictIdle), else the new source's datagrams are
+	// dropped until one is. 0 means 16384.
 	MaxUDPFlows int
+	// MaxPingFlows caps the ping sockets of ForwardPing, one per client,
+	// destination and identifier; beyond it new ones are dropped. 0 means
+	// 1024.
+	MaxPingFlows int
 	// DNS, when set, answers every UDP and TCP flow to port 53, whatever
 	// its destination, so no query from a client leaves unless DNS sends it.
 	DNS DNS
@@ -132,6 +139,9 @@ type Config struct {
 	// value is netstackd's measured defaults (tcp_options.go).
 	TCP TCPOptions
 
+	// udpEvictIdle overrides udpEvictIdle for tests; negative evicts
+	// the least recently active association whatever its age.
+	udpEvictIdle time.Duration
 	// parkAfter is how long an upstream socket stays quiet before its
 	// flow parks it (internal/tcprelay); tests shorten it. 0 means 2s.
 	parkAfter time.Duration
@@ -156,6 +166,12 @@ func (c *Config) setDefaults() {
 	if c.MaxUDPFlows <= 0 {
 		c.MaxUDPFlows = 16384
 	}
+	if c.MaxPingFlows <= 0 {
+		c.MaxPingFlows = 1024
+	}
+	if c.udpEvictIdle == 0 {
+		c.udpEvictIdle = udpEvictIdle
+	}
 	if c.HalfCloseIdle <= 0 {
 		c.HalfCloseIdle = 2 * time.Minute
 	}
@@ -165,6 +181,13 @@ func (c *Config) setDefaults() {
 }
 
 const nicID = 1
+
+// udpEvictIdle is how long the least recently active UDP association must
+// have been silent for a new source to take its place in a full table
+// (udpnat.Config.EvictIdle): long enough that request/response exchanges
+// and media streams keep their mapping under a flood of new sources, short
+// enough that a one-off sweep of source ports stops blocking new ones soon.
+const udpEvictIdle = 10 * time.Second
 
 // timeWait is how long a flow closed by our side first keeps its 4-tuple.
 const timeWait = time.Second
@@ -198,6 +221,10 @@ type Stack struct {
 	// too large for the link.
 	droppedDNS atomic.Uint64
 	closeOnce  sync.Once
+
+	// Lines a client can trigger at will (issue 19), one per period
+	// each: flows beyond MaxFlows, descriptors exhausted, flows refused.
+	warnFlowLimit, warnFDs, logRefused ratelog.Limiter
 
 	done    chan struct{} // closed when the stack stops serving
 	doneErr error         // why, set before done is closed; nil after Close
@@ -275,11 +302,13 @@ func New(cfg Config) (*Stack, error) {
 		st.udp = udpnat.New(st.ctx, udpnat.Config{
 			Dialer: cfg.UDP, Writer: st.link, Names: st.fakeNames(),
 			Timeout: cfg.UDPTimeout, Max: cfg.MaxUDPFlows, DialTimeout: cfg.DialTimeout,
-			Log: st.log, NextFlowID: st.nextFlowID,
+			EvictIdle: max(cfg.udpEvictIdle, 0),
+			Log:       st.log, NextFlowID: st.nextFlowID,
 		})
 	}
 	st.ping = icmp.New(icmp.Config{
 		Writer: st.link, Forward: cfg.ForwardPing, Control: cfg.PingControl, Refuse: cfg.Refuse,
+		Max: cfg.MaxPingFlows,
 		Log: st.log, NextFlowID: st.nextFlowID,
 	})
 	st.link.Start()

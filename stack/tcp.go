@@ -2,6 +2,7 @@ package stack
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack/internal/gverr"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 	"github.com/netstackd/netstackd/stack/internal/tcprelay"
@@ -64,7 +66,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	log := flowLogger{base: st.log, seq: st.nextFlowID(), src: client, dst: dst}
 
 	if !st.takeFlowSlot() {
-		log.log(slog.LevelWarn, "flow limit reached, resetting", "max_flows", st.cfg.MaxFlows)
+		st.warnFlowLimit.Warn(st.log, "flow limit reached, resetting new flows", "max_flows", st.cfg.MaxFlows, "src", client, "dst", dst)
 		req.Complete(true)
 		return
 	}
@@ -80,8 +82,13 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	}
 	address, release, err := st.upstreamAddress(dst)
 	if err != nil {
-		// Debug: any client can trigger it; Config.Refuse's owner counts.
-		log.log(slog.LevelDebug, "refusing flow", "err", err)
+		var own errRefusedDst
+		if errors.As(err, &own) {
+			// Config.Refuse's owner counts and reports these.
+			log.log(slog.LevelDebug, "refusing flow", "err", err)
+		} else {
+			st.logRefused.Log(st.log, slog.LevelInfo, "refusing flow", "src", client, "dst", dst, "err", err)
+		}
 		req.Complete(true)
 		return
 	}
@@ -97,7 +104,11 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	}
 	upstream, ep, err := open(req, &wq, address)
 	if err != nil {
-		log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
+		if ratelog.IsFDExhaustion(err) {
+			st.warnFDs.Warn(st.log, "out of file descriptors: resetting new flows", "src", client, "dst", dst, "err", err)
+		} else {
+			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
+		}
 		return
 	}
 	ep.SocketOptions().SetKeepAlive(true)

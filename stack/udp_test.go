@@ -184,7 +184,7 @@ func TestUDPIdleTimeout(t *testing.T) {
 
 func TestUDPTableBounded(t *testing.T) {
 	d := &loopbackUDP{}
-	p := newPeer(t, Config{UDP: d, MaxUDPFlows: 4})
+	p := newPeer(t, Config{UDP: d, MaxUDPFlows: 4, udpEvictIdle: -1}) // every newcomer evicts
 	dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), udpEcho(t))
 	for i := range 12 {
 		c := p.udpClient(t)
@@ -192,6 +192,44 @@ func TestUDPTableBounded(t *testing.T) {
 		if n := p.st.udpFlows(); n > 4 {
 			t.Fatalf("%d associations, want at most 4", n)
 		}
+	}
+}
+
+// TestUDPTableFullDropsNewSources is issue 19's flood in small: with the
+// table full of associations active just now, a new source's datagrams
+// are dropped (no association, no echo) and the established ones keep
+// working.
+func TestUDPTableFullDropsNewSources(t *testing.T) {
+	d := &loopbackUDP{}
+	p := newPeer(t, Config{UDP: d, MaxUDPFlows: 4})
+	dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), udpEcho(t))
+	var clients []*gonet.UDPConn
+	for i := range 4 {
+		c := p.udpClient(t)
+		roundTrip(t, c, dst, fmt.Appendf(nil, "client %d", i))
+		clients = append(clients, c)
+	}
+	late := p.udpClient(t)
+	for range 3 {
+		if _, err := late.WriteTo([]byte("let me in"), net.UDPAddrFromAddrPort(dst)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	late.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, _, err := late.ReadFrom(make([]byte, 100)); !isTimeout(err) {
+		t.Fatalf("new source in a full table: read %d bytes, %v; want nothing", n, err)
+	}
+	for i, c := range clients {
+		roundTrip(t, c, dst, fmt.Appendf(nil, "still here %d", i))
+	}
+	if n := p.st.udp.Stats().RefusedFull; n != 3 {
+		t.Errorf("RefusedFull %d, want 3", n)
+	}
+	if n := p.st.udpFlows(); n != 4 {
+		t.Errorf("%d associations, want 4", n)
+	}
+	if n := d.opened.Load(); n != 4 {
+		t.Errorf("opened %d upstream sockets, want 4", n)
 	}
 }
 

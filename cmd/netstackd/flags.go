@@ -54,6 +54,12 @@ type options struct {
 	user          *userSpec      // --user: switch to it once set up; nil: stay
 	allowLoopback bool           // --allow-host-loopback: direct flows may reach netstackd's own loopback
 	tcp           stack.TCPOptions
+
+	// The open-file limit's say (fdlimit.go).
+	maxFlowsSet  bool   // --max-flows given: a lower limit caps it with a warning
+	maxUDPFlows  int    // sized against the limit at start; 0: stack's default
+	maxPingFlows int    // likewise
+	nofileSoft   uint64 // run's program gets this soft limit back; 0: Go's runtime restores it
 }
 
 // The values of --tcp-handshake.
@@ -273,6 +279,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		fmt.Fprintln(usageOut, version())
 		return nil, errVersion
 	}
+	fs.Visit(func(f *flag.Flag) { o.maxFlowsSet = o.maxFlowsSet || f.Name == "max-flows" })
 	if runMode {
 		if fs.NArg() == 0 {
 			return nil, errors.New("run: no command (netstackd run [flags] -- CMD ARGS)")

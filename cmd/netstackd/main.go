@@ -116,6 +116,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		stopProbe()
 		probing.Wait()
 	}()
+	opts.nofileSoft = sizeTables(opts, up, log)
 	dnsDialer := dialer
 	if _, ok := dialer.(proxy.Direct); ok {
 		// The DNS upstream is the operator's choice, and often on
@@ -194,6 +195,8 @@ func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.S
 		Refuse:        up.refuse,
 		Logger:        log,
 		MaxFlows:      opts.maxFlows,
+		MaxUDPFlows:   opts.maxUDPFlows,
+		MaxPingFlows:  opts.maxPingFlows,
 		DialTimeout:   opts.dialTimeout,
 		AcceptFirst:   opts.acceptFirst,
 		HalfCloseIdle: opts.halfCloseIdle,

@@ -9,7 +9,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack"
 )
 
@@ -90,12 +92,15 @@ type publisher struct {
 	pspecs []publishSpec // of pcs
 	wg     sync.WaitGroup
 	once   sync.Once
+	done   chan struct{} // closed by close: ends an accept loop's back-off
+
+	warnFDs ratelog.Limiter // accepts failing for want of descriptors
 }
 
 // listenPublished opens every listener and socket before anything else
 // starts, so a port already in use fails start-up with a clear error.
 func listenPublished(specs []publishSpec, target netip.Addr, log *slog.Logger) (*publisher, error) {
-	p := &publisher{log: log, target: target}
+	p := &publisher{log: log, target: target, done: make(chan struct{})}
 	for _, s := range specs {
 		if s.udp {
 			pc, err := net.ListenPacket("udp", s.host.String())
@@ -138,8 +143,23 @@ func (p *publisher) serve(st *stack.Stack) {
 }
 
 func (p *publisher) acceptLoop(ln net.Listener, st *stack.Stack, dst netip.AddrPort) {
+	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
+		if ratelog.IsFDExhaustion(err) {
+			// The connection waits in the backlog: try again once
+			// flows have ended, backing off as net/http's Server does,
+			// rather than stop publishing for good.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			p.warnFDs.Warn(p.log, "out of file descriptors: published port not accepting for now", "listen", ln.Addr().String(), "err", err)
+			select {
+			case <-time.After(backoff):
+				continue
+			case <-p.done:
+				return
+			}
+		}
+		backoff = 0
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				p.log.Warn("published port stopped accepting", "listen", ln.Addr().String(), "err", err)
@@ -152,6 +172,7 @@ func (p *publisher) acceptLoop(ln net.Listener, st *stack.Stack, dst netip.AddrP
 
 func (p *publisher) close() {
 	p.once.Do(func() {
+		close(p.done)
 		for _, ln := range p.lns {
 			ln.Close()
 		}

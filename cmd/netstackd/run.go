@@ -48,6 +48,10 @@ type childConfig struct {
 	// Path is the program to exec, found by the parent (lookCommand).
 	Path    string   `json:"path"`
 	Command []string `json:"command"` // its argv
+	// NofileSoft is the soft open-file limit to exec the program with
+	// when netstackd raised its own (fdlimit.go); 0 leaves it to Go's
+	// runtime, which restores the original.
+	NofileSoft uint64 `json:"nofile_soft,omitzero"`
 }
 
 // runCommand is the parent side of `netstackd run`. It returns the exit
@@ -80,7 +84,7 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	childEnd := os.NewFile(uintptr(fds[1]), "run-child")
 	defer parentEnd.Close()
 
-	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command}
+	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command, NofileSoft: opts.nofileSoft}
 	if opts.dnsMode != "off" {
 		cfg.DNS = opts.dnsAddr
 	}
@@ -367,6 +371,13 @@ func runChild(blob string) int {
 	for _, kv := range os.Environ() {
 		if len(kv) < len(childEnv)+1 || kv[:len(childEnv)+1] != childEnv+"=" {
 			env = append(env, kv)
+		}
+	}
+	if cfg.NofileSoft > 0 {
+		var lim unix.Rlimit
+		if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err == nil {
+			lim.Cur = min(cfg.NofileSoft, lim.Max)
+			_ = unix.Setrlimit(unix.RLIMIT_NOFILE, &lim) // at worst the program gets our raised limit
 		}
 	}
 	err = syscall.Exec(cfg.Path, cfg.Command, env)

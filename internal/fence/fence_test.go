@@ -53,6 +53,7 @@ var rules = []rule{
 		"gvisor.dev/gvisor",
 		"golang.org/x/sys",
 		module + "/internal/device",
+		module + "/internal/ratelog",
 		module + "/stack/internal",
 	}},
 	// The pieces of stack (link, tcprelay, udpnat, inbound, icmp...) may
@@ -61,6 +62,7 @@ var rules = []rule{
 		"gvisor.dev/gvisor",
 		"golang.org/x/sys",
 		module + "/internal/device",
+		module + "/internal/ratelog",
 		module + "/stack/internal/packet",
 		module + "/stack/internal/gverr",
 	}},
@@ -86,6 +88,8 @@ var rules = []rule{
 		module + "/stack",
 	}},
 	{pkg: module + "/internal/fence"},
+	// Rate-limited logging for stack and cmd: the standard library only.
+	{pkg: module + "/internal/ratelog"},
 }
 
 // matches reports whether the import path path matches pattern, an exact

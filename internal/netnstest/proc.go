@@ -45,6 +45,21 @@ var procSeq atomic.Int64
 // skips t when missing; any other fails it.
 func (n Netns) Start(t testing.TB, args ...string) *Process {
 	t.Helper()
+	return n.start(t, nil, args)
+}
+
+// StartLimited is Start with the program's open-file limit, soft and hard,
+// set to nofile by prlimit(1), which execs it: a Go program keeps that limit
+// (the runtime raises only a soft limit below the hard one).
+func (n Netns) StartLimited(t testing.TB, nofile uint64, args ...string) *Process {
+	t.Helper()
+	RequireCommand(t, "prlimit", "util-linux")
+	return n.start(t, []string{"prlimit", fmt.Sprintf("--nofile=%d:%d", nofile, nofile), "--"}, args)
+}
+
+// start runs wrapper, which must exec args, or args alone.
+func (n Netns) start(t testing.TB, wrapper, args []string) *Process {
+	t.Helper()
 	requireKnown(t, args[0])
 	prog, err := exec.LookPath(args[0])
 	if err != nil {
@@ -75,7 +90,7 @@ func (n Netns) Start(t testing.TB, args ...string) *Process {
 	}
 	var ctx context.Context
 	ctx, p.cancel = context.WithTimeout(context.Background(), life)
-	p.cmd = n.Command(ctx, args...)
+	p.cmd = n.Command(ctx, append(wrapper, args...)...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	p.cmd.WaitDelay = time.Second

@@ -19,6 +19,7 @@ var debianPackages = map[string]string{
 	"jq":         "jq",
 	"microsocks": "microsocks",
 	"ping":       "iputils-ping",
+	"prlimit":    "util-linux",
 	"setpriv":    "util-linux",
 	"socat":      "socat",
 	"ss":         "iproute2",

@@ -18,6 +18,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
@@ -30,8 +31,8 @@ import (
 
 const (
 	pingIdle     = 30 * time.Second
-	maxPingFlows = 1024
-	icmpEchoLen  = 8 // type, code, checksum, identifier, sequence
+	maxPingFlows = 1024 // the default of Config.Max
+	icmpEchoLen  = 8    // type, code, checksum, identifier, sequence
 	headroom     = packet.Headroom
 	maxPacket    = 1 << 16
 )
@@ -55,7 +56,9 @@ type Config struct {
 	Control func(network, address string, c syscall.RawConn) error
 	// Refuse, if not nil, names destinations no ping socket may send to
 	// (netstackd's own addresses): their echo requests are answered here.
-	Refuse     func(netip.Addr) bool
+	Refuse func(netip.Addr) bool
+	// Max caps the ping sockets open at once; 0 means 1024.
+	Max        int
 	Log        *slog.Logger
 	NextFlowID func() uint64
 }
@@ -80,6 +83,8 @@ type Pinger struct {
 	flows  map[pingKey]*pingFlow
 	closed bool
 	wg     sync.WaitGroup
+
+	warnFDs ratelog.Limiter
 }
 
 type pingFlow struct {
@@ -92,6 +97,9 @@ type pingFlow struct {
 
 // New makes a Pinger.
 func New(cfg Config) *Pinger {
+	if cfg.Max <= 0 {
+		cfg.Max = maxPingFlows
+	}
 	t := &Pinger{cfg: cfg, flows: make(map[pingKey]*pingFlow)}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.disabled.Store(!cfg.Forward)
@@ -125,7 +133,11 @@ func (t *Pinger) forward(src, dst netip.Addr, msg []byte) bool {
 			}
 			return true
 		}
-		t.cfg.Log.Debug("ping socket", "err", err)
+		if ratelog.IsFDExhaustion(err) {
+			t.warnFDs.Warn(t.cfg.Log, "out of file descriptors: echo request dropped", "src", src, "dst", dst, "err", err)
+		} else {
+			t.cfg.Log.Debug("ping socket", "err", err)
+		}
 		return true
 	}
 	if f == nil {
@@ -148,7 +160,7 @@ func (t *Pinger) lookup(key pingKey) (*pingFlow, error) {
 	if f, ok := t.flows[key]; ok {
 		return f, nil
 	}
-	if len(t.flows) >= maxPingFlows {
+	if len(t.flows) >= t.cfg.Max {
 		return nil, errors.New("too many ping flows")
 	}
 	network := "udp4"

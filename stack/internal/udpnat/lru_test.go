@@ -58,7 +58,7 @@ func (l *lruTable) replied(a *udpAssoc, at time.Duration) {
 func (l *lruTable) evict(t *testing.T) int {
 	t.Helper()
 	before := len(l.t.assocs)
-	l.t.evictOldestLocked()
+	l.t.evictOldestLocked(time.Now().UnixNano())
 	if len(l.t.assocs) != before-1 {
 		t.Fatalf("%d associations after an eviction, want %d", len(l.t.assocs), before-1)
 	}
@@ -164,4 +164,45 @@ func TestEvictionOrder(t *testing.T) {
 			t.Errorf("%d associations, want %d", got, n-1)
 		}
 	})
+}
+
+// TestEvictIdle checks the full table's choice under a flood of new
+// sources (issue 19): an association active within EvictIdle is kept and
+// the newcomer refused; once the oldest has been silent that long it is
+// evicted as before.
+func TestEvictIdle(t *testing.T) {
+	const idle = 10 * time.Second
+	cases := []struct {
+		name      string
+		oldestAge time.Duration // how long ago the least recently active one was
+		wantEvict bool
+	}{
+		{name: "active-kept", oldestAge: time.Second, wantEvict: false},
+		{name: "just-under", oldestAge: idle - time.Millisecond, wantEvict: false},
+		{name: "idle-evicted", oldestAge: idle, wantEvict: true},
+		{name: "long-idle-evicted", oldestAge: time.Minute, wantEvict: true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			l := newLRUTable(t, 3)
+			l.t.cfg.EvictIdle = idle
+			// newLRUTable lists them a millisecond apart from base: 0
+			// is the oldest.
+			now := l.base + int64(c.oldestAge)
+			got := l.t.evictOldestLocked(now)
+			if got != c.wantEvict {
+				t.Fatalf("evicted %v, want %v", got, c.wantEvict)
+			}
+			want := 3
+			if c.wantEvict {
+				want = 2
+				if _, ok := l.t.assocs[l.assocs[0].client]; ok {
+					t.Errorf("evicted, but not the oldest")
+				}
+			}
+			if n := len(l.t.assocs); n != want {
+				t.Errorf("%d associations, want %d", n, want)
+			}
+		})
+	}
 }

@@ -21,6 +21,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
@@ -64,6 +65,11 @@ type Config struct {
 	// NextFlowID numbers the associations in logs, with the stack's other
 	// flows.
 	NextFlowID func() uint64
+	// EvictIdle is how long the least recently active association must
+	// have been silent for a new one to evict it when the table is full;
+	// a younger one stays and the new source's datagrams are dropped.
+	// 0 evicts it whatever its age.
+	EvictIdle time.Duration
 }
 
 const (
@@ -112,6 +118,7 @@ type Table struct {
 	wg     sync.WaitGroup // one per association
 
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
+	refusedFull  atomic.Uint64 // datagrams from new sources dropped: table full
 	droppedBig   atomic.Uint64 // replies too large for the link MTU
 
 	// Batched I/O on kernel sockets (batch.go).
@@ -124,6 +131,9 @@ type Table struct {
 	recvCalls    atomic.Uint64 // recvmmsg calls that returned datagrams or an error
 	received     atomic.Uint64 // datagrams they returned
 	rxHeld       atomic.Int64  // receive batches borrowed now
+
+	// Lines a client can trigger at will (issue 19), one per period each.
+	warnFull, warnFailed, warnFDs, logNoName ratelog.Limiter
 }
 
 // udpAssoc is one client source's association.
@@ -174,7 +184,12 @@ func New(ctx context.Context, cfg Config) *Table {
 
 // Send carries one datagram from client to dst, opening the client's
 // association if it has none; it reports false when it cannot (the table
-// is closed), for the caller to refuse the datagram. quote gives the start
+// is closed), for the caller to refuse the datagram. A datagram from a new
+// source that a full table cannot take (Config.EvictIdle) is dropped and
+// counted, as a NAT whose table is full drops: the client retries, and gets
+// in once an association idles out. An ICMP error instead would fail its
+// connected socket for good, and would cost a packet for every one a flood
+// sends. quote gives the start
 // of the client's packet, kept for ICMP errors. With batched, the caller is
 // a device dispatcher, and a datagram for a kernel socket may wait in the
 // send queue until the end of its read (Flush).
@@ -182,7 +197,13 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
-	a, created := t.lookup(client)
+	a, created, full := t.lookup(client)
+	if full {
+		n := t.refusedFull.Add(1)
+		t.warnFull.Warn(t.log, "udp table full of active associations: dropping datagrams from new sources",
+			"max", t.cfg.Max, "src", client, "dropped_total", n)
+		return true
+	}
 	if a == nil {
 		return false
 	}
@@ -195,20 +216,22 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 
 // lookup finds the association of a client source, creating it (and evicting
 // the least recently active one when the table is full) if there is none.
-func (t *Table) lookup(client netip.AddrPort) (*udpAssoc, bool) {
+// full reports a new source refused because no association could be
+// evicted (Config.EvictIdle).
+func (t *Table) lookup(client netip.AddrPort) (a *udpAssoc, created, full bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
-		return nil, false
+		return nil, false, false
 	}
 	if a, ok := t.assocs[client]; ok {
 		t.lru.moveToFront(a)
-		return a, false
+		return a, false, false
 	}
-	if len(t.assocs) >= t.cfg.Max {
-		t.evictOldestLocked()
+	if len(t.assocs) >= t.cfg.Max && !t.evictOldestLocked(time.Now().UnixNano()) {
+		return nil, false, true
 	}
-	a := &udpAssoc{
+	a = &udpAssoc{
 		t:      t,
 		client: client,
 		ready:  make(chan struct{}),
@@ -219,13 +242,23 @@ func (t *Table) lookup(client netip.AddrPort) (*udpAssoc, bool) {
 	t.assocs[client] = a
 	t.lru.pushFront(a)
 	t.wg.Go(a.run)
-	return a, true
+	return a, true, false
 }
 
-// evictOldestLocked ends the least recently active association. The list's
-// last one is the least recently used by its client; one that has had
-// replies since it was listed goes back to the front, a few at most.
-func (t *Table) evictOldestLocked() {
+// evictOldestLocked ends the least recently active association and reports
+// whether it did: not when that one was active less than Config.EvictIdle
+// before now (unix nanoseconds). The list's last one is the least recently
+// used by its client; one that has had replies since it was listed goes
+// back to the front, a few at most.
+//
+// Refusing rather than evicting an active association is what keeps a
+// client's established UDP traffic working while another floods the table
+// from thousands of source ports: under pure LRU each flood datagram from a
+// new port would evict the oldest entry, and the flood turns the whole
+// table over every few milliseconds. An association silent for EvictIdle
+// has most likely ended its exchange, and its source re-associates on its
+// next datagram. DNS to the stack never enters this table.
+func (t *Table) evictOldestLocked(now int64) bool {
 	for range maxSecondChances {
 		a := t.lru.back()
 		if a == nil || a.last.Load() <= a.listed+int64(relistAfter) {
@@ -235,11 +268,15 @@ func (t *Table) evictOldestLocked() {
 	}
 	oldest := t.lru.back()
 	if oldest == nil {
-		return
+		return true
+	}
+	if idle := t.cfg.EvictIdle; idle > 0 && now-oldest.last.Load() < int64(idle) {
+		return false
 	}
 	t.removeLocked(oldest)
 	oldest.log.Debug("udp table full, evicting the least recently active association", "max", t.cfg.Max)
 	oldest.abort()
+	return true
 }
 
 func (t *Table) remove(a *udpAssoc) {
@@ -267,7 +304,7 @@ func (t *Table) Close() {
 	t.wg.Wait()
 	t.log.Debug("udp totals", "sent", t.sent.Load(), "send_calls", t.sendCalls.Load(), "dropped_send", t.droppedSend.Load(),
 		"received", t.received.Load(), "recv_calls", t.recvCalls.Load(), "dropped_big", t.droppedBig.Load(),
-		"dropped_opening", t.droppedQueue.Load())
+		"dropped_opening", t.droppedQueue.Load(), "refused_full", t.refusedFull.Load())
 }
 
 func (a *udpAssoc) touch() { a.last.Store(time.Now().UnixNano()) }
@@ -343,7 +380,7 @@ func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 		if d == nil {
 			hostport, release, err := names.Lookup(dst)
 			if err != nil {
-				a.log.Info("dropping datagram", "dst", dst, "err", err)
+				a.t.logNoName.Log(a.log, slog.LevelInfo, "dropping datagram", "dst", dst, "err", err)
 				return
 			}
 			d = &fakeDest{fake: dst, hostport: hostport, release: release}
@@ -393,7 +430,11 @@ func (a *udpAssoc) run() {
 	a.mu.Unlock()
 
 	if err != nil {
-		a.log.Warn("udp association failed: datagrams from this source are refused", "err", err)
+		if ratelog.IsFDExhaustion(err) {
+			a.t.warnFDs.Warn(a.log, "out of file descriptors: udp association refused", "err", err)
+		} else {
+			a.t.warnFailed.Warn(a.log, "udp association failed: datagrams from this source are refused", "err", err)
+		}
 		for _, d := range pending {
 			a.send(d.dst, d.payload, false)
 		}
@@ -579,6 +620,7 @@ type Stats struct {
 	RecvCalls         uint64 // recvmmsg calls that returned datagrams or an error
 	DroppedBig        uint64 // replies too large for the link MTU
 	DroppedOpening    uint64 // datagrams dropped while an association opened
+	RefusedFull       uint64 // datagrams from new sources dropped: table full
 	RxBatchesBorrowed int64  // receive batches held right now
 }
 
@@ -587,7 +629,7 @@ func (t *Table) Stats() Stats {
 	return Stats{
 		Sent: t.sent.Load(), SendCalls: t.sendCalls.Load(), DroppedSend: t.droppedSend.Load(),
 		Received: t.received.Load(), RecvCalls: t.recvCalls.Load(),
-		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(),
+		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(), RefusedFull: t.refusedFull.Load(),
 		RxBatchesBorrowed: t.rxHeld.Load(),
 	}
 }
