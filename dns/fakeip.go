@@ -60,7 +60,7 @@ func (s *Server) answerFakeAddr(req *dns.Msg, name string) *dns.Msg {
 		// Recycling an address a client may still have cached would send
 		// its next connection to another name: refuse this name instead.
 		s.poolExhausted.Add(1)
-		s.warnPool.warn(s.log, s.now(), "fake-ip pool exhausted, answering SERVFAIL",
+		s.warnPool.Warn(s.log, "fake-ip pool exhausted, answering SERVFAIL",
 			"name", name, "qtype", dns.TypeToString[q.Qtype], "err", err)
 		return reply(req, dns.RcodeServerFailure)
 	}

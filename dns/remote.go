@@ -23,7 +23,7 @@ func (s *Server) forward(ctx context.Context, req *dns.Msg) *dns.Msg {
 		if ctx.Err() != nil || s.ctx.Err() != nil {
 			s.log.Debug("dns query abandoned", "name", q.Name, "err", err)
 		} else {
-			s.warnUpstream.warn(s.log, now, "dns upstream failed, answering SERVFAIL",
+			s.warnUpstream.Warn(s.log, "dns upstream failed, answering SERVFAIL",
 				"upstream", s.upstream, "name", q.Name, "err", err)
 		}
 		return reply(req, dns.RcodeServerFailure)

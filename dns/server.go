@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/netstackd/netstackd/internal/ratelog"
 )
 
 // Dialer reaches the upstream resolver: DNS over TCP through the proxy.
@@ -137,8 +139,8 @@ type Server struct {
 	sem      chan struct{} // forwarded queries in flight
 	now      func() time.Time
 
-	warnPool      limitedLog
-	warnUpstream  limitedLog
+	warnPool      ratelog.Limiter
+	warnUpstream  ratelog.Limiter
 	poolExhausted atomic.Uint64 // fake A and AAAA queries answered SERVFAIL
 
 	ctx       context.Context // cancelled by Close
@@ -153,12 +155,14 @@ type Server struct {
 // Config.Upstream or a nameserver in /etc/resolv.conf.
 func New(cfg Config) (*Server, error) {
 	s := &Server{
-		mode:         cfg.Mode,
-		log:          cfg.Logger,
-		now:          time.Now,
-		warnPool:     limitedLog{every: warnEvery},
-		warnUpstream: limitedLog{every: warnEvery},
+		mode: cfg.Mode,
+		log:  cfg.Logger,
+		now:  time.Now,
 	}
+	// Through a func, so that a test's clock set on s.now applies too.
+	clock := func() time.Time { return s.now() }
+	s.warnPool = ratelog.Limiter{Every: warnEvery, Now: clock}
+	s.warnUpstream = ratelog.Limiter{Every: warnEvery, Now: clock}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -553,31 +557,4 @@ func (s *Server) opContext(ctx context.Context) (context.Context, context.Cancel
 	ctx, cancel := context.WithTimeout(ctx, upstreamTimeout)
 	stop := context.AfterFunc(s.ctx, cancel)
 	return ctx, func() { stop(); cancel() }
-}
-
-// limitedLog lets one warning through per interval and counts the rest,
-// for what a peer can trigger at will.
-type limitedLog struct {
-	every time.Duration
-
-	mu         sync.Mutex
-	next       time.Time
-	suppressed int
-}
-
-func (l *limitedLog) warn(log *slog.Logger, now time.Time, msg string, args ...any) {
-	l.mu.Lock()
-	if now.Before(l.next) {
-		l.suppressed++
-		l.mu.Unlock()
-		return
-	}
-	n := l.suppressed
-	l.suppressed = 0
-	l.next = now.Add(l.every)
-	l.mu.Unlock()
-	if n > 0 {
-		args = append(args, "suppressed", n)
-	}
-	log.Warn(msg, args...)
 }

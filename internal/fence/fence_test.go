@@ -75,6 +75,7 @@ var rules = []rule{
 		"github.com/miekg/dns",
 		"golang.org/x",
 		module + "/dns",
+		module + "/internal/ratelog",
 	}},
 	// The programs wire everything together, but never link the test
 	// harness in.
