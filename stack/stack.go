@@ -225,6 +225,11 @@ type Stack struct {
 	// Lines a client can trigger at will (issue 19), one per period
 	// each: flows beyond MaxFlows, descriptors exhausted, flows refused.
 	warnFlowLimit, warnFDs, logRefused ratelog.Limiter
+	// logDialFailed says why upstreams cannot be reached, one line per
+	// period for each reason (failures.go).
+	logDialFailed [numDialReasons]ratelog.Limiter
+
+	tcpOpened, tcpDialFailed, tcpRefused, tcpLimited atomic.Uint64
 
 	done    chan struct{} // closed when the stack stops serving
 	doneErr error         // why, set before done is closed; nil after Close

@@ -66,6 +66,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	log := flowLogger{base: st.log, seq: st.nextFlowID(), src: client, dst: dst}
 
 	if !st.takeFlowSlot() {
+		st.tcpLimited.Add(1)
 		st.warnFlowLimit.Warn(st.log, "flow limit reached, resetting new flows", "max_flows", st.cfg.MaxFlows, "src", client, "dst", dst)
 		req.Complete(true)
 		return
@@ -82,6 +83,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	}
 	address, release, err := st.upstreamAddress(dst)
 	if err != nil {
+		st.tcpRefused.Add(1)
 		var own errRefusedDst
 		if errors.As(err, &own) {
 			// Config.Refuse's owner counts and reports these.
@@ -114,6 +116,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetKeepAlive(true)
 	conn := tcprelay.NewConn(ep, &wq, dst, client)
 
+	st.tcpOpened.Add(1)
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true
 	st.relay.Relay(conn, upstream, func(res tcprelay.Result) {
@@ -191,6 +194,7 @@ func (st *Stack) dialUpstream(address string) (net.Conn, error) {
 	defer cancel()
 	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
 	if err != nil {
+		st.dialFailed(address, err)
 		return nil, fmt.Errorf("dial upstream %s: %w", address, err)
 	}
 	return c, nil

@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,8 +35,31 @@ func TestIntegrationProxyDown(t *testing.T) {
 	if !strings.Contains(line, "level=WARN") || !strings.Contains(line, socks4.String()) || !strings.Contains(line, "connection refused") {
 		t.Errorf("the line does not name the proxy and the reason at warn level: %s", line)
 	}
+	// A flow meanwhile fails, and says why at info level, naming the proxy.
+	if r := curl(t, tp, 10*time.Second, httpURL(netnstest.ServerIPv4, "/")); r.ExitCode == 0 {
+		t.Fatalf("curl through a proxy that is down succeeded: %s", r)
+	}
+	if log := d.Log(); !strings.Contains(log, `level=INFO msg="upstream refused: resetting flows to it"`) || !strings.Contains(log, "via socks5 "+socks4.String()) {
+		t.Errorf("no info line saying the flow's upstream refused, naming the proxy:\n%s", log)
+	}
 	tp.StartMicrosocks(t, socks4)
 	testGet(t, tp, netnstest.ServerIPv4)
+	// The exit says what the run did in one line.
+	testStop(t, tp, d, syscall.SIGTERM)
+	var summary string
+	for l := range strings.SplitSeq(d.Log(), "\n") {
+		if strings.Contains(l, "msg=summary") {
+			summary = l
+		}
+	}
+	for _, want := range []string{"tcp_dial_failed=1 ", "level=INFO"} {
+		if !strings.Contains(summary, want) {
+			t.Errorf("summary line %q lacks %q", summary, want)
+		}
+	}
+	if !strings.Contains(summary, "tcp_flows=") || strings.Contains(summary, "tcp_flows=0 ") {
+		t.Errorf("summary line %q does not count the flows relayed", summary)
+	}
 }
 
 // TestIntegrationPingNotAllowed: where netstackd may not open ping sockets,

@@ -58,11 +58,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
 	refused := &refusals{log: log}
-	defer func() {
-		if n := refused.count.Load(); n > 0 {
-			log.Info("refused destinations while running", "refused_total", n)
-		}
-	}()
 	up, err := newUpstream(context.Background(), opts, refused)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: --proxy: %v\n", err)
@@ -145,7 +140,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return nil, err
 		}
 		pubs.serve(st)
-		return &tunService{st: st, pubs: pubs}, nil
+		return &tunService{st: st, pubs: pubs, dns: resolver, refused: refused, log: log}, nil
 	}
 
 	if runMode {
@@ -171,14 +166,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 // tunService is the stack serving one TUN, with the published ports that
 // feed it.
 type tunService struct {
-	st   *stack.Stack
-	pubs *publisher
+	st      *stack.Stack
+	pubs    *publisher
+	dns     *dns.Server // nil with --dns off
+	refused *refusals
+	log     *slog.Logger
 }
 
-// Stop closes the published ports, then the stack and its TUN.
+// Stop closes the published ports, then the stack and its TUN, and says in
+// one line what the run did: flows, and each kind of failure.
 func (s *tunService) Stop() error {
 	s.pubs.close()
-	return s.st.Close()
+	err := s.st.Close()
+	st := s.st.Stats()
+	attrs := []any{
+		"tcp_flows", st.TCPFlows, "tcp_dial_failed", st.TCPDialFailed, "tcp_refused", st.TCPRefused,
+		"tcp_over_limit", st.TCPLimited, "udp_flows", st.UDPFlows, "udp_dropped_table_full", st.UDPDropped,
+		"refused_destinations", s.refused.count.Load(),
+	}
+	if s.dns != nil {
+		attrs = append(attrs, "dns_pool_exhausted", s.dns.PoolExhausted())
+	}
+	s.log.Info("summary", attrs...)
+	return err
 }
 
 // Done is closed when the stack can no longer serve; Err says why.

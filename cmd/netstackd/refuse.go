@@ -3,10 +3,9 @@ package main
 import (
 	"log/slog"
 	"net/netip"
-	"sync"
 	"sync/atomic"
-	"time"
 
+	"github.com/netstackd/netstackd/internal/ratelog"
 	"github.com/netstackd/netstackd/proxy"
 )
 
@@ -38,17 +37,14 @@ import (
 
 // refuseLogEvery bounds the info lines about refusals: a client can cause
 // one per packet.
-const refuseLogEvery = 10 * time.Second
+const refuseLogEvery = ratelog.DefaultEvery
 
 // refusals counts what the refuse funcs refuse, logs each at debug level, and
 // a summary at info level at most every refuseLogEvery.
 type refusals struct {
 	log   *slog.Logger
 	count atomic.Uint64
-
-	mu      sync.Mutex
-	next    time.Time // no info line before then
-	skipped uint64    // refusals since the last info line
+	info  ratelog.Limiter // Every 0: ratelog.DefaultEvery
 }
 
 // refuser returns a func for proxy.Direct.Refuse and stack.Config.Refuse:
@@ -85,17 +81,8 @@ type refuseSet struct {
 func (r *refusals) refused(a netip.Addr, reason string) {
 	n := r.count.Add(1)
 	r.log.Debug("refused destination", "dst", a, "why", reason)
-	now := time.Now()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if now.Before(r.next) {
-		r.skipped++
-		return
-	}
-	r.log.Info("refused a destination (further refusals within "+refuseLogEvery.String()+" are logged at debug level)",
-		"dst", a, "why", reason, "refused_total", n, "since_last", r.skipped+1)
-	r.next = now.Add(refuseLogEvery)
-	r.skipped = 0
+	r.info.Log(r.log, slog.LevelInfo, "refused a destination (further refusals within "+refuseLogEvery.String()+" are logged at debug level)",
+		"dst", a, "why", reason, "refused_total", n)
 }
 
 // Reasons, as logged.

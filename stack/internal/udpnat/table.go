@@ -117,6 +117,7 @@ type Table struct {
 	closed bool
 	wg     sync.WaitGroup // one per association
 
+	opened       atomic.Uint64 // associations created
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	refusedFull  atomic.Uint64 // datagrams from new sources dropped: table full
 	droppedBig   atomic.Uint64 // replies too large for the link MTU
@@ -208,6 +209,7 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 		return false
 	}
 	if created {
+		t.opened.Add(1)
 		a.setQuote(quote())
 	}
 	a.send(dst, payload, batched)
@@ -614,6 +616,7 @@ func (l *assocList) back() *udpAssoc { return l.tail }
 
 // Stats are the table's counters since it was made.
 type Stats struct {
+	Associations      uint64 // associations created
 	Sent, SendCalls   uint64 // datagrams sent upstream in batches, and the sendmmsg calls
 	DroppedSend       uint64 // datagrams a full or failing socket did not take
 	Received          uint64 // datagrams received in batches
@@ -627,6 +630,7 @@ type Stats struct {
 // Stats reads the counters.
 func (t *Table) Stats() Stats {
 	return Stats{
+		Associations: t.opened.Load(),
 		Sent: t.sent.Load(), SendCalls: t.sendCalls.Load(), DroppedSend: t.droppedSend.Load(),
 		Received: t.received.Load(), RecvCalls: t.recvCalls.Load(),
 		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(), RefusedFull: t.refusedFull.Load(),

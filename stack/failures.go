@@ -1,0 +1,100 @@
+package stack
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"syscall"
+
+	"github.com/netstackd/netstackd/internal/ratelog"
+)
+
+// A flow whose upstream cannot be reached is the failure users most need
+// to see, and the one a busy client repeats hundreds of times a second:
+// each reason gets an info line of its own at most once per period, with
+// the count of those left out, so a dead proxy and a refused port both
+// show, and neither floods the log.
+
+type dialReason int
+
+const (
+	reasonRefused dialReason = iota
+	reasonTimeout
+	reasonUnreachable
+	reasonReset
+	reasonNoName
+	reasonNotPermitted
+	reasonOther
+	numDialReasons
+)
+
+var dialReasonText = [numDialReasons]string{
+	reasonRefused:      "refused",
+	reasonTimeout:      "timed out",
+	reasonUnreachable:  "unreachable",
+	reasonReset:        "reset",
+	reasonNoName:       "name not resolved",
+	reasonNotPermitted: "not permitted",
+	reasonOther:        "failed",
+}
+
+func (r dialReason) String() string { return dialReasonText[r] }
+
+// classifyDial sorts a dial error by what the user can do about it.
+func classifyDial(err error) dialReason {
+	var dnsErr *net.DNSError
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return reasonRefused
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT):
+		return reasonTimeout
+	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
+		return reasonUnreachable
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return reasonReset
+	case errors.As(err, &dnsErr):
+		return reasonNoName
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return reasonNotPermitted
+	}
+	return reasonOther
+}
+
+// dialFailed counts a failed upstream dial and says why, rate-limited per
+// reason. Dials cut short by Close, and running out of descriptors (which
+// the caller reports at warn level), are not the upstream's failures.
+func (st *Stack) dialFailed(address string, err error) {
+	if st.ctx.Err() != nil || ratelog.IsFDExhaustion(err) {
+		return
+	}
+	st.tcpDialFailed.Add(1)
+	r := classifyDial(err)
+	st.logDialFailed[r].Log(st.log, slog.LevelInfo, "upstream "+r.String()+": resetting flows to it", "address", address, "err", err)
+}
+
+// Stats are a stack's counters since New.
+type Stats struct {
+	TCPFlows      uint64 // TCP flows relayed (their upstream was reached)
+	TCPDialFailed uint64 // TCP flows reset because the upstream could not be reached
+	TCPRefused    uint64 // TCP flows reset without a dial (a fake address with no name, an address Config.Refuse names)
+	TCPLimited    uint64 // TCP flows reset for want of a slot (MaxFlows)
+	UDPFlows      uint64 // UDP associations opened
+	UDPDropped    uint64 // datagrams from new sources dropped by a full UDP table
+}
+
+// Stats reads the counters.
+func (st *Stack) Stats() Stats {
+	s := Stats{
+		TCPFlows:      st.tcpOpened.Load(),
+		TCPDialFailed: st.tcpDialFailed.Load(),
+		TCPRefused:    st.tcpRefused.Load(),
+		TCPLimited:    st.tcpLimited.Load(),
+	}
+	if st.udp != nil {
+		u := st.udp.Stats()
+		s.UDPFlows, s.UDPDropped = u.Associations, u.RefusedFull
+	}
+	return s
+}
