@@ -631,7 +631,7 @@ type Stats struct {
 func (t *Table) Stats() Stats {
 	return Stats{
 		Associations: t.opened.Load(),
-		Sent: t.sent.Load(), SendCalls: t.sendCalls.Load(), DroppedSend: t.droppedSend.Load(),
+		Sent:         t.sent.Load(), SendCalls: t.sendCalls.Load(), DroppedSend: t.droppedSend.Load(),
 		Received: t.received.Load(), RecvCalls: t.recvCalls.Load(),
 		DroppedBig: t.droppedBig.Load(), DroppedOpening: t.droppedQueue.Load(), RefusedFull: t.refusedFull.Load(),
 		RxBatchesBorrowed: t.rxHeld.Load(),
