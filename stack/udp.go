@@ -148,8 +148,7 @@ func (st *Stack) replyDNS(client, dst netip.AddrPort, query []byte) {
 	if reply == nil {
 		return
 	}
-	hl := packet.IPHeaderLen(client.Addr())
-	if hl+packet.UDPHeaderLen+len(reply) > int(st.link.MTU()) {
+	if len(reply) > packet.MaxUDPPayload(client.Addr()) {
 		st.droppedDNS.Add(1)
 		return
 	}

@@ -63,6 +63,7 @@ var rules = []rule{
 		module + "/internal/device",
 		module + "/stack/internal/packet",
 		module + "/stack/internal/gverr",
+		module + "/stack/internal/frag",
 	}},
 	// The standard library and its own codecs: not even golang.org/x.
 	{pkg: module + "/proxy/...", allow: []string{
