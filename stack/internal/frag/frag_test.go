@@ -84,6 +84,7 @@ func TestRoundTrip(t *testing.T) {
 			frags := split(t, pkt, tc.mtu, 12345)
 			rand.New(rand.NewPCG(1, uint64(tc.size))).Shuffle(len(frags), func(i, j int) { frags[i], frags[j] = frags[j], frags[i] })
 			r := New(Config{})
+			defer r.Close()
 			out := make([]byte, MaxPacket)
 			for i, f := range frags {
 				got, res := r.Process(f, out)
@@ -109,6 +110,7 @@ func TestRoundTrip(t *testing.T) {
 
 func TestWholePacketsPass(t *testing.T) {
 	r := New(Config{})
+	defer r.Close()
 	out := make([]byte, MaxPacket)
 	for _, pkt := range [][]byte{udpPacket(src4, dst4, 100, 1), udpPacket(src6, dst6, 100, 1), {}, {0x45}, {0x10, 1, 2}} {
 		if _, res := r.Process(pkt, out); res != NotFragment {
@@ -162,6 +164,7 @@ func TestRefused(t *testing.T) {
 			// arrives.
 			frags := split(t, udpPacket(src, dst, 4000, 5), 1500, 5)
 			r := New(Config{})
+			defer r.Close()
 			out := make([]byte, MaxPacket)
 			r.Process(frags[0], out)
 			bad := bytes.Clone(frags[1])
@@ -179,6 +182,7 @@ func TestRefused(t *testing.T) {
 			pkt := udpPacket(src, dst, 4000, 5)
 			frags := split(t, pkt, 1500, 5)
 			r := New(Config{})
+			defer r.Close()
 			out := make([]byte, MaxPacket)
 			r.Process(frags[0], out)
 			r.Process(frags[0], out)
@@ -193,6 +197,7 @@ func TestRefused(t *testing.T) {
 		t.Run(name+"/oversized", func(t *testing.T) {
 			frags := split(t, udpPacket(src, dst, 4000, 5), 1500, 5)
 			r := New(Config{})
+			defer r.Close()
 			out := make([]byte, MaxPacket)
 			r.Process(frags[0], out)
 			last := bytes.Clone(frags[len(frags)-1])
@@ -220,6 +225,7 @@ func TestRefused(t *testing.T) {
 		t.Run(name+"/two-ends", func(t *testing.T) {
 			frags := split(t, udpPacket(src, dst, 4000, 5), 1500, 5)
 			r := New(Config{})
+			defer r.Close()
 			out := make([]byte, MaxPacket)
 			r.Process(frags[len(frags)-1], out)
 			early := bytes.Clone(frags[1])
@@ -242,6 +248,7 @@ func fragOffset(f []byte) int {
 func TestTimeout(t *testing.T) {
 	now := time.Unix(1000, 0)
 	r := New(Config{Timeout: 30 * time.Second, Now: func() time.Time { return now }})
+	defer r.Close()
 	out := make([]byte, MaxPacket)
 	frags := split(t, udpPacket(src4, dst4, 4000, 5), 1500, 0)
 	r.Process(frags[0], out)
@@ -259,6 +266,7 @@ func TestTimeout(t *testing.T) {
 func TestBounds(t *testing.T) {
 	const total, perSource = 256 << 10, 64 << 10
 	r := New(Config{MaxBytes: total, MaxBytesPerSource: perSource})
+	defer r.Close()
 	out := make([]byte, MaxPacket)
 	// A flood of first fragments from one source stays within its share,
 	// and the source's newest packet completes.
@@ -319,6 +327,7 @@ func BenchmarkReassemble(b *testing.B) {
 			pkt := udpPacket(tc.src, tc.dst, 65000, 1)
 			frags := split(b, pkt, 1500, 1)
 			r := New(Config{})
+			defer r.Close()
 			out := make([]byte, MaxPacket)
 			b.ReportAllocs()
 			b.SetBytes(int64(len(pkt)))
@@ -328,5 +337,26 @@ func BenchmarkReassemble(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestTimerExpires checks that what a flood leaves is given back when no
+// fragment follows to expire it.
+func TestTimerExpires(t *testing.T) {
+	r := New(Config{Timeout: 50 * time.Millisecond})
+	defer r.Close()
+	out := make([]byte, MaxPacket)
+	for id := range 10 {
+		r.Process(split(t, udpPacket(src4, dst4, 3000, uint16(id)), 1500, 0)[0], out)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for r.Stats().Packets != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d packets held long after their timeout", r.Stats().Packets)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if s := r.Stats(); s.TimedOut != 10 || s.Bytes != 0 {
+		t.Errorf("after the timeout: %+v, want 10 timed out and nothing held", s)
 	}
 }

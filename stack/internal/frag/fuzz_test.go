@@ -53,6 +53,7 @@ func FuzzReassemble(f *testing.F) {
 		const total, perSource = 64 << 10, 32 << 10
 		now := time.Unix(0, 0)
 		r := New(Config{MaxBytes: total, MaxBytesPerSource: perSource, Timeout: time.Second, Now: func() time.Time { return now }})
+		defer r.Close()
 		out := make([]byte, MaxPacket)
 		for len(in) >= 7 {
 			pkt := fuzzFragment(in[:7])
@@ -124,6 +125,7 @@ func FuzzProcess(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, pkt []byte) {
 		r := New(Config{})
+		defer r.Close()
 		out := make([]byte, MaxPacket)
 		got, res := r.Process(pkt, out)
 		if res == Reassembled && len(got) > MaxPacket {
@@ -165,6 +167,7 @@ func FuzzFragment(f *testing.F) {
 			return
 		}
 		r := New(Config{})
+		defer r.Close()
 		out := make([]byte, MaxPacket)
 		var got []byte
 		for i, l := range lens {

@@ -16,8 +16,9 @@
 //     own packets first);
 //   - an incomplete packet is discarded after a timeout.
 //
-// Nothing runs in the background: expired packets are discarded when the
-// next fragment arrives, and the bounds hold in between.
+// Expired packets are discarded when the next fragment arrives, and by a
+// timer set for the oldest packet, so that what a flood left is given back
+// even if no fragment follows; Close stops the timer.
 package frag
 
 import (
@@ -97,6 +98,10 @@ type Reassembler struct {
 	// their first fragment: expiry and eviction take from oldest.
 	oldest, newest *packet
 	bytes          int
+	// timer discards expired packets when no fragment arrives to do it;
+	// it is set while packets are held. closed stops it for good.
+	timer  *time.Timer
+	closed bool
 
 	reassembled atomic.Uint64
 	dropped     atomic.Uint64 // invalid fragments, and packets discarded for breaking the rules
@@ -229,7 +234,44 @@ func (r *Reassembler) Process(pkt, out []byte) ([]byte, Result) {
 		return whole, Reassembled
 	}
 	r.enforce(p)
+	r.arm()
 	return nil, Held
+}
+
+// arm sets the timer for the expiry of the oldest packet, if there is one.
+func (r *Reassembler) arm() {
+	if r.oldest == nil || r.closed {
+		return
+	}
+	d := r.cfg.Timeout - r.cfg.Now().Sub(r.oldest.created)
+	if r.timer == nil {
+		r.timer = time.AfterFunc(max(d, 0), r.expireLater)
+		return
+	}
+	r.timer.Reset(max(d, 0))
+}
+
+// expireLater is the timer's: it discards what expired and sets the timer
+// for what remains.
+func (r *Reassembler) expireLater() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.expire(r.cfg.Now())
+	r.arm()
+}
+
+// Close stops the timer and forgets every packet held. Process still works
+// after it, expiring packets only as fragments arrive.
+func (r *Reassembler) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+	for r.oldest != nil {
+		r.release(r.oldest)
+	}
 }
 
 // add puts f into p: Held when kept, NotFragment for an exact duplicate

@@ -341,5 +341,9 @@ func (e *Endpoint) IsAttached() bool {
 }
 
 // Wait waits for the inbound dispatchers, which end when the device is
-// closed, and for the outbound writer, which ends with StopOutbound.
-func (e *Endpoint) Wait() { e.wg.Wait() }
+// closed, and for the outbound writer, which ends with StopOutbound; then
+// it lets go of the fragments held for reassembly.
+func (e *Endpoint) Wait() {
+	e.wg.Wait()
+	e.frag.Close()
+}
