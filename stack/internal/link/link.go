@@ -1,11 +1,12 @@
 // Package link is the stack's gVisor NIC: a link endpoint backed by a
 // device.Device. Inbound, it runs one dispatcher goroutine per device queue,
-// which verifies what the device did not vouch for, offers each packet to
+// which verifies what the device did not vouch for, reassembles IP
+// fragments (fragments.go), offers each packet to
 // a Handler (the stack's paths that bypass gVisor: UDP NAT, ping, published
 // ports) and hands the rest to gVisor. Outbound, it queues gVisor's packets
 // for one writer goroutine (out.go) and writes the packets the stack builds
-// itself (WriteRaw, WriteDatagrams). It owns its goroutines: Wait joins
-// them.
+// itself (WriteRaw, WriteDatagrams), cut into fragments when longer than
+// the MTU. It owns its goroutines: Wait joins them.
 package link
 
 import (
@@ -29,9 +30,10 @@ import (
 // Handler takes the inbound packets that do not need gVisor.
 type Handler interface {
 	// HandlePacket sees each inbound packet before gVisor does, but TCP
-	// segments longer than one MSS, with its checksums verified, and
-	// reports whether it took the packet. It runs on a dispatcher and
-	// must not block; pkt is valid only during the call.
+	// segments longer than one MSS, with its checksums verified and, if
+	// it came in fragments, whole; it reports whether it took the packet.
+	// It runs on a dispatcher and must not block; pkt is valid only
+	// during the call.
 	HandlePacket(pkt []byte) bool
 	// EndBatch is called after the packets of one device read have been
 	// delivered, so that what they queued (datagrams for one upstream
