@@ -82,6 +82,11 @@ func TestUDPFragments(t *testing.T) {
 					t.Errorf("reply to %d bytes came in %d packets, want %d", size, n, (size+packet.UDPHeaderLen+step-1)/step)
 				}
 			}
+			// The link reassembled them, not gVisor (whose reassembly
+			// has no bound per source).
+			if s := st.link.FragStats(); s.Reassembled != 5 || s.Packets != 0 {
+				t.Errorf("the link's reassembler: %+v, want the 5 fragmented datagrams reassembled and nothing held", s)
+			}
 		})
 	}
 }
