@@ -142,11 +142,13 @@ func testBigPing(t *testing.T, tp *netnstest.Topology, dst netip.Addr) {
 const (
 	fragFloodCount = 200000
 	fragFloodLen   = 1500
-	// fragFloodMaxGrowth is how much netstackd's RSS may grow during the
-	// flood: the reassembly bound (8 MiB) plus what the allocator keeps,
-	// doubled under the race detector. It grew by 112 MiB before issue 15,
-	// when gVisor reassembled.
-	fragFloodMaxGrowth = 32 << 20
+	// fragFloodMaxGrowth and fragFloodMaxGrowthRace bound how much
+	// netstackd's RSS may grow during the flood: the reassembly bound (4
+	// MiB) plus what the collector has not yet given back, more under the
+	// race detector. Measured: 15 and 39 MiB; before issue 15, when gVisor
+	// reassembled, 32 and 123 MiB.
+	fragFloodMaxGrowth     = 24 << 20
+	fragFloodMaxGrowthRace = 80 << 20
 )
 
 // testFragmentFlood writes fragments straight into the TUN from the client
@@ -248,7 +250,7 @@ func testFragmentFlood(t *testing.T, tp *netnstest.Topology, d *netnstest.Proces
 		float64(before)/(1<<20), float64(peak)/(1<<20), float64(after)/(1<<20))
 	limit := int64(fragFloodMaxGrowth)
 	if raceEnabled {
-		limit *= 2
+		limit = fragFloodMaxGrowthRace
 	}
 	if peak-before > limit {
 		t.Errorf("netstackd's RSS grew by %.1f MiB during the flood, want at most %d MiB",

@@ -32,11 +32,12 @@ import (
 
 // Defaults of Config.
 const (
-	// DefaultMaxBytes is twice Linux's net.ipv4.ipfrag_high_thresh (4 MiB),
-	// which it applies to each family: ours covers both.
-	DefaultMaxBytes = 8 << 20
+	// DefaultMaxBytes is Linux's net.ipv4.ipfrag_high_thresh (4 MiB, which
+	// Linux applies to each family; ours covers both): room for about 60
+	// datagrams of 64 KiB in flight, far more than a TUN's clients need.
+	DefaultMaxBytes = 4 << 20
 	// DefaultMaxBytesPerSource lets one source hold a quarter of the total:
-	// about thirty 64 KiB datagrams in flight.
+	// about fifteen 64 KiB datagrams in flight.
 	DefaultMaxBytesPerSource = DefaultMaxBytes / 4
 	// DefaultTimeout is Linux's net.ipv4.ipfrag_time; RFC 8200 allows an
 	// IPv6 packet up to 60 seconds, and a shorter wait only bounds better.
