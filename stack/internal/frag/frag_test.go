@@ -209,6 +209,45 @@ func TestRefused(t *testing.T) {
 				t.Errorf("the packet of an oversized fragment is still held")
 			}
 		})
+		t.Run(name+"/longer-head", func(t *testing.T) {
+			// The first fragment's headers are longer than the last
+			// one's, and the packet they make exceeds 65,535 bytes.
+			pkt := udpPacket(src, dst, 0xffff, 5) // the most an IPv6 payload length says
+			if !v6 {
+				pkt = udpPacket(src, dst, 0xffff-ipv4HeaderLen, 5)
+			}
+			frags := split(t, pkt, 1500, 5)
+			first := frags[0]
+			if v6 {
+				// A Destination Options header of 8 bytes (a PadN)
+				// before the Fragment header.
+				b := append([]byte(nil), first[:ipv6HeaderLen]...)
+				b = append(b, protoFragment, 0, 1, 4, 0, 0, 0, 0)
+				b = append(b, first[ipv6HeaderLen:]...)
+				b[6] = protoDestOptions
+				binary.BigEndian.PutUint16(b[4:], uint16(len(b)-ipv6HeaderLen))
+				first = b
+			} else {
+				// 8 bytes of options (NOPs, then End).
+				b := append([]byte(nil), first[:ipv4HeaderLen]...)
+				b = append(b, 1, 1, 1, 1, 1, 1, 1, 0)
+				b = append(b, first[ipv4HeaderLen:]...)
+				b[0] = 0x47
+				binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+				setIPv4Checksum(b[:28])
+				first = b
+			}
+			r := New(Config{})
+			defer r.Close()
+			out := make([]byte, MaxPacket)
+			var res Result
+			for _, f := range append([][]byte{first}, frags[1:]...) {
+				_, res = r.Process(f, out)
+			}
+			if res != Dropped {
+				t.Fatalf("a packet longer than 65,535 bytes: %v, want Dropped", res)
+			}
+		})
 		t.Run(name+"/odd-length", func(t *testing.T) {
 			frags := split(t, udpPacket(src, dst, 4000, 5), 1500, 5)
 			f := frags[0][:len(frags[0])-1] // not a multiple of 8 and more to come

@@ -229,6 +229,11 @@ func (r *Reassembler) Process(pkt, out []byte) ([]byte, Result) {
 		return nil, Held
 	}
 	if p.end >= 0 && p.have == p.end && p.head != nil {
+		if !p.fits() {
+			r.dropped.Add(1)
+			r.release(p)
+			return nil, Dropped
+		}
 		whole := p.assemble(out)
 		r.release(p)
 		r.reassembled.Add(1)
@@ -422,6 +427,16 @@ func (r *Reassembler) enforce(p *packet) {
 		r.evicted.Add(1)
 		r.release(r.oldest)
 	}
+}
+
+// fits reports whether p's packet fits its length field. Each fragment was
+// checked with its own headers, but an IPv4 fragment after the first may
+// carry fewer options than the first, whose header the packet takes.
+func (p *packet) fits() bool {
+	if p.key.src.Is4() {
+		return len(p.head)+p.end <= 0xffff
+	}
+	return len(p.head)-ipv6HeaderLen+p.end <= 0xffff
 }
 
 // assemble writes p's packet into out and returns it.
