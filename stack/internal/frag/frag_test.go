@@ -217,26 +217,7 @@ func TestRefused(t *testing.T) {
 				pkt = udpPacket(src, dst, 0xffff-ipv4HeaderLen, 5)
 			}
 			frags := split(t, pkt, 1500, 5)
-			first := frags[0]
-			if v6 {
-				// A Destination Options header of 8 bytes (a PadN)
-				// before the Fragment header.
-				b := append([]byte(nil), first[:ipv6HeaderLen]...)
-				b = append(b, protoFragment, 0, 1, 4, 0, 0, 0, 0)
-				b = append(b, first[ipv6HeaderLen:]...)
-				b[6] = protoDestOptions
-				binary.BigEndian.PutUint16(b[4:], uint16(len(b)-ipv6HeaderLen))
-				first = b
-			} else {
-				// 8 bytes of options (NOPs, then End).
-				b := append([]byte(nil), first[:ipv4HeaderLen]...)
-				b = append(b, 1, 1, 1, 1, 1, 1, 1, 0)
-				b = append(b, first[ipv4HeaderLen:]...)
-				b[0] = 0x47
-				binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
-				setIPv4Checksum(b[:28])
-				first = b
-			}
+			first := withOptions(frags[0])
 			r := New(Config{})
 			defer r.Close()
 			out := make([]byte, MaxPacket)
@@ -398,4 +379,26 @@ func TestTimerExpires(t *testing.T) {
 	if s := r.Stats(); s.TimedOut != 10 || s.Bytes != 0 {
 		t.Errorf("after the timeout: %+v, want 10 timed out and nothing held", s)
 	}
+}
+
+// withOptions returns a copy of the fragment f with 8 more bytes of headers
+// in its unfragmentable part: IPv4 options (NOPs, then End), or an IPv6
+// Destination Options header (a PadN) before the Fragment header.
+func withOptions(f []byte) []byte {
+	if f[0]>>4 == 6 {
+		b := append([]byte(nil), f[:ipv6HeaderLen]...)
+		b = append(b, f[6], 0, 1, 4, 0, 0, 0, 0)
+		b = append(b, f[ipv6HeaderLen:]...)
+		b[6] = protoDestOptions
+		binary.BigEndian.PutUint16(b[4:], uint16(len(b)-ipv6HeaderLen))
+		return b
+	}
+	hl := int(f[0]&0xf) * 4
+	b := append([]byte(nil), f[:hl]...)
+	b = append(b, 1, 1, 1, 1, 1, 1, 1, 0)
+	b = append(b, f[hl:]...)
+	b[0] = 0x40 | byte((hl+8)/4)
+	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+	setIPv4Checksum(b[:hl+8])
+	return b
 }
