@@ -14,15 +14,15 @@ import (
 // Inbound, fragments are reassembled here, before any path sees them
 // (frag.Reassembler, bounded in memory and time), so that the UDP NAT,
 // published ports, ping and gVisor all see whole packets. gVisor's own
-// reassembly is never reached: its memory bound counts 4 MiB per family
-// but a fragment flood grew the daemon by over 100 MiB, and it has no
-// bound per source.
+// reassembly is never reached: it has no bound per source, and a flood of
+// 300 MB of fragments grew the daemon by 32 MiB through it (14 MiB through
+// ours, whose bound is 4 MiB).
 //
-// Outbound, a packet the stack built (a UDP reply, a DNS answer) that is
-// longer than the MTU is cut into fragments here (frag.AppendFragments):
-// the stack's datagrams leave without DF, as a kernel's UDP socket sends
-// them by default. gVisor's own packets are TCP segments sized to the MSS,
-// and its ICMP replies fit the MTU: gVisor fragments what it must itself.
+// Outbound, a packet the stack built (a UDP reply, a DNS answer, an echo
+// reply) that is longer than the MTU is cut into fragments here
+// (frag.AppendFragments), without DF, as a kernel's UDP socket sends a
+// datagram longer than the path MTU. gVisor's own packets are TCP segments
+// sized to the MSS, and gVisor fragments anything else it sends itself.
 
 // fragScratch is where a dispatcher reassembles: allocated at the first
 // fragment, so that a queue that never sees one holds nothing.
