@@ -218,7 +218,7 @@ type Stack struct {
 	flowSeq   atomic.Uint64
 	dnsSlots  chan struct{} // DNS queries over UDP being answered
 	// droppedDNS counts queries dropped: too many at once, or an answer
-	// too large for the link.
+	// too large for an IP packet.
 	droppedDNS atomic.Uint64
 	closeOnce  sync.Once
 

@@ -49,7 +49,7 @@ func (st *Stack) handlePacket(pkt []byte) bool {
 	case header.UDPProtocolNumber:
 		u, ok := packet.ParseUDP(pkt)
 		if !ok {
-			return false // a fragment, or malformed: gVisor's
+			return false // behind IPv6 extension headers, or malformed: gVisor's
 		}
 		if st.inUDP.IsGateway(u.Dst.Addr()) && !st.answersDNS(u.Dst) {
 			st.inUDP.Receive(u)
@@ -79,7 +79,8 @@ func (st *Stack) endBatch() {
 }
 
 // handleUDP is gVisor's UDP handler, for the datagrams handlePacket left to
-// it: those it reassembled from fragments. Returning false makes gVisor
+// it: IPv6 ones behind extension headers (fragments never reach gVisor:
+// the link reassembles them). Returning false makes gVisor
 // answer ICMP port unreachable. It may run on goroutines other than the
 // dispatchers, whose end of batch would flush a queue: it sends at once.
 func (st *Stack) handleUDP(id gstack.TransportEndpointID, pkt *gstack.PacketBuffer) bool {
@@ -156,8 +157,7 @@ func (st *Stack) replyDNS(client, dst netip.AddrPort, query []byte) {
 	if reply == nil {
 		return
 	}
-	hl := packet.IPHeaderLen(client.Addr())
-	if hl+packet.UDPHeaderLen+len(reply) > int(st.link.MTU()) {
+	if len(reply) > packet.MaxUDPPayload(client.Addr()) {
 		st.droppedDNS.Add(1)
 		return
 	}

@@ -65,6 +65,7 @@ var rules = []rule{
 		module + "/internal/ratelog",
 		module + "/stack/internal/packet",
 		module + "/stack/internal/gverr",
+		module + "/stack/internal/frag",
 	}},
 	// The standard library and its own codecs: not even golang.org/x.
 	{pkg: module + "/proxy/...", allow: []string{

@@ -262,8 +262,8 @@ func (f *pingFlow) receive() {
 func (f *pingFlow) reply(buf []byte, n int) {
 	msg := buf[headroom : headroom+n]
 	hl := packet.IPHeaderLen(f.key.client)
-	if hl+n > int(f.t.cfg.Writer.MTU()) {
-		return
+	if f.key.client.Is4() && hl+n > 0xffff {
+		return // more than IPv4 carries; longer than the MTU leaves as fragments (WriteRaw)
 	}
 	pkt := buf[headroom-hl : headroom+n]
 	if f.key.client.Is4() {

@@ -55,6 +55,8 @@ var udpBufs = sync.Pool{New: func() any { b := make([]byte, udpHeadroom+1<<16); 
 // Writer carries packets built outside gVisor into the TUN: the stack's
 // link endpoint.
 type Writer interface {
+	// WriteRaw writes a packet, as IP fragments if it is longer than the
+	// MTU.
 	WriteRaw(pkt []byte)
 	MTU() uint32
 }
@@ -91,7 +93,7 @@ type UDP struct {
 	// chance.
 	lru list.List
 
-	droppedBig     atomic.Uint64 // datagrams too large for the link MTU
+	droppedBig     atomic.Uint64 // datagrams too large for the inside's IP family
 	refused        atomic.Uint64 // datagrams to a gateway port with no association
 	evicted        atomic.Uint64 // associations evicted because the table was full
 	insideRefusals atomic.Uint64 // ICMP port unreachable from inside, dropped
@@ -249,9 +251,8 @@ func (in *UDP) forward(srv *inboundServer, from netip.AddrPort, buf []byte, n in
 		return
 	}
 	hl := packet.IPHeaderLen(srv.dst.Addr())
-	if hl+packet.UDPHeaderLen+n > int(in.w.MTU()) {
-		// The kernel behind the TUN would take it, but not a datagram
-		// larger than the link allows: drop it as a link would.
+	if n > packet.MaxUDPPayload(srv.dst.Addr()) {
+		// An IPv6 outside source sent more than IPv4 carries.
 		in.droppedBig.Add(1)
 		return
 	}
@@ -460,7 +461,7 @@ func (in *UDP) Len() int {
 
 // Stats are the table's counters since it was made.
 type Stats struct {
-	DroppedBig     uint64 // datagrams too large for the link MTU
+	DroppedBig     uint64 // datagrams too large for the inside's IP family
 	Refused        uint64 // datagrams to a gateway port with no association
 	Evicted        uint64 // associations evicted because the table was full
 	InsideRefusals uint64 // ICMP port unreachable from inside, dropped

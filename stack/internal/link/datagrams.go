@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/stack/internal/frag"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
@@ -26,6 +27,10 @@ type datagramBatch struct {
 	pkts   [datagramBatchMax][][]byte
 	metas  [datagramBatchMax]device.Meta
 	n      int
+	// whole, frags and lens are where a datagram longer than the MTU is
+	// built and cut into fragments.
+	whole, frags []byte
+	lens         []int
 }
 
 // WriteDatagrams carries datagrams from src to the client dst in as few
@@ -33,8 +38,9 @@ type datagramBatch struct {
 // a run of equal-sized datagrams (the last may be shorter) leaves as one
 // packet that the kernel cuts, the way a UDP_SEGMENT send does; otherwise
 // each datagram is a packet of its own, all handed to the device in one
-// call. Payloads larger than the link MTU allows are skipped and counted
-// in the returned number. It may be called from any goroutine.
+// call. A datagram longer than the MTU allows leaves as IP fragments;
+// payloads larger than an IP packet can carry are skipped and counted in
+// the returned number. It may be called from any goroutine.
 func (e *Endpoint) WriteDatagrams(src, dst netip.AddrPort, payloads [][]byte) (dropped int) {
 	if len(payloads) == 0 {
 		return 0
@@ -46,7 +52,9 @@ func (e *Endpoint) WriteDatagrams(src, dst netip.AddrPort, payloads [][]byte) (d
 	b.buf, b.n = b.buf[:0], 0
 	for i := 0; i < len(payloads); {
 		if len(payloads[i]) > maxPayload {
-			dropped++
+			if !e.appendFragments(b, src, dst, payloads[i]) {
+				dropped++
+			}
 			i++
 			continue
 		}
@@ -112,4 +120,37 @@ func (e *Endpoint) flushDatagrams(b *datagramBatch) {
 	clear(b.pieces[:b.n])
 	clear(b.pkts[:b.n])
 	b.buf, b.n = b.buf[:0], 0
+}
+
+// appendFragments adds to b the fragments of the packet carrying payload
+// from src to dst, flushing b as it fills, and reports false when the
+// datagram cannot be sent: too large for IP, or an MTU too small to cut at.
+func (e *Endpoint) appendFragments(b *datagramBatch, src, dst netip.AddrPort, payload []byte) bool {
+	hl := packet.IPHeaderLen(dst.Addr())
+	n := hl + packet.UDPHeaderLen + len(payload)
+	if n-hl > 0xffff || dst.Addr().Is4() && n > 0xffff {
+		return false
+	}
+	if cap(b.whole) < n {
+		b.whole = make([]byte, n)
+	}
+	pkt := packet.BuildUDP(b.whole[:n], src, dst, payload)
+	var ok bool
+	b.frags, b.lens, ok = frag.AppendFragments(b.frags[:0], b.lens[:0], pkt, int(e.MTU()), e.fragID.Add(1))
+	if !ok {
+		return false
+	}
+	off := 0
+	for _, l := range b.lens {
+		if b.n == datagramBatchMax {
+			e.flushDatagrams(b)
+		}
+		b.starts[b.n] = len(b.buf)
+		b.buf = append(b.buf, b.frags[off:off+l]...)
+		b.ends[b.n] = len(b.buf)
+		b.metas[b.n] = device.Meta{}
+		b.n++
+		off += l
+	}
+	return true
 }

@@ -1,16 +1,18 @@
 // Package link is the stack's gVisor NIC: a link endpoint backed by a
 // device.Device. Inbound, it runs one dispatcher goroutine per device queue,
-// which verifies what the device did not vouch for, offers each packet to
+// which verifies what the device did not vouch for, reassembles IP
+// fragments (fragments.go), offers each packet to
 // a Handler (the stack's paths that bypass gVisor: UDP NAT, ping, published
 // ports) and hands the rest to gVisor. Outbound, it queues gVisor's packets
 // for one writer goroutine (out.go) and writes the packets the stack builds
-// itself (WriteRaw, WriteDatagrams). It owns its goroutines: Wait joins
-// them.
+// itself (WriteRaw, WriteDatagrams), cut into fragments when longer than
+// the MTU. It owns its goroutines: Wait joins them.
 package link
 
 import (
 	"errors"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -21,15 +23,17 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/netstackd/netstackd/internal/device"
+	"github.com/netstackd/netstackd/stack/internal/frag"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 // Handler takes the inbound packets that do not need gVisor.
 type Handler interface {
 	// HandlePacket sees each inbound packet before gVisor does, but TCP
-	// segments longer than one MSS, with its checksums verified, and
-	// reports whether it took the packet. It runs on a dispatcher and
-	// must not block; pkt is valid only during the call.
+	// segments longer than one MSS, with its checksums verified and, if
+	// it came in fragments, whole; it reports whether it took the packet.
+	// It runs on a dispatcher and must not block; pkt is valid only
+	// during the call.
 	HandlePacket(pkt []byte) bool
 	// EndBatch is called after the packets of one device read have been
 	// delivered, so that what they queued (datagrams for one upstream
@@ -52,6 +56,12 @@ type Endpoint struct {
 	mtu  atomic.Uint32
 
 	droppedChecksum atomic.Uint64 // inbound packets with bad checksums
+	// frag reassembles inbound fragments; fragID numbers the IPv6
+	// packets cut into fragments; droppedBig counts packets too large to
+	// send even so (fragments.go).
+	frag       *frag.Reassembler
+	fragID     atomic.Uint32
+	droppedBig atomic.Uint64
 	// queueReads counts the packets read from each queue, so that tests
 	// and operators can see how the kernel spread the flows.
 	queueReads []queueCounter
@@ -74,7 +84,9 @@ var (
 // New makes the endpoint of dev, whose inbound packets h sees first.
 // Nothing runs until Start.
 func New(dev device.Device, h Handler, log *slog.Logger) *Endpoint {
-	e := &Endpoint{dev: dev, h: h, log: log, caps: dev.Capabilities()}
+	e := &Endpoint{dev: dev, h: h, log: log, caps: dev.Capabilities(), frag: frag.New(frag.Config{})}
+	// RFC 7739: identifications should not be predictable from outside.
+	e.fragID.Store(rand.Uint32())
 	e.mtu.Store(uint32(dev.MTU()))
 	e.out.wake = make(chan struct{}, 1)
 	e.queueReads = make([]queueCounter, max(dev.Queues(), 1))
@@ -116,8 +128,9 @@ func (e *Endpoint) QueueReads() []uint64 {
 // paths share they guard with locks of their own. A flow's packets all
 // arrive on one queue, so a flow is still delivered in order.
 type dispatcher struct {
-	e *Endpoint
-	q int
+	e    *Endpoint
+	q    int
+	frag fragScratch
 }
 
 func (d *dispatcher) readInbound() {
@@ -133,7 +146,7 @@ func (d *dispatcher) readInbound() {
 	for {
 		count, err := e.dev.Read(d.q, bufs, sizes, metas, device.ReadOffset)
 		for i := range count {
-			e.deliver(bufs[i][device.ReadOffset:device.ReadOffset+sizes[i]], metas[i])
+			e.deliver(bufs[i][device.ReadOffset:device.ReadOffset+sizes[i]], metas[i], &d.frag)
 		}
 		if count > 0 {
 			reads.Add(uint64(count))
@@ -150,7 +163,7 @@ func (d *dispatcher) readInbound() {
 	}
 }
 
-func (e *Endpoint) deliver(pkt []byte, m device.Meta) {
+func (e *Endpoint) deliver(pkt []byte, m device.Meta, fs *fragScratch) {
 	var proto tcpip.NetworkProtocolNumber
 	switch header.IPVersion(pkt) {
 	case header.IPv4Version:
@@ -169,6 +182,21 @@ func (e *Endpoint) deliver(pkt []byte, m device.Meta) {
 		if !m.Verified && !packet.ChecksumsValid(pkt) {
 			e.droppedChecksum.Add(1)
 			return
+		}
+		if isFragment(pkt) {
+			whole, res := e.frag.Process(pkt, fs.get())
+			switch res {
+			case frag.Held, frag.Dropped:
+				return
+			case frag.Reassembled:
+				// The transport checksum could not be verified on
+				// the fragments.
+				if !packet.ChecksumsValid(whole) {
+					e.droppedChecksum.Add(1)
+					return
+				}
+				pkt = whole
+			}
 		}
 		if e.h.HandlePacket(pkt) {
 			return
@@ -242,8 +270,13 @@ type rawWrite struct {
 var rawWrites = sync.Pool{New: func() any { return new(rawWrite) }}
 
 // WriteRaw writes one complete packet built outside gVisor (UDP and ICMP
-// replies). It may be called from any goroutine.
+// replies), as fragments if it is longer than the MTU. It may be called
+// from any goroutine.
 func (e *Endpoint) WriteRaw(pkt []byte) {
+	if len(pkt) > int(e.MTU()) {
+		e.writeFragments(pkt)
+		return
+	}
 	w := rawWrites.Get().(*rawWrite)
 	w.pieces[0] = pkt
 	w.pkts[0] = w.pieces[:]
@@ -310,5 +343,9 @@ func (e *Endpoint) IsAttached() bool {
 }
 
 // Wait waits for the inbound dispatchers, which end when the device is
-// closed, and for the outbound writer, which ends with StopOutbound.
-func (e *Endpoint) Wait() { e.wg.Wait() }
+// closed, and for the outbound writer, which ends with StopOutbound; then
+// it lets go of the fragments held for reassembly.
+func (e *Endpoint) Wait() {
+	e.wg.Wait()
+	e.frag.Close()
+}

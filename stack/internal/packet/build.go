@@ -47,6 +47,16 @@ func IPHeaderLen(dst netip.Addr) int {
 	return IPv6HeaderLen
 }
 
+// MaxUDPPayload is the largest UDP payload one IP packet (or its fragments)
+// to dst carries: 65,507 bytes over IPv4, whose total length counts the
+// header; 65,527 over IPv6, whose payload length does not.
+func MaxUDPPayload(dst netip.Addr) int {
+	if dst.Is4() {
+		return 0xffff - IPv4HeaderLen - UDPHeaderLen
+	}
+	return 0xffff - UDPHeaderLen
+}
+
 // PutIPHeader writes an IPv4 or IPv6 header for a packet of payloadLen bytes
 // of transport protocol proto to the front of b and returns its length.
 func PutIPHeader(b []byte, src, dst netip.Addr, proto tcpip.TransportProtocolNumber, payloadLen int) int {

@@ -36,9 +36,11 @@ const (
 	udpTxMaxQueued = 1024
 	udpTxMaxBytes  = 256 << 10
 	// udpRxBatchMax and udpRxBatchBytes bound the datagrams one recvmmsg
-	// takes and the buffer it borrows for them.
+	// takes and the buffer it borrows for them: every slot holds the
+	// largest datagram, which reaches the client as IP fragments. The
+	// buffer's pages are touched only as far as datagrams fill them.
 	udpRxBatchMax   = 32
-	udpRxBatchBytes = 256 << 10
+	udpRxBatchBytes = udpRxBatchMax * maxPacket
 	// udpSocketBuffer is the receive and send buffer asked for on upstream
 	// sockets, so that a burst arriving while the association's goroutine
 	// waits for the CPU is absorbed rather than dropped (the default,
@@ -295,12 +297,12 @@ type udpRxBatch struct {
 	payloads [][]byte // for writeDatagrams
 }
 
-// rxSlot is the receive buffer per datagram: the largest payload that can
-// reach the client in one packet. A longer datagram is truncated, and the
-// kernel says so (MSG_TRUNC): it is dropped and counted, as it would be for
-// not fitting the link.
+// rxSlot is the receive buffer per datagram: the largest UDP payload, so
+// that no datagram is truncated (a kernel socket's recvmmsg cannot say how
+// long the next datagram is before it has taken it). Datagrams longer than
+// the client's family carries are dropped and counted by writeRun.
 func (t *Table) rxSlot() int {
-	return max(int(t.cfg.Writer.MTU())-packet.IPv4HeaderLen-packet.UDPHeaderLen, 1)
+	return packet.MaxUDPPayload(netip.IPv6Unspecified())
 }
 
 func (t *Table) getRxBatch() *udpRxBatch {

@@ -36,9 +36,12 @@ type UDPDialer interface {
 // Writer carries packets built outside gVisor to the client: the stack's
 // link endpoint.
 type Writer interface {
+	// WriteRaw writes a packet, as IP fragments if it is longer than the
+	// MTU.
 	WriteRaw(pkt []byte)
 	// WriteDatagrams writes datagrams from src to dst, as few packets as
-	// the device allows, and returns how many were too large for the MTU.
+	// the device allows (as IP fragments when longer than the MTU), and
+	// returns how many were too large for an IP packet.
 	WriteDatagrams(src, dst netip.AddrPort, payloads [][]byte) (dropped int)
 	// MTU is the link's MTU.
 	MTU() uint32
@@ -120,7 +123,7 @@ type Table struct {
 	opened       atomic.Uint64 // associations created
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	refusedFull  atomic.Uint64 // datagrams from new sources dropped: table full
-	droppedBig   atomic.Uint64 // replies too large for the link MTU
+	droppedBig   atomic.Uint64 // replies too large for the client's IP family
 
 	// Batched I/O on kernel sockets (batch.go).
 	tx           udpTx
@@ -528,8 +531,8 @@ func (a *udpAssoc) receiveOne() error {
 		return nil // a source the client's address family cannot see
 	}
 	hl := packet.IPHeaderLen(a.client.Addr())
-	if hl+packet.UDPHeaderLen+n > int(a.t.cfg.Writer.MTU()) {
-		a.t.droppedBig.Add(1)
+	if n > packet.MaxUDPPayload(a.client.Addr()) {
+		a.t.droppedBig.Add(1) // larger than the client's family carries
 		return nil
 	}
 	start := udpHeadroom - hl - packet.UDPHeaderLen
@@ -621,7 +624,7 @@ type Stats struct {
 	DroppedSend       uint64 // datagrams a full or failing socket did not take
 	Received          uint64 // datagrams received in batches
 	RecvCalls         uint64 // recvmmsg calls that returned datagrams or an error
-	DroppedBig        uint64 // replies too large for the link MTU
+	DroppedBig        uint64 // replies too large for the client's IP family
 	DroppedOpening    uint64 // datagrams dropped while an association opened
 	RefusedFull       uint64 // datagrams from new sources dropped: table full
 	RxBatchesBorrowed int64  // receive batches held right now
