@@ -202,6 +202,12 @@ type Stack struct {
 
 	flowSlots chan struct{}
 	flowSeq   atomic.Uint64
+	dnsSlots  chan struct{} // DNS queries over UDP being answered
+	// droppedDNS counts queries dropped: too many at once, or an answer
+	// too large for the link.
+	droppedDNS atomic.Uint64
+	closeOnce  sync.Once
+
 	// sources counts handshakes in progress per source, halfOpen those
 	// waiting for the client's final ACK; handshakeTimeouts counts those
 	// given up (handshake.go), synWarn rate-limits the warning.
@@ -209,11 +215,6 @@ type Stack struct {
 	halfOpen          atomic.Int64
 	handshakeTimeouts atomic.Uint64
 	synWarn           everyWarn
-	dnsSlots          chan struct{} // DNS queries over UDP being answered
-	// droppedDNS counts queries dropped: too many at once, or an answer
-	// too large for the link.
-	droppedDNS atomic.Uint64
-	closeOnce  sync.Once
 
 	done    chan struct{} // closed when the stack stops serving
 	doneErr error         // why, set before done is closed; nil after Close
