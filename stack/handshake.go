@@ -107,7 +107,9 @@ func (h *handshake) accept(wq *waiter.Queue) (tcpip.Endpoint, error) {
 		return ep, nil
 	}
 	if why != nil {
-		h.st.handshakeTimeouts.Add(1)
+		if why == errHandshakeTimeout {
+			h.st.handshakeTimeouts.Add(1)
+		}
 		return nil, why
 	}
 	return nil, fmt.Errorf("client handshake: %w", gverr.Error("accept", terr))

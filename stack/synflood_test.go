@@ -104,8 +104,14 @@ func (s *countingServer) waitEnded(t *testing.T, n int, d time.Duration) {
 // each reset once the handshake times out, and a real client gets through
 // within seconds of the flood.
 func TestSYNFloodForgedSources(t *testing.T) {
+	for _, acceptFirst := range []bool{false, true} {
+		t.Run(handshakeOrder(acceptFirst), func(t *testing.T) { testSYNFloodForgedSources(t, acceptFirst) })
+	}
+}
+
+func testSYNFloodForgedSources(t *testing.T, acceptFirst bool) {
 	const maxInFlight = 32
-	p := newPeer(t, Config{MaxInFlight: maxInFlight})
+	p := newPeer(t, Config{MaxInFlight: maxInFlight, AcceptFirst: acceptFirst})
 	srv := newCountingServer(t)
 	// Before the server's cleanup, which waits for its connections to end.
 	t.Cleanup(func() { p.st.Close() })
