@@ -176,7 +176,7 @@ func (w *handshakeWaker) stop() error {
 // cannot escape its cap by cycling through its own addresses.
 type sourceLimiter struct {
 	max     int
-	dropped atomic.Uint64
+	dropped atomic.Uint64 // SYNs dropped for the cap; the caller counts them
 
 	mu sync.Mutex
 	// n has an entry only for a source with a handshake in progress, so
@@ -205,7 +205,6 @@ func (l *sourceLimiter) take(src netip.Prefix) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.n[src] >= l.max {
-		l.dropped.Add(1)
 		return false
 	}
 	l.n[src]++

@@ -187,6 +187,11 @@ func TestSYNFloodOneSourceCapped(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("a client at another address waited %v", d)
 	}
+	// The server's accept loop counts the client's connection soon after
+	// the client's connect returned.
+	for srv.accepted.Load() < perSource+1 && time.Since(start) < 5*time.Second {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if got := srv.accepted.Load(); got != perSource+1 {
 		t.Errorf("the upstream accepted %d connections, want the %d of the flooding source's cap and the client's", got, perSource+1)
 	}

@@ -78,8 +78,10 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	if !st.sources.take(h.src) {
 		// Dropped, not reset: a real client's retransmission may find room.
 		log.log(slog.LevelDebug, "too many handshakes from this source, dropping SYN", "max_per_source", st.cfg.MaxInFlightPerSource)
-		st.warnHalfOpen()
 		req.Complete(false)
+		// Counted once its slot in the forwarder is free again.
+		st.sources.dropped.Add(1)
+		st.warnHalfOpen()
 		return
 	}
 
