@@ -31,6 +31,7 @@ wanted=(
 	ip:iproute2
 	ping:iputils-ping
 	tcpdump:tcpdump
+	hping3:hping3
 	jq:jq
 	sysctl:procps
 	/etc/ssl/certs/ca-certificates.crt:ca-certificates

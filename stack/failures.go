@@ -63,10 +63,10 @@ func classifyDial(err error) dialReason {
 }
 
 // dialFailed counts a failed upstream dial and says why, rate-limited per
-// reason. Dials cut short by Close, and running out of descriptors (which
-// the caller reports at warn level), are not the upstream's failures.
+// reason. Running out of descriptors, which the caller reports at warn
+// level, is not the upstream's failure.
 func (st *Stack) dialFailed(address string, err error) {
-	if st.ctx.Err() != nil || ratelog.IsFDExhaustion(err) {
+	if ratelog.IsFDExhaustion(err) {
 		return
 	}
 	st.tcpDialFailed.Add(1)

@@ -79,6 +79,14 @@ type Config struct {
 	// reached; with AcceptFirst it does not wait for the dial, and dials
 	// still in progress are bounded by MaxFlows instead. 0 means 1024.
 	MaxInFlight int
+	// MaxInFlightPerSource caps the TCP handshakes in progress from one
+	// source, an IPv4 address or an IPv6 /64: its further SYNs are dropped,
+	// so one host cannot take every MaxInFlight slot. 0 means MaxInFlight/4.
+	MaxInFlightPerSource int
+	// HandshakeTimeout bounds how long a client may take to answer our
+	// SYN-ACK (SYN-RCVD); past it the handshake is dropped and, dial-first,
+	// its upstream reset (handshake.go says why). 0 means 2.5s.
+	HandshakeTimeout time.Duration
 	// MaxFlows caps TCP flows, outbound and published (ServeInbound) alike;
 	// new ones beyond it are reset.
 	// 0 means 65536.
@@ -154,6 +162,12 @@ func (c *Config) setDefaults() {
 	if c.MaxInFlight <= 0 {
 		c.MaxInFlight = 1024
 	}
+	if c.MaxInFlightPerSource <= 0 {
+		c.MaxInFlightPerSource = max(c.MaxInFlight/4, 1)
+	}
+	if c.HandshakeTimeout <= 0 {
+		c.HandshakeTimeout = defaultHandshakeTimeout
+	}
 	if c.MaxFlows <= 0 {
 		c.MaxFlows = 65536
 	}
@@ -206,6 +220,10 @@ type Stack struct {
 
 	ctx    context.Context // ends when Close starts
 	cancel context.CancelFunc
+	// handshakes ends shortly after ctx (closeHandshakeGrace): it gives up
+	// the client handshakes still in progress.
+	handshakes       context.Context
+	cancelHandshakes context.CancelFunc
 
 	mu     sync.Mutex
 	closed bool
@@ -231,6 +249,14 @@ type Stack struct {
 
 	tcpOpened, tcpDialFailed, tcpRefused, tcpLimited atomic.Uint64
 
+	// sources counts handshakes in progress per source, halfOpen those
+	// waiting for the client's final ACK; handshakeTimeouts counts those
+	// given up (handshake.go), synWarn rate-limits the warning.
+	sources           *sourceLimiter
+	halfOpen          atomic.Int64
+	handshakeTimeouts atomic.Uint64
+	synWarn           ratelog.Limiter
+
 	done    chan struct{} // closed when the stack stops serving
 	doneErr error         // why, set before done is closed; nil after Close
 	endOnce sync.Once
@@ -248,10 +274,12 @@ func New(cfg Config) (*Stack, error) {
 		cfg:       cfg,
 		log:       cfg.Logger,
 		flowSlots: make(chan struct{}, cfg.MaxFlows),
+		sources:   newSourceLimiter(cfg.MaxInFlightPerSource),
 		dnsSlots:  make(chan struct{}, maxDNSInFlight),
 		done:      make(chan struct{}),
 	}
 	st.ctx, st.cancel = context.WithCancel(context.Background())
+	st.handshakes, st.cancelHandshakes = context.WithCancel(context.Background())
 	relay, err := tcprelay.New(tcprelay.Config{HalfCloseIdle: cfg.HalfCloseIdle, ParkAfter: cfg.parkAfter, Log: st.log})
 	if err != nil {
 		return nil, fmt.Errorf("stack: %w", err)
@@ -386,7 +414,10 @@ func (st *Stack) Close() error {
 		st.end(nil)
 		st.cancel()
 		st.relay.AbortAll()
+		giveUp := time.AfterFunc(closeHandshakeGrace, st.cancelHandshakes)
 		st.flows.Wait()
+		giveUp.Stop()
+		st.cancelHandshakes()
 		st.relay.Close()
 		if st.udp != nil {
 			st.udp.Close()

@@ -13,7 +13,6 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 
 	"github.com/netstackd/netstackd/internal/ratelog"
-	"github.com/netstackd/netstackd/stack/internal/gverr"
 	"github.com/netstackd/netstackd/stack/internal/packet"
 	"github.com/netstackd/netstackd/stack/internal/tcprelay"
 )
@@ -77,8 +76,19 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		}
 	}()
 
+	h := &handshake{st: st, req: req, src: sourceOf(client.Addr())}
+	if !st.sources.take(h.src) {
+		// Dropped, not reset: a real client's retransmission may find room.
+		log.log(slog.LevelDebug, "too many handshakes from this source, dropping SYN", "max_per_source", st.cfg.MaxInFlightPerSource)
+		req.Complete(false)
+		// Counted once its slot in the forwarder is free again.
+		st.sources.dropped.Add(1)
+		st.warnHalfOpen()
+		return
+	}
+
 	if st.cfg.DNS != nil && dst.Port() == 53 {
-		st.serveDNSStream(req, client, dst, log)
+		st.serveDNSStream(h, client, dst, log)
 		return
 	}
 	address, release, err := st.upstreamAddress(dst)
@@ -91,7 +101,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		} else {
 			st.logRefused.Log(st.log, slog.LevelInfo, "refusing flow", "src", client, "dst", dst, "err", err)
 		}
-		req.Complete(true)
+		h.complete(true)
 		return
 	}
 	defer func() {
@@ -104,11 +114,15 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	if st.cfg.AcceptFirst {
 		open = st.acceptWhileDialing
 	}
-	upstream, ep, err := open(req, &wq, address)
+	upstream, ep, err := open(h, &wq, address)
 	if err != nil {
-		if ratelog.IsFDExhaustion(err) {
+		switch {
+		case ratelog.IsFDExhaustion(err):
 			st.warnFDs.Warn(st.log, "out of file descriptors: resetting new flows", "src", client, "dst", dst, "err", err)
-		} else {
+		case errors.Is(err, errHandshakeTimeout):
+			st.warnHalfOpen()
+			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
+		default:
 			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
 		}
 		return
@@ -129,25 +143,37 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	})
 }
 
+// warnHalfOpen says, at most once per period, that clients are leaving
+// handshakes half open or exceeding their share: the mark of a SYN flood,
+// perhaps from forged addresses.
+func (st *Stack) warnHalfOpen() {
+	st.synWarn.Warn(st.log, "tcp handshakes left half open or over the per-source cap; a SYN flood?",
+		"half_open", st.halfOpen.Load(), "timed_out", st.handshakeTimeouts.Load(), "dropped_per_source", st.sources.dropped.Load(),
+		"dropped_table_full", st.s.Stats().TCP.ForwardMaxInFlightDrop.Value(),
+		"max_inflight", st.cfg.MaxInFlight, "max_per_source", st.cfg.MaxInFlightPerSource,
+		"handshake_timeout", st.cfg.HandshakeTimeout)
+}
+
 // dialThenAccept reaches the upstream and only then completes the client's
 // handshake, so that a refused or unreachable upstream reaches the client
 // as a reset in reply to its SYN, as if the far end had refused it. It
-// calls req.Complete.
-func (st *Stack) dialThenAccept(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
-	upstream, err := st.dialUpstream(address)
+// completes the handshake's request.
+func (st *Stack) dialThenAccept(h *handshake, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+	upstream, err := st.dialUpstream(st.ctx, address)
 	if err != nil {
-		req.Complete(true)
+		h.complete(true)
 		return nil, nil, err
 	}
-	ep, terr := req.CreateEndpoint(wq)
-	if terr != nil {
-		// The client reset or gave up during the handshake: the upstream,
-		// which has already accepted, sees a reset as well.
-		req.Complete(true)
+	ep, err := h.accept(wq)
+	if err != nil {
+		// The client reset, gave up or never answered (a forged source):
+		// the upstream, which has already accepted, sees a reset, so no
+		// connection opened on a stranger's behalf stays open.
+		h.failAccept(err)
 		tcprelay.ResetConn(upstream)
-		return nil, nil, fmt.Errorf("client handshake: %w", gverr.Error("accept", terr))
+		return nil, nil, err
 	}
-	req.Complete(false)
+	h.complete(false)
 	return upstream, ep, nil
 }
 
@@ -155,9 +181,9 @@ func (st *Stack) dialThenAccept(req *tcp.ForwarderRequest, wq *waiter.Queue, add
 // being dialed (Config.AcceptFirst). The client's connect returns without
 // waiting for the upstream, and what it sends meanwhile waits in the
 // endpoint's receive buffer; an upstream that cannot be reached resets the
-// established connection instead of refusing the SYN. It calls
-// req.Complete.
-func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+// established connection instead of refusing the SYN. It completes the
+// handshake's request.
+func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
 	type dialResult struct {
 		conn net.Conn
 		err  error
@@ -167,20 +193,23 @@ func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue,
 	// runtime runs the goroutine readied last first, which is then the
 	// writer carrying the SYN-ACK, and the dial runs while the client
 	// answers.
+	ctx, cancel := context.WithCancel(st.ctx)
+	defer cancel()
 	dialed := make(chan dialResult, 1)
 	go func() {
-		c, err := st.dialUpstream(address)
+		c, err := st.dialUpstream(ctx, address)
 		dialed <- dialResult{c, err}
 	}()
-	ep, terr := req.CreateEndpoint(wq)
-	if terr != nil {
-		req.Complete(true)
+	ep, err := h.accept(wq)
+	if err != nil {
+		h.failAccept(err)
+		cancel() // the client is gone: stop dialing for it
 		if d := <-dialed; d.err == nil {
 			tcprelay.ResetConn(d.conn)
 		}
-		return nil, nil, fmt.Errorf("client handshake: %w", gverr.Error("accept", terr))
+		return nil, nil, err
 	}
-	req.Complete(false)
+	h.complete(false)
 	d := <-dialed
 	if d.err != nil {
 		ep.Abort()
@@ -189,12 +218,14 @@ func (st *Stack) acceptWhileDialing(req *tcp.ForwarderRequest, wq *waiter.Queue,
 	return d.conn, ep, nil
 }
 
-func (st *Stack) dialUpstream(address string) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+func (st *Stack) dialUpstream(parent context.Context, address string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(parent, st.cfg.DialTimeout)
 	defer cancel()
 	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
 	if err != nil {
-		st.dialFailed(address, err)
+		if parent.Err() == nil { // not given up by Close or the client
+			st.dialFailed(address, err)
+		}
 		return nil, fmt.Errorf("dial upstream %s: %w", address, err)
 	}
 	return c, nil
@@ -225,14 +256,14 @@ func (l flowLogger) log(level slog.Level, msg string, args ...any) {
 
 // serveDNSStream answers DNS over TCP on the stack itself: there is nothing
 // to dial first.
-func (st *Stack) serveDNSStream(req *tcp.ForwarderRequest, client, dst netip.AddrPort, log flowLogger) {
+func (st *Stack) serveDNSStream(h *handshake, client, dst netip.AddrPort, log flowLogger) {
 	var wq waiter.Queue
-	ep, terr := req.CreateEndpoint(&wq)
-	if terr != nil {
-		req.Complete(true)
+	ep, err := h.accept(&wq)
+	if err != nil {
+		h.failAccept(err)
 		return
 	}
-	req.Complete(false)
+	h.complete(false)
 	conn := tcprelay.NewConn(ep, &wq, dst, client)
 	defer conn.Close()
 	stop := context.AfterFunc(st.ctx, conn.Abort)

@@ -60,6 +60,10 @@ type options struct {
 	maxUDPFlows  int    // sized against the limit at start; 0: stack's default
 	maxPingFlows int    // likewise
 	nofileSoft   uint64 // run's program gets this soft limit back; 0: Go's runtime restores it
+	// Half-open TCP handshakes: --max-inflight, --max-inflight-per-source
+	// (0: a quarter of maxInFlight), --tcp-handshake-timeout.
+	maxInFlight, maxInFlightPerSource int
+	handshakeTimeout                  time.Duration
 }
 
 // The values of --tcp-handshake.
@@ -237,6 +241,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	handshake := fs.String("tcp-handshake", handshakeDialFirst, "when a client's TCP connect completes: "+handshakeDialFirst+" (after the upstream, or the proxy, has accepted the flow, so a refusal reaches the client as one) | "+handshakeAcceptFirst+" (at once, while the upstream is dialed: connect returns sooner, and an unreachable upstream resets the open connection)")
 	fs.DurationVar(&o.halfCloseIdle, "tcp-half-close-timeout", 2*time.Minute, "how long the open direction of a half-closed TCP flow may stay silent")
 	fs.IntVar(&o.maxFlows, "max-flows", 65536, "cap on concurrent TCP flows, published ones included; new ones beyond it are reset")
+	fs.IntVar(&o.maxInFlight, "max-inflight", 1024, "cap on TCP handshakes in progress (with dial-first, each holds an upstream connection); SYNs beyond it are dropped, and the client retransmits")
+	fs.IntVar(&o.maxInFlightPerSource, "max-inflight-per-source", 0, "cap on TCP handshakes in progress from one source (an IPv4 address, an IPv6 /64); 0 means a quarter of --max-inflight")
+	fs.DurationVar(&o.handshakeTimeout, "tcp-handshake-timeout", 2500*time.Millisecond, "how long a client may take to answer netstackd's SYN-ACK; past it the handshake is dropped (the client's next SYN starts afresh) and, with dial-first, its upstream connection reset")
 	fs.StringVar(&o.dnsMode, "dns", "", "DNS `mode`: fake-ip (default with a proxy) | remote (default when direct) | off")
 	dnsAddr := fs.String("dns-addr", "198.18.0.2", "the resolver `address` netstackd advertises (port 53 is answered on every address)")
 	var rangesSet bool
@@ -333,6 +340,15 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	}
 	if o.maxFlows <= 0 {
 		return nil, fmt.Errorf("--max-flows %d: want a positive number", o.maxFlows)
+	}
+	if o.maxInFlight <= 0 {
+		return nil, fmt.Errorf("--max-inflight %d: want a positive number", o.maxInFlight)
+	}
+	if o.maxInFlightPerSource < 0 || o.maxInFlightPerSource > o.maxInFlight {
+		return nil, fmt.Errorf("--max-inflight-per-source %d: want 0 (a quarter of --max-inflight) to --max-inflight %d", o.maxInFlightPerSource, o.maxInFlight)
+	}
+	if o.handshakeTimeout <= 0 {
+		return nil, fmt.Errorf("--tcp-handshake-timeout %s: want a positive duration", o.handshakeTimeout)
 	}
 	if socks != "" {
 		if o.proxyURL != "" {

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/netstackd/netstackd/stack"
 )
@@ -142,6 +143,21 @@ func TestParseFlags(t *testing.T) {
 		}},
 		{name: "tcp-handshake unknown", args: []string{"--tcp-handshake", "optimistic"}, errHas: `--tcp-handshake "optimistic": want dial-first or accept-first`},
 		{name: "tcp-sack not bool", args: []string{"--tcp-sack=maybe"}, errHas: "tcp-sack"},
+		{name: "half-open defaults", args: nil, check: func(o *options) string {
+			if o.maxInFlight != 1024 || o.maxInFlightPerSource != 0 || o.handshakeTimeout != 2500*time.Millisecond {
+				return fmt.Sprintf("max-inflight %d, per source %d, handshake timeout %v", o.maxInFlight, o.maxInFlightPerSource, o.handshakeTimeout)
+			}
+			return ""
+		}},
+		{name: "half-open flags", args: []string{"--max-inflight", "64", "--max-inflight-per-source", "8", "--tcp-handshake-timeout", "5s"}, check: func(o *options) string {
+			if o.maxInFlight != 64 || o.maxInFlightPerSource != 8 || o.handshakeTimeout != 5*time.Second {
+				return fmt.Sprintf("max-inflight %d, per source %d, handshake timeout %v", o.maxInFlight, o.maxInFlightPerSource, o.handshakeTimeout)
+			}
+			return ""
+		}},
+		{name: "max-inflight zero", args: []string{"--max-inflight", "0"}, errHas: "--max-inflight 0: want a positive number"},
+		{name: "per source above max-inflight", args: []string{"--max-inflight", "64", "--max-inflight-per-source", "65"}, errHas: "--max-inflight-per-source 65"},
+		{name: "handshake timeout zero", args: []string{"--tcp-handshake-timeout", "0s"}, errHas: "--tcp-handshake-timeout 0s"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

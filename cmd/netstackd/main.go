@@ -215,6 +215,8 @@ func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.S
 		Gateway4:      gw4,
 		Gateway6:      gw6,
 	}
+	cfg.MaxInFlight, cfg.MaxInFlightPerSource = opts.maxInFlight, opts.maxInFlightPerSource
+	cfg.HandshakeTimeout = opts.handshakeTimeout
 	if u, ok := dialer.(stack.UDPDialer); ok {
 		cfg.UDP = u
 	}

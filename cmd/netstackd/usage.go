@@ -55,7 +55,7 @@ var flagGroups = []struct {
 	{"DNS", []string{"dns", "dns-addr", "dns-upstream", "dns-direct", "fake-ip-range"}},
 	{"Published ports", []string{"publish"}},
 	{"Host-wide mode", []string{"fwmark", "table", "exclude", "user"}},
-	{"Limits and timeouts", []string{"max-flows", "udp-timeout", "tcp-half-close-timeout"}},
+	{"Limits and timeouts", []string{"max-flows", "max-inflight", "max-inflight-per-source", "tcp-handshake-timeout", "udp-timeout", "tcp-half-close-timeout"}},
 	{"TCP tuning", []string{"tcp-rmem", "tcp-wmem", "tcp-cc", "tcp-sack", "tcp-rack", "tcp-moderate-rcvbuf", "tcp-nagle"}},
 	{"Diagnostics", []string{"log-level", "procs", "cpu-profile", "exec-trace", "version"}},
 }

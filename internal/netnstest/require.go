@@ -14,6 +14,7 @@ var debianPackages = map[string]string{
 	"dig":        "dnsutils",
 	"dnsmasq":    "dnsmasq-base",
 	"getent":     "libc-bin",
+	"hping3":     "hping3",
 	"ip":         "iproute2",
 	"iperf3":     "iperf3",
 	"jq":         "jq",
