@@ -41,6 +41,7 @@ type options struct {
 	dnsDirect     []string
 	dnsUpstream   string
 	command       []string // `run`: the program and its arguments
+	keepProcesses bool     // `run`: no PID namespace; what the program leaves behind keeps running
 	publish       []publishSpec
 	cpuProfile    string
 	execTrace     string
@@ -265,6 +266,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	tcpRACK := fs.Bool("tcp-rack", true, "TCP RACK loss detection (RFC 8985); false leaves three-duplicate-ACK fast retransmit")
 	tcpModerate := fs.Bool("tcp-moderate-rcvbuf", true, "TCP receive buffer auto-tuning between the --tcp-rmem bounds; false keeps every flow at DEFAULT")
 	fs.BoolVar(&o.tcp.Nagle, "tcp-nagle", false, "Nagle's algorithm on the flows' TUN side: coalesces small writes, at the cost of latency")
+	fs.BoolVar(&o.keepProcesses, "keep-processes", false, "run: leave running what the program started in the background when it exits (by default run gives the program a PID namespace of its own and ends everything left in it)")
 	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
 	if err := fs.Parse(args); err != nil {
@@ -284,6 +286,8 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		}
 	} else if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	} else if o.keepProcesses {
+		return nil, errors.New("--keep-processes applies to run only")
 	}
 	switch o.dnsMode {
 	case "", "off", "fake-ip", "remote":

@@ -29,6 +29,11 @@ import (
 // namespace, runs the stack on the descriptor and makes every upstream
 // connection. A multithreaded Go process cannot join a user namespace with
 // setns, hence the re-exec.
+//
+// Unless --keep-processes, the child is also the first process of a new PID
+// namespace and stays there as its init (runinit.go): it runs the program,
+// and when the program exits, so does the init, and the kernel kills
+// whatever the program left behind in the namespace.
 
 const (
 	childEnv  = "NETSTACKD_NS_CHILD" // set in the child's environment, holds childConfig
@@ -45,6 +50,9 @@ type childConfig struct {
 	Addrs     []netip.Prefix `json:"addrs"`
 	Routes    []netip.Prefix `json:"routes"`
 	DNS       netip.Addr     `json:"dns,omitzero"`
+	// Init: the child is PID 1 of a new PID namespace and stays its init
+	// (runinit.go) rather than exec the program in its place.
+	Init bool `json:"init,omitempty"`
 	// Path is the program to exec, found by the parent (lookCommand).
 	Path    string   `json:"path"`
 	Command []string `json:"command"` // its argv
@@ -80,7 +88,8 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	childEnd := os.NewFile(uintptr(fds[1]), "run-child")
 	defer parentEnd.Close()
 
-	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command}
+	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command,
+		Init: !opts.keepProcesses}
 	if opts.dnsMode != "off" {
 		cfg.DNS = opts.dnsAddr
 	}
@@ -102,6 +111,9 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWNET | syscall.CLONE_NEWNS,
 		Pdeathsig:  syscall.SIGKILL, // never outlive netstackd: its network would be dead
+	}
+	if cfg.Init {
+		cmd.SysProcAttr.Cloneflags |= syscall.CLONE_NEWPID
 	}
 	if os.Geteuid() != 0 {
 		// Root in a user namespace of our own owns the new network
@@ -151,7 +163,14 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	for {
 		select {
 		case sig := <-sigs:
-			_ = child.cmd.Process.Signal(sig)
+			if !cfg.Init {
+				_ = child.cmd.Process.Signal(sig)
+				break
+			}
+			// The init passes it on to the program; a signal
+			// sent to the init itself would be dropped
+			// (runinit.go). A gone child is the next case.
+			_, _ = parentEnd.Write([]byte{byte(sig.(syscall.Signal))})
 		case <-child.exited:
 			return exitStatus(child.err), nil
 		case <-svc.Done():
@@ -335,6 +354,13 @@ func runChild(blob string) int {
 	if len(cfg.Command) == 0 || cfg.Path == "" {
 		return fail(errors.New("no command"))
 	}
+	if cfg.Init {
+		// Before anything reads /proc/self or /proc/PID/task/TID with
+		// the PIDs getpid and gettid now give (the netlink library does).
+		if err := mountProc(); err != nil {
+			return fail(fmt.Errorf("%w (--keep-processes runs the program without a PID namespace)", err))
+		}
+	}
 	dev, err := tundev.Create(tundev.Config{
 		Name: cfg.Tun, NetnsPath: "/proc/self/ns/net", MTU: cfg.MTU, Addrs: cfg.Addrs, Routes: cfg.Routes,
 		NoOffload: cfg.NoOffload,
@@ -362,13 +388,17 @@ func runChild(blob string) int {
 			fmt.Fprintf(os.Stderr, "netstackd: %v (names resolve as configured on the host)\n", err)
 		}
 	}
-	sock.Close()
 	env := make([]string, 0, len(os.Environ()))
 	for _, kv := range os.Environ() {
 		if len(kv) < len(childEnv)+1 || kv[:len(childEnv)+1] != childEnv+"=" {
 			env = append(env, kv)
 		}
 	}
+	if cfg.Init {
+		// dev stays open: closing it would delete the interface.
+		return runInit(cfg, sock, env)
+	}
+	sock.Close()
 	err = syscall.Exec(cfg.Path, cfg.Command, env)
 	return cannotRun(cfg.Command[0], err)
 }
@@ -376,8 +406,8 @@ func runChild(blob string) int {
 // bindResolvConf points the namespace's resolver at the stack's DNS address
 // by bind-mounting a file over /etc/resolv.conf in our own mount namespace.
 func bindResolvConf(dns netip.Addr) error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make mounts private: %w", err)
+	if err := makeMountsPrivate(); err != nil {
+		return err
 	}
 	f, err := os.CreateTemp("", "netstackd-resolv-*.conf")
 	if err != nil {
