@@ -214,7 +214,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs := flag.NewFlagSet("netstackd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.tun, "tun", "netstack0", "TUN device `name`; created if absent, an existing persistent device is attached to")
-	fs.StringVar(&o.netns, "netns", "", "create and configure the TUN inside the network namespace at `path` (/run/netns/NAME or /proc/PID/ns/net); outbound connections are still made from netstackd's own namespace")
+	fs.StringVar(&o.netns, "netns", "", "create and configure the TUN inside the network namespace at `path` (/run/netns/NAME or /proc/PID/ns/net) or of process PID (a rootless container's, as its user); outbound connections are still made from netstackd's own namespace")
 	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
 	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
 	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
@@ -288,6 +288,12 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	} else if o.keepProcesses {
 		return nil, errors.New("--keep-processes applies to run only")
+	}
+	if pid, err := strconv.ParseUint(o.netns, 10, 31); err == nil {
+		if pid == 0 {
+			return nil, errors.New("--netns 0: want a PID, or the path of a namespace file")
+		}
+		o.netns = fmt.Sprintf("/proc/%d/ns/net", pid)
 	}
 	switch o.dnsMode {
 	case "", "off", "fake-ip", "remote":

@@ -272,6 +272,7 @@ func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.
 // all of that is in place, before readiness is reported.
 func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN func(*tundev.Device) (*tunService, error), log *slog.Logger) error {
 	var dev *tundev.Device
+	var helper *netnsHelper // created the TUN in a netns netstackd cannot enter (netnsjoin.go)
 	var err error
 	if opts.tunFD >= 0 {
 		// The runtime that passed the descriptor owns the interface and its
@@ -291,7 +292,8 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		if opts.hostWide {
 			cfg.Routes = nil // into the policy table below, not main
 		}
-		dev, err = tundev.Create(cfg)
+		dev, helper, err = createTUN(cfg, log)
+		defer helper.close()
 	}
 	if err != nil {
 		return err
@@ -307,7 +309,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		}
 		log.Info("stopped")
 	}()
-	if err := dev.Up(); err != nil {
+	if err := helper.up(dev); err != nil {
 		return err
 	}
 	if opts.hostWide {

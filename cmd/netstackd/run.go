@@ -53,6 +53,9 @@ type childConfig struct {
 	// Init: the child is PID 1 of a new PID namespace and stays its init
 	// (runinit.go) rather than exec the program in its place.
 	Init bool `json:"init,omitempty"`
+	// Join: the child was started by nsenter in the namespaces of a
+	// --netns it serves (netnsjoin.go), and runs no program.
+	Join bool `json:"join,omitempty"`
 	// Path is the program to exec, found by the parent (lookCommand).
 	Path    string   `json:"path"`
 	Command []string `json:"command"` // its argv
@@ -72,20 +75,10 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	if err != nil {
 		return cannotRun(opts.command[0], err), nil
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	parentEnd, childEnd, err := childSocketpair()
 	if err != nil {
-		return exitFail, fmt.Errorf("socketpair: %w", err)
+		return exitFail, err
 	}
-	// Our end is non-blocking, so the runtime's poller owns it and a
-	// read deadline bounds the wait for the TUN; the child's stays
-	// blocking.
-	if err := unix.SetNonblock(fds[0], true); err != nil {
-		unix.Close(fds[0])
-		unix.Close(fds[1])
-		return exitFail, fmt.Errorf("socketpair: %w", err)
-	}
-	parentEnd := os.NewFile(uintptr(fds[0]), "run-parent")
-	childEnd := os.NewFile(uintptr(fds[1]), "run-child")
 	defer parentEnd.Close()
 
 	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command,
@@ -93,7 +86,7 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	if opts.dnsMode != "off" {
 		cfg.DNS = opts.dnsAddr
 	}
-	blob, err := json.Marshal(cfg)
+	blob, err := jsonConfig(cfg)
 	if err != nil {
 		childEnd.Close()
 		return exitFail, err
@@ -105,7 +98,7 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	}
 	cmd := exec.Command(self)
 	cmd.Args = []string{"netstackd-run"}
-	cmd.Env = append(os.Environ(), childEnv+"="+string(blob))
+	cmd.Env = append(os.Environ(), childEnv+"="+blob)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{childEnd}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
@@ -179,6 +172,31 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 			return exitFail, child.abort(fmt.Errorf("tun is gone, program killed: %w", svc.Err()))
 		}
 	}
+}
+
+// childSocketpair makes the socketpair to a namespace child. Our end is
+// non-blocking, so the runtime's poller owns it and a read deadline bounds
+// the wait for the TUN; the child's stays blocking.
+func childSocketpair() (parentEnd, childEnd *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "child-parent"), os.NewFile(uintptr(fds[1]), "child-child"), nil
+}
+
+// jsonConfig encodes cfg for the child's environment.
+func jsonConfig(cfg childConfig) (string, error) {
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return "", fmt.Errorf("child config: %w", err)
+	}
+	return string(b), nil
 }
 
 // tunWithin bounds the namespace child's set-up, up to the TUN it sends.
@@ -351,7 +369,7 @@ func runChild(blob string) int {
 	if err := json.Unmarshal([]byte(blob), &cfg); err != nil {
 		return fail(fmt.Errorf("child config: %w", err))
 	}
-	if len(cfg.Command) == 0 || cfg.Path == "" {
+	if !cfg.Join && (len(cfg.Command) == 0 || cfg.Path == "") {
 		return fail(errors.New("no command"))
 	}
 	if cfg.Init {
@@ -376,6 +394,9 @@ func runChild(blob string) int {
 		return fail(fmt.Errorf("send tun: %w", err))
 	}
 	tun.Close()
+	if cfg.Join {
+		return joinChild(sock, dev)
+	}
 	var b [1]byte
 	if n, err := sock.Read(b[:]); err != nil || n != 1 || b[0] != goByte {
 		return exitFail // the parent is gone or failed: it reports why

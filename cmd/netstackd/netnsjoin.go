@@ -1,0 +1,235 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/tundev"
+)
+
+// Serving a namespace that belongs to another user namespace, as rootless
+// containers' do (podman, rootlesskit, bubblewrap, `unshare -rn`): an
+// unprivileged netstackd may not enter it, since setns(2) into a network
+// namespace wants CAP_SYS_ADMIN in the caller's own user namespace too. It
+// may join the user namespace that owns it, where it has every capability,
+// as pasta does; but a multithreaded process cannot join a user namespace,
+// and a Go process is multithreaded from its start. So a helper joins both
+// namespaces single-threaded (util-linux nsenter, which then execs
+// netstackd), creates and configures the TUN there and passes its
+// descriptor back over a socketpair (SCM_RIGHTS), as run's namespace child
+// does (run.go). netstackd serves it from its own namespaces.
+
+// Descriptors the nsenter child inherits, after the socket (childSock).
+const (
+	joinUserFD = childSock + 1 // the user namespace that owns the netns
+	joinNetFD  = childSock + 2 // the netns
+)
+
+// netnsHelper is the child that created the TUN inside a namespace
+// netstackd could not enter. nil means there is none: the methods then act
+// on the device alone.
+type netnsHelper struct {
+	child  *nsChild
+	sock   *os.File
+	stderr *bytes.Buffer // nsenter's words, read once the child is reaped
+}
+
+// createTUN creates the TUN cfg describes, through a helper when cfg's
+// namespace belongs to a user namespace netstackd must join first.
+func createTUN(cfg tundev.Config, log *slog.Logger) (*tundev.Device, *netnsHelper, error) {
+	if cfg.NetnsPath == "" {
+		dev, err := tundev.Create(cfg)
+		return dev, nil, err
+	}
+	user, net, err := joinNeeded(cfg.NetnsPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	if user == nil {
+		dev, err := tundev.Create(cfg)
+		return dev, nil, err
+	}
+	defer user.Close()
+	defer net.Close()
+	start := time.Now()
+	h, dev, err := startHelper(cfg, user, net)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--netns %s is owned by another user namespace: %w", cfg.NetnsPath, err)
+	}
+	log.Info("tun created by a helper in the netns's user namespace", "tun", dev.Name(), "netns", cfg.NetnsPath,
+		"took", time.Since(start).Round(time.Millisecond))
+	return dev, h, nil
+}
+
+// joinNeeded opens the netns at path and, if netstackd cannot enter it
+// itself, returns it with the user namespace that owns it; else nils.
+func joinNeeded(path string) (user, net *os.File, err error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		why := ""
+		switch {
+		case errors.Is(err, fs.ErrNotExist) && strings.HasPrefix(path, "/proc/"):
+			why = " (no such process)"
+		case errors.Is(err, fs.ErrPermission):
+			why = " (another user's process: serve only your own, or run as root)"
+		}
+		return nil, nil, fmt.Errorf("open netns %s: %w%s", path, err, why)
+	}
+	net = os.NewFile(uintptr(fd), path)
+	// NS_GET_USERNS (ioctl_ns(2), Linux 4.9) gives the owner; EPERM when
+	// it lies outside our own user namespace, which we could not join
+	// anyway: tundev.Create then says what it can.
+	ufd, err := unix.IoctlRetInt(fd, unix.NS_GET_USERNS)
+	if err != nil {
+		net.Close()
+		return nil, nil, nil
+	}
+	user = os.NewFile(uintptr(ufd), "owner of "+path)
+	unix.CloseOnExec(ufd)
+	var owner, ours unix.Stat_t
+	if err := unix.Fstat(ufd, &owner); err != nil {
+		user.Close()
+		net.Close()
+		return nil, nil, fmt.Errorf("stat owner of netns %s: %w", path, err)
+	}
+	// With CAP_SYS_ADMIN here (root), setns works from an ancestor user
+	// namespace: the existing path.
+	if err := unix.Stat("/proc/self/ns/user", &ours); err != nil || (owner.Dev == ours.Dev && owner.Ino == ours.Ino) || haveCapSysAdmin() {
+		user.Close()
+		net.Close()
+		return nil, nil, nil
+	}
+	return user, net, nil
+}
+
+// haveCapSysAdmin reports whether CAP_SYS_ADMIN is in our effective set.
+func haveCapSysAdmin() bool {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false
+	}
+	return data[0].Effective&(1<<unix.CAP_SYS_ADMIN) != 0
+}
+
+// startHelper starts the helper in the namespaces user and net and returns
+// it with the TUN it created, still down.
+func startHelper(cfg tundev.Config, user, net *os.File) (*netnsHelper, *tundev.Device, error) {
+	nsenter, err := exec.LookPath("nsenter")
+	if err != nil {
+		return nil, nil, errors.New("joining it needs nsenter (util-linux) in PATH")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, nil, fmt.Errorf("find own executable: %w", err)
+	}
+	blob, err := jsonConfig(childConfig{Join: true, Tun: cfg.Name, MTU: cfg.MTU, NoOffload: cfg.NoOffload, Addrs: cfg.Addrs, Routes: cfg.Routes})
+	if err != nil {
+		return nil, nil, err
+	}
+	parentEnd, childEnd, err := childSocketpair()
+	if err != nil {
+		return nil, nil, err
+	}
+	// --preserve-credentials: no setgroups or setuid, which a namespace
+	// made by `unshare -r` refuses; our uid is root there already, and so
+	// the helper keeps its capabilities across nsenter's exec.
+	cmd := exec.Command(nsenter, "--preserve-credentials",
+		fmt.Sprintf("--user=/proc/self/fd/%d", joinUserFD), fmt.Sprintf("--net=/proc/self/fd/%d", joinNetFD), "--", self)
+	cmd.Env = append(os.Environ(), childEnv+"="+blob)
+	h := &netnsHelper{sock: parentEnd, stderr: &bytes.Buffer{}}
+	cmd.Stdout, cmd.Stderr = io.Discard, h.stderr
+	cmd.ExtraFiles = []*os.File{childEnd, user, net}
+	// Not relied on (joining a user namespace may clear it): the helper
+	// also ends when our end of the socket closes.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	h.child, err = startChild(cmd)
+	childEnd.Close()
+	if err != nil {
+		parentEnd.Close()
+		return nil, nil, fmt.Errorf("start nsenter: %w", err)
+	}
+	tun, err := receiveTUN(parentEnd, time.Now().Add(tunWithin))
+	if errors.Is(err, io.EOF) {
+		<-h.child.exited
+		parentEnd.Close()
+		return nil, nil, fmt.Errorf("nsenter: %v: %s", h.child.err, strings.TrimSpace(h.stderr.String()))
+	}
+	if err != nil {
+		h.close()
+		return nil, nil, err
+	}
+	dev, err := tundev.FromFile(tun, cfg.MTU)
+	if err != nil {
+		tun.Close()
+		h.close()
+		return nil, nil, err
+	}
+	return h, dev, nil
+}
+
+// up sets the TUN up and adds its routes: the helper does, in its
+// namespace, and then exits (close reaps it). With no helper, dev does.
+func (h *netnsHelper) up(dev *tundev.Device) error {
+	if h == nil {
+		return dev.Up()
+	}
+	if _, err := h.sock.Write([]byte{goByte}); err != nil {
+		return fmt.Errorf("set %s up: %w", dev.Name(), err)
+	}
+	var b [512]byte
+	n, err := h.sock.Read(b[:])
+	switch {
+	case err != nil || n == 0:
+		<-h.child.exited // so that its words are all in
+		return fmt.Errorf("set %s up: helper ended (%v, %v): %s", dev.Name(), err, h.child.err, strings.TrimSpace(h.stderr.String()))
+	case n != 1 || b[0] != upByte:
+		return fmt.Errorf("set %s up: %s", dev.Name(), b[:n])
+	}
+	return nil
+}
+
+// close ends the helper if it still runs (after up it is on its way out)
+// and waits for it. Safe on nil.
+func (h *netnsHelper) close() {
+	if h == nil {
+		return
+	}
+	h.sock.Close()
+	_ = h.child.abort(nil)
+}
+
+// upByte is the helper's answer to the go byte: the link is up, the routes
+// are in.
+const upByte = 'u'
+
+// joinChild is the helper's side, in the joined namespaces, from the go
+// byte on: it sets dev up and reports.
+func joinChild(sock *os.File, dev *tundev.Device) int {
+	for _, fd := range []int{joinUserFD, joinNetFD} {
+		unix.Close(fd)
+	}
+	var b [1]byte
+	if n, err := sock.Read(b[:]); err != nil || n != 1 || b[0] != goByte {
+		return exitFail // netstackd is gone or failed: it reports why
+	}
+	if err := dev.Up(); err != nil {
+		_, _ = sock.Write([]byte(err.Error()))
+		return exitFail
+	}
+	// Our descriptors close as we exit, without undoing what Create
+	// did: netstackd holds the TUN, which lives as long as it does.
+	_, _ = sock.Write([]byte{upByte})
+	return exitOK
+}
