@@ -114,13 +114,29 @@ func joinNeeded(path string) (user, net *os.File, err error) {
 }
 
 // haveCapSysAdmin reports whether CAP_SYS_ADMIN is in our effective set.
-func haveCapSysAdmin() bool {
+func haveCapSysAdmin() bool { return haveCap(unix.CAP_SYS_ADMIN) }
+
+// haveCap reports whether capability c (below 32) is in our effective set.
+func haveCap(c int) bool {
 	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
 	var data [2]unix.CapUserData
 	if err := unix.Capget(&hdr, &data[0]); err != nil {
 		return false
 	}
-	return data[0].Effective&(1<<unix.CAP_SYS_ADMIN) != 0
+	return data[0].Effective&(1<<c) != 0
+}
+
+// joinedCapable checks, in the helper, that nsenter's exec left it the
+// capabilities that creating the TUN needs. It does only when our uid is
+// root in the joined user namespace, as rootless podman, rootlesskit and
+// `unshare -r` map it: execve(2) drops every capability of any other uid
+// (capabilities(7)), and only a program that stays single-threaded and
+// never execs, as pasta, can do without.
+func joinedCapable() error {
+	if haveCap(unix.CAP_NET_ADMIN) && haveCap(unix.CAP_SYS_ADMIN) {
+		return nil
+	}
+	return fmt.Errorf("no CAP_NET_ADMIN in the namespace's user namespace: your uid is %d there, not root (map yourself to root when creating it: unshare -r, bwrap --uid 0)", os.Geteuid())
 }
 
 // startHelper starts the helper in the namespaces user and net and returns

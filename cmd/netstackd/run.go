@@ -379,11 +379,19 @@ func runChild(blob string) int {
 			return fail(fmt.Errorf("%w (--keep-processes runs the program without a PID namespace)", err))
 		}
 	}
+	if cfg.Join {
+		if err := joinedCapable(); err != nil {
+			return fail(err)
+		}
+	}
 	dev, err := tundev.Create(tundev.Config{
 		Name: cfg.Tun, NetnsPath: "/proc/self/ns/net", MTU: cfg.MTU, Addrs: cfg.Addrs, Routes: cfg.Routes,
 		NoOffload: cfg.NoOffload,
 	})
 	if err != nil {
+		if cfg.Join && errors.Is(err, unix.EACCES) {
+			err = fmt.Errorf("%w (unprivileged, you need a /dev/net/tun of mode 0666, as most distributions ship it)", err)
+		}
 		return fail(err)
 	}
 	tun, err := dev.DupFile()
