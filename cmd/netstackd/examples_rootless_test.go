@@ -5,6 +5,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/netstackd/netstackd/internal/netnstest"
 )
@@ -58,9 +59,35 @@ func TestExampleRootlessContainer(t *testing.T) {
 		t.Errorf("no log line of the helper that joins the container's user namespace: %s", r)
 	}
 
+	// netstackd stops by itself once the container's process is gone,
+	// rootless and as root (which enters the namespace itself).
+	for _, who := range []struct {
+		name   string
+		prefix []string
+	}{{"rootless", asUser}, {"root", nil}} {
+		t.Run("stops-with-the-container-"+who.name, func(t *testing.T) {
+			testStopsWithContainer(t, tp, who.prefix, bin)
+		})
+	}
+
 	// Another user's process (init's): refused, with a reason.
 	r = tp.Daemon.Exec(t, runTimeout, append(append([]string{}, asUser...), bin, "--netns", "1")...)
 	if r.ExitCode != 1 || !strings.Contains(r.Stderr, "another user's process") {
 		t.Errorf("netstackd --netns 1 as uid %s: exit %d, want 1 with \"another user's process\": %s", uid, r.ExitCode, r)
+	}
+}
+
+// testStopsWithContainer: `netstackd --netns PID` (bin, as the user prefix
+// switches to) serves a container whose only process lives two seconds, then
+// exits 0 by itself, saying why; without the watch it would serve the
+// namespace, which its TUN keeps alive, for ever (until runTimeout kills it).
+func testStopsWithContainer(t *testing.T, tp *netnstest.Topology, prefix []string, bin string) {
+	script := `unshare --user --map-root-user --net sleep 2 & c=$!
+until [ "$(cat /proc/$c/comm)" = sleep ]; do sleep 0.02; done
+exec "$1" --netns $c --dns off`
+	r := tp.Daemon.Exec(t, runTimeout, append(append([]string{}, prefix...), "sh", "-c", script, "sh", bin)...)
+	if r.ExitCode != 0 || !strings.Contains(r.Stderr, "msg=ready") || !strings.Contains(r.Stderr, "the process of --netns exited") {
+		t.Errorf("netstackd --netns PID of a container that exits: exit %d after %v, want 0 after ready and \"the process of --netns exited\": %s",
+			r.ExitCode, r.Elapsed.Round(time.Millisecond), r)
 	}
 }

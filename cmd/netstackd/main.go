@@ -271,9 +271,13 @@ func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.
 // lead to it come last (hostwide.go). Privileges are dropped (--user) once
 // all of that is in place, before readiness is reported.
 func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN func(*tundev.Device) (*tunService, error), log *slog.Logger) error {
+	ctx, stopWatch, err := watchNetnsProcess(ctx, opts.netns, log)
+	if err != nil {
+		return err
+	}
+	defer stopWatch()
 	var dev *tundev.Device
 	var helper *netnsHelper // created the TUN in a netns netstackd cannot enter (netnsjoin.go)
-	var err error
 	if opts.tunFD >= 0 {
 		// The runtime that passed the descriptor owns the interface and its
 		// configuration: netstackd only moves packets.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -248,4 +250,55 @@ func joinChild(sock *os.File, dev *tundev.Device) int {
 	// did: netstackd holds the TUN, which lives as long as it does.
 	_, _ = sock.Write([]byte{upByte})
 	return exitOK
+}
+
+// watchNetnsProcess returns ctx, which also ends once the process of a
+// --netns /proc/PID/ns/net (or PID) exits, and the func that stops watching.
+// Without it netstackd would serve on for ever: its TUN holds the namespace
+// alive with no one left in it (when that was the container's first
+// process, its PID namespace has gone with it). Other paths are not watched.
+func watchNetnsProcess(ctx context.Context, path string, log *slog.Logger) (context.Context, func(), error) {
+	var pid int
+	if _, err := fmt.Sscanf(path, "/proc/%d/ns/net", &pid); err != nil || path != fmt.Sprintf("/proc/%d/ns/net", pid) {
+		return ctx, func() {}, nil
+	}
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if errors.Is(err, unix.ESRCH) {
+		return nil, nil, fmt.Errorf("--netns %s: no process %d", path, pid)
+	}
+	if err != nil {
+		// pidfd_open(2) needs Linux 5.3.
+		log.Warn("netstackd will not stop by itself when the namespace's process exits", "pid", pid, "err", err)
+		return ctx, func() {}, nil
+	}
+	// Non-blocking, so the runtime's poller waits for it to become
+	// readable, which it does when the process exits (pidfd_open(2)).
+	pf := os.NewFile(uintptr(fd), fmt.Sprintf("pidfd %d", pid))
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if waitProcessExit(pf) {
+			log.Info("the process of --netns exited: stopping", "pid", pid)
+			cancel()
+		}
+	})
+	return ctx, func() {
+		pf.Close() // wakes waitProcessExit
+		wg.Wait()
+		cancel()
+	}, nil
+}
+
+// waitProcessExit waits until the process of pidfd pf exits (true) or pf
+// is closed (false).
+func waitProcessExit(pf *os.File) bool {
+	rc, err := pf.SyscallConn()
+	if err != nil {
+		return false
+	}
+	err = rc.Read(func(fd uintptr) bool {
+		n, _ := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+		return n > 0
+	})
+	return err == nil
 }
