@@ -356,8 +356,11 @@ func cannotRun(name string, err error) int {
 }
 
 // runChild is the child side: it runs inside the new namespaces, before
-// anything else in main. It never returns on success: it execs the program.
-// When the exec fails it returns 127 or 126, as a shell would.
+// anything else in main, and returns the status to exit with. With
+// --keep-processes it never returns on success: it execs the program;
+// otherwise it runs the program as the PID namespace's init and returns its
+// status (runinit.go). When the program cannot be run it returns 127 or
+// 126, as a shell would. The --netns helper (cfg.Join) runs no program.
 func runChild(blob string) int {
 	sock := os.NewFile(childSock, "run-socket")
 	fail := func(err error) int {
