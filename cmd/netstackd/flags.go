@@ -42,6 +42,7 @@ type options struct {
 	dnsDirect     []string
 	dnsUpstream   string
 	command       []string // `run`: the program and its arguments
+	keepProcesses bool     // `run`: no PID namespace; what the program leaves behind keeps running
 	publish       []publishSpec
 	cpuProfile    string
 	execTrace     string
@@ -215,7 +216,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs := flag.NewFlagSet("netstackd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.tun, "tun", "netstack0", "TUN device `name`; created if absent, an existing persistent device is attached to")
-	fs.StringVar(&o.netns, "netns", "", "create and configure the TUN inside the network namespace at `path` (/run/netns/NAME or /proc/PID/ns/net); outbound connections are still made from netstackd's own namespace")
+	fs.StringVar(&o.netns, "netns", "", "create and configure the TUN inside the network namespace at `path` (/run/netns/NAME or /proc/PID/ns/net) or of process PID (a rootless container's, as its user); outbound connections are still made from netstackd's own namespace")
 	fs.Var(prefixList{&o.addrs, &addrsSet}, "addr", "TUN address `CIDR`, repeatable (default 198.18.0.1/15 and fd00:1898::1/64)")
 	fs.Var(prefixList{&o.routes, &o.routesSet}, "route", "route `CIDR` through the TUN, repeatable; with --netns the default is 0.0.0.0/0 and ::/0, without --netns no route is touched")
 	fs.IntVar(&o.mtu, "mtu", 1500, "TUN `MTU`")
@@ -271,6 +272,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	tcpModerate := fs.Bool("tcp-moderate-rcvbuf", true, "TCP receive buffer auto-tuning between the --tcp-rmem bounds; false keeps every flow at DEFAULT")
 	fs.BoolVar(&o.tcp.Nagle, "tcp-nagle", false, "Nagle's algorithm on the flows' TUN side: coalesces small writes, at the cost of latency")
 	fs.BoolVar(&o.allowLoopback, "allow-host-loopback", false, "direct mode: let clients reach the loopback addresses of netstackd's own namespace (127.0.0.0/8, ::1), by a name that resolves there (off: such flows are reset, as slirp4netns does by default)")
+	fs.BoolVar(&o.keepProcesses, "keep-processes", false, "run: leave running what the program started in the background when it exits (by default run gives the program a PID namespace of its own and ends everything left in it)")
 	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
 	showVersion := fs.Bool("version", false, "print netstackd's version and exit")
@@ -297,6 +299,14 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		}
 	} else if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	} else if o.keepProcesses {
+		return nil, errors.New("--keep-processes applies to run only")
+	}
+	if pid, err := strconv.ParseUint(o.netns, 10, 31); err == nil {
+		if pid == 0 {
+			return nil, errors.New("--netns 0: want a PID, or the path of a namespace file")
+		}
+		o.netns = fmt.Sprintf("/proc/%d/ns/net", pid)
 	}
 	switch o.dnsMode {
 	case "", "off", "fake-ip", "remote":

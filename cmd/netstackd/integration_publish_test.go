@@ -143,7 +143,7 @@ func runNamespace(t *testing.T, p *netnstest.Process) netnstest.Netns {
 			return false, errors.New("netstackd exited")
 		default:
 		}
-		for _, pid := range childrenOf(p.PID()) {
+		for _, pid := range grandchildrenOf(p.PID()) {
 			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) != "sleep" {
 				continue
 			}
@@ -151,8 +151,9 @@ func runNamespace(t *testing.T, p *netnstest.Process) netnstest.Netns {
 			if err != nil {
 				continue
 			}
-			// Still our child after the open: the namespace is the right one.
-			if !slices.Contains(childrenOf(p.PID()), pid) {
+			// Still our grandchild (netstackd, run's init, the
+			// program) after the open: the namespace is the right one.
+			if !slices.Contains(grandchildrenOf(p.PID()), pid) {
 				f.Close()
 				continue
 			}

@@ -52,6 +52,12 @@ func TestIntegrationRun(t *testing.T) {
 		})
 	})
 	t.Run("exit-status", func(t *testing.T) { testRunExitStatus(t, tp, nil) })
+	t.Run("leftovers", func(t *testing.T) {
+		testRunEndsLeftovers(t, func(t *testing.T, args ...string) *netnstest.Result {
+			t.Helper()
+			return runNetstackd(t, tp, nil, args...)
+		})
+	})
 	t.Run("unprivileged", func(t *testing.T) { testRunUnprivileged(t, tp) })
 	t.Run("signal-forwarding", func(t *testing.T) { testRunSignal(t, tp) })
 	t.Run("tun-gone", func(t *testing.T) {
@@ -177,6 +183,7 @@ func testRunUnprivileged(t *testing.T, tp *netnstest.Topology) {
 	}
 	testRunFetch(t, tp, run)
 	testRunExitStatus(t, tp, run)
+	t.Run("leftovers", func(t *testing.T) { testRunEndsLeftovers(t, run) })
 	t.Run("id", func(t *testing.T) {
 		r := run(t, "--dns", "off", "--", "id", "-u")
 		if r.ExitCode != 0 || r.Stdout != "0\n" {
@@ -331,7 +338,8 @@ func testRunSignal(t *testing.T, tp *netnstest.Topology) {
 			return false, errors.New("netstackd exited")
 		default:
 		}
-		for _, pid := range childrenOf(p.PID()) {
+		// netstackd, the init of run's PID namespace, the program.
+		for _, pid := range grandchildrenOf(p.PID()) {
 			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(comm)) != "sleep" {
 				continue
 			}
@@ -339,8 +347,8 @@ func testRunSignal(t *testing.T, tp *netnstest.Topology) {
 			if err != nil {
 				continue
 			}
-			// The pidfd pins the identity: check it is still our child.
-			if !slices.Contains(childrenOf(p.PID()), pid) {
+			// The pidfd pins the identity: check it is still our grandchild.
+			if !slices.Contains(grandchildrenOf(p.PID()), pid) {
 				unix.Close(fd)
 				continue
 			}
@@ -375,6 +383,15 @@ func testRunSignal(t *testing.T, tp *netnstest.Topology) {
 		t.Errorf("sleep[%d] still exists after netstackd exited (signal 0: %v)", sleepPID, err)
 		unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
 	}
+}
+
+// grandchildrenOf lists the children of the children of pid.
+func grandchildrenOf(pid int) []int {
+	var g []int
+	for _, c := range childrenOf(pid) {
+		g = append(g, childrenOf(c)...)
+	}
+	return g
 }
 
 // childrenOf lists the processes whose parent is ppid.

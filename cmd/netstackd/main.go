@@ -314,8 +314,13 @@ func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.
 // lead to it come last (hostwide.go). Privileges are dropped (--user) once
 // all of that is in place, before readiness is reported.
 func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN func(*tundev.Device) (*tunService, error), log *slog.Logger) error {
+	ctx, stopWatch, err := watchNetnsProcess(ctx, opts.netns, log)
+	if err != nil {
+		return err
+	}
+	defer stopWatch()
 	var dev *tundev.Device
-	var err error
+	var helper *netnsHelper // created the TUN in a netns netstackd cannot enter (netnsjoin.go)
 	if opts.tunFD >= 0 {
 		// The runtime that passed the descriptor owns the interface and its
 		// configuration: netstackd only moves packets.
@@ -334,7 +339,8 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		if opts.hostWide {
 			cfg.Routes = nil // into the policy table below, not main
 		}
-		dev, err = tundev.Create(cfg)
+		dev, helper, err = createTUN(cfg, log)
+		defer helper.close()
 	}
 	if err != nil {
 		return tunHint(err, false)
@@ -350,7 +356,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		}
 		log.Info("stopped")
 	}()
-	if err := dev.Up(); err != nil {
+	if err := helper.up(dev); err != nil {
 		return err
 	}
 	if opts.hostWide {

@@ -29,6 +29,11 @@ import (
 // namespace, runs the stack on the descriptor and makes every upstream
 // connection. A multithreaded Go process cannot join a user namespace with
 // setns, hence the re-exec.
+//
+// Unless --keep-processes, the child is also the first process of a new PID
+// namespace and stays there as its init (runinit.go): it runs the program,
+// and when the program exits, so does the init, and the kernel kills
+// whatever the program left behind in the namespace.
 
 const (
 	childEnv  = "NETSTACKD_NS_CHILD" // set in the child's environment, holds childConfig
@@ -45,6 +50,12 @@ type childConfig struct {
 	Addrs     []netip.Prefix `json:"addrs"`
 	Routes    []netip.Prefix `json:"routes"`
 	DNS       netip.Addr     `json:"dns,omitzero"`
+	// Init: the child is PID 1 of a new PID namespace and stays its init
+	// (runinit.go) rather than exec the program in its place.
+	Init bool `json:"init,omitempty"`
+	// Join: the child was started by nsenter in the namespaces of a
+	// --netns it serves (netnsjoin.go), and runs no program.
+	Join bool `json:"join,omitempty"`
 	// Path is the program to exec, found by the parent (lookCommand).
 	Path    string   `json:"path"`
 	Command []string `json:"command"` // its argv
@@ -68,27 +79,18 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	if err != nil {
 		return cannotRun(opts.command[0], err), nil
 	}
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	parentEnd, childEnd, err := childSocketpair()
 	if err != nil {
-		return exitFail, fmt.Errorf("socketpair: %w", err)
+		return exitFail, err
 	}
-	// Our end is non-blocking, so the runtime's poller owns it and a
-	// read deadline bounds the wait for the TUN; the child's stays
-	// blocking.
-	if err := unix.SetNonblock(fds[0], true); err != nil {
-		unix.Close(fds[0])
-		unix.Close(fds[1])
-		return exitFail, fmt.Errorf("socketpair: %w", err)
-	}
-	parentEnd := os.NewFile(uintptr(fds[0]), "run-parent")
-	childEnd := os.NewFile(uintptr(fds[1]), "run-child")
 	defer parentEnd.Close()
 
-	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command, NofileSoft: opts.nofileSoft}
+	cfg := childConfig{Tun: opts.tun, MTU: opts.mtu, NoOffload: opts.noOffload, Addrs: opts.addrs, Routes: opts.routes, Path: path, Command: opts.command,
+		NofileSoft: opts.nofileSoft, Init: !opts.keepProcesses}
 	if opts.dnsMode != "off" {
 		cfg.DNS = opts.dnsAddr
 	}
-	blob, err := json.Marshal(cfg)
+	blob, err := jsonConfig(cfg)
 	if err != nil {
 		childEnd.Close()
 		return exitFail, err
@@ -100,12 +102,15 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	}
 	cmd := exec.Command(self)
 	cmd.Args = []string{"netstackd-run"}
-	cmd.Env = append(os.Environ(), childEnv+"="+string(blob))
+	cmd.Env = append(os.Environ(), childEnv+"="+blob)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{childEnd}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWNET | syscall.CLONE_NEWNS,
 		Pdeathsig:  syscall.SIGKILL, // never outlive netstackd: its network would be dead
+	}
+	if cfg.Init {
+		cmd.SysProcAttr.Cloneflags |= syscall.CLONE_NEWPID
 	}
 	if os.Geteuid() != 0 {
 		// Root in a user namespace of our own owns the new network
@@ -155,7 +160,14 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 	for {
 		select {
 		case sig := <-sigs:
-			_ = child.cmd.Process.Signal(sig)
+			if !cfg.Init {
+				_ = child.cmd.Process.Signal(sig)
+				break
+			}
+			// The init passes it on to the program; a signal
+			// sent to the init itself would be dropped
+			// (runinit.go). A gone child is the next case.
+			_, _ = parentEnd.Write([]byte{byte(sig.(syscall.Signal))})
 		case <-child.exited:
 			return exitStatus(child.err), nil
 		case <-svc.Done():
@@ -164,6 +176,31 @@ func runCommand(opts *options, serveTUN func(dev *tundev.Device) (*tunService, e
 			return exitFail, child.abort(fmt.Errorf("tun is gone, program killed: %w", svc.Err()))
 		}
 	}
+}
+
+// childSocketpair makes the socketpair to a namespace child. Our end is
+// non-blocking, so the runtime's poller owns it and a read deadline bounds
+// the wait for the TUN; the child's stays blocking.
+func childSocketpair() (parentEnd, childEnd *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	if err := unix.SetNonblock(fds[0], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		return nil, nil, fmt.Errorf("socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "child-parent"), os.NewFile(uintptr(fds[1]), "child-child"), nil
+}
+
+// jsonConfig encodes cfg for the child's environment.
+func jsonConfig(cfg childConfig) (string, error) {
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return "", fmt.Errorf("child config: %w", err)
+	}
+	return string(b), nil
 }
 
 // tunWithin bounds the namespace child's set-up, up to the TUN it sends.
@@ -323,8 +360,11 @@ func cannotRun(name string, err error) int {
 }
 
 // runChild is the child side: it runs inside the new namespaces, before
-// anything else in main. It never returns on success: it execs the program.
-// When the exec fails it returns 127 or 126, as a shell would.
+// anything else in main, and returns the status to exit with. With
+// --keep-processes it never returns on success: it execs the program;
+// otherwise it runs the program as the PID namespace's init and returns its
+// status (runinit.go). When the program cannot be run it returns 127 or
+// 126, as a shell would. The --netns helper (cfg.Join) runs no program.
 func runChild(blob string) int {
 	sock := os.NewFile(childSock, "run-socket")
 	fail := func(err error) int {
@@ -336,8 +376,20 @@ func runChild(blob string) int {
 	if err := json.Unmarshal([]byte(blob), &cfg); err != nil {
 		return fail(fmt.Errorf("child config: %w", err))
 	}
-	if len(cfg.Command) == 0 || cfg.Path == "" {
+	if !cfg.Join && (len(cfg.Command) == 0 || cfg.Path == "") {
 		return fail(errors.New("no command"))
+	}
+	if cfg.Init {
+		// Before anything reads /proc/self or /proc/PID/task/TID with
+		// the PIDs getpid and gettid now give (the netlink library does).
+		if err := mountProc(); err != nil {
+			return fail(fmt.Errorf("%w (--keep-processes runs the program without a PID namespace)", err))
+		}
+	}
+	if cfg.Join {
+		if err := joinedCapable(); err != nil {
+			return fail(err)
+		}
 	}
 	dev, err := tundev.Create(tundev.Config{
 		Name: cfg.Tun, NetnsPath: "/proc/self/ns/net", MTU: cfg.MTU, Addrs: cfg.Addrs, Routes: cfg.Routes,
@@ -354,6 +406,9 @@ func runChild(blob string) int {
 		return fail(fmt.Errorf("send tun: %w", err))
 	}
 	tun.Close()
+	if cfg.Join {
+		return joinChild(sock, dev)
+	}
 	var b [1]byte
 	if n, err := sock.Read(b[:]); err != nil || n != 1 || b[0] != goByte {
 		return exitFail // the parent is gone or failed: it reports why
@@ -366,7 +421,6 @@ func runChild(blob string) int {
 			fmt.Fprintf(os.Stderr, "netstackd: %v (names resolve as configured on the host)\n", err)
 		}
 	}
-	sock.Close()
 	env := make([]string, 0, len(os.Environ()))
 	for _, kv := range os.Environ() {
 		if len(kv) < len(childEnv)+1 || kv[:len(childEnv)+1] != childEnv+"=" {
@@ -380,6 +434,11 @@ func runChild(blob string) int {
 			_ = unix.Setrlimit(unix.RLIMIT_NOFILE, &lim) // at worst the program gets our raised limit
 		}
 	}
+	if cfg.Init {
+		// dev stays open: closing it would delete the interface.
+		return runInit(cfg, sock, env)
+	}
+	sock.Close()
 	err = syscall.Exec(cfg.Path, cfg.Command, env)
 	return cannotRun(cfg.Command[0], err)
 }
@@ -387,8 +446,8 @@ func runChild(blob string) int {
 // bindResolvConf points the namespace's resolver at the stack's DNS address
 // by bind-mounting a file over /etc/resolv.conf in our own mount namespace.
 func bindResolvConf(dns netip.Addr) error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make mounts private: %w", err)
+	if err := makeMountsPrivate(); err != nil {
+		return err
 	}
 	f, err := os.CreateTemp("", "netstackd-resolv-*.conf")
 	if err != nil {

@@ -50,14 +50,14 @@ var flagGroups = []struct {
 	title string
 	names []string
 }{
-	{"The TUN device", []string{"tun", "netns", "tun-fd", "addr", "route", "mtu", "queues", "no-offload"}},
+	{"Modes", []string{"netns", "tun-fd", "keep-processes"}},
 	{"Upstream", []string{"proxy", "socks", "dial-timeout", "tcp-handshake", "allow-host-loopback"}},
 	{"DNS", []string{"dns", "dns-addr", "dns-upstream", "dns-direct", "fake-ip-range"}},
-	{"Published ports", []string{"publish"}},
+	{"Addresses, routes and the TUN", []string{"tun", "addr", "route", "mtu", "queues", "no-offload", "publish"}},
 	{"Host-wide mode", []string{"fwmark", "table", "exclude", "user"}},
 	{"Limits and timeouts", []string{"max-flows", "max-inflight", "max-inflight-per-source", "tcp-handshake-timeout", "udp-timeout", "tcp-half-close-timeout"}},
 	{"TCP tuning", []string{"tcp-rmem", "tcp-wmem", "tcp-cc", "tcp-sack", "tcp-rack", "tcp-moderate-rcvbuf", "tcp-nagle"}},
-	{"Diagnostics", []string{"log-level", "procs", "cpu-profile", "exec-trace", "version"}},
+	{"Debugging", []string{"log-level", "procs", "cpu-profile", "exec-trace", "version"}},
 }
 
 // notForRun are the flags that run refuses: its TUN is one it creates in a
