@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -133,9 +134,13 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	st.tcpOpened.Add(1)
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true
+	opened := time.Now()
 	st.relay.Relay(conn, upstream, func(res tcprelay.Result) {
+		// One line says the whole flow: where it went, how much each
+		// way, how long, and how it ended.
 		if l := log.logger(slog.LevelDebug); l != nil {
-			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.LogAttrs()...)
+			attrs := append(res.LogAttrs(), slog.String("address", address), slog.Duration("duration", time.Since(opened)))
+			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", attrs...)
 		}
 		release()
 		<-st.flowSlots

@@ -31,6 +31,7 @@ type options struct {
 	queues        int  // TUN queues (IFF_MULTI_QUEUE), each read by its own goroutine
 	proxyURL      string
 	logLevel      slog.Level
+	logFormat     string // --log-format: text or json
 	dialTimeout   time.Duration
 	acceptFirst   bool // --tcp-handshake accept-first
 	halfCloseIdle time.Duration
@@ -238,6 +239,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
 	o.logLevel = slog.LevelInfo
 	fs.Var(levelFlag{&o.logLevel}, "log-level", "log `level`: debug|info|warn|error")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log `format`: text (key=value lines, as logfmt) | json (one object per line, for log shippers)")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", 10*time.Second, "bound on reaching a flow's upstream; past it the client gets a reset")
 	handshake := fs.String("tcp-handshake", handshakeDialFirst, "when a client's TCP connect completes: "+handshakeDialFirst+" (after the upstream, or the proxy, has accepted the flow, so a refusal reaches the client as one) | "+handshakeAcceptFirst+" (at once, while the upstream is dialed: connect returns sooner, and an unreachable upstream resets the open connection)")
 	fs.DurationVar(&o.halfCloseIdle, "tcp-half-close-timeout", 2*time.Minute, "how long the open direction of a half-closed TCP flow may stay silent")
@@ -307,6 +309,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 			return nil, errors.New("--netns 0: want a PID, or the path of a namespace file")
 		}
 		o.netns = fmt.Sprintf("/proc/%d/ns/net", pid)
+	}
+	if o.logFormat != "text" && o.logFormat != "json" {
+		return nil, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
 	}
 	switch o.dnsMode {
 	case "", "off", "fake-ip", "remote":

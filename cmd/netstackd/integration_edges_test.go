@@ -1,6 +1,7 @@
 package main_test
 
 import (
+	"encoding/json"
 	"strings"
 	"syscall"
 	"testing"
@@ -76,5 +77,40 @@ func TestIntegrationPingNotAllowed(t *testing.T) {
 	testPing(t, tp, netnstest.ServerIPv4, false, false)
 	if n := strings.Count(d.Log(), "ping sockets are not allowed"); n != 1 {
 		t.Errorf("%d warnings about ping sockets, want 1:\n%s", n, d.Log())
+	}
+}
+
+// TestIntegrationLogFormatJSON: with --log-format json every line netstackd
+// writes is one JSON object, and a flow ends with one debug line that says
+// where it went, how much each way, for how long and how it ended.
+func TestIntegrationLogFormatJSON(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	d := startNetstackd(t, tp, "--dns", "off", "--log-format", "json")
+	testGet(t, tp, netnstest.ServerIPv4)
+	testStop(t, tp, d, syscall.SIGTERM)
+	var closed map[string]any
+	lines := 0
+	for l := range strings.SplitSeq(strings.TrimSpace(d.Log()), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("a line that is not JSON: %q: %v", l, err)
+		}
+		lines++
+		if m["msg"] == "flow closed" && m["proto"] == "tcp" {
+			closed = m
+		}
+	}
+	if closed == nil {
+		t.Fatalf("no \"flow closed\" line among %d:\n%s", lines, d.Log())
+	}
+	for _, key := range []string{"flow", "src", "dst", "address", "up", "down", "duration", "reset"} {
+		if _, ok := closed[key]; !ok {
+			t.Errorf("the flow's line lacks %q: %v", key, closed)
+		}
+	}
+	if down, _ := closed["down"].(float64); down <= 0 {
+		t.Errorf("the flow's line counts %v bytes down, want the page's", closed["down"])
 	}
 }

@@ -56,7 +56,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netstackd: %v\n", errNeedsNoCgo)
 		return exitUsage
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: opts.logLevel}))
+	log := newLogger(stderr, opts.logFormat, opts.logLevel)
 	refused := &refusals{log: log}
 	up, err := newUpstream(context.Background(), opts, refused)
 	if err != nil {
@@ -408,6 +408,16 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 	log.Info("stopping")
 	watchShutdown(log)
 	return nil
+}
+
+// newLogger writes lines of the given format (--log-format) at level and
+// above to w.
+func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
+	o := &slog.HandlerOptions{Level: level}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, o))
+	}
+	return slog.New(slog.NewTextHandler(w, o))
 }
 
 // probeUpstream checks once that the proxy answers (proxy.Probe), and warns
