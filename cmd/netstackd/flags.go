@@ -278,6 +278,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	userFlag := fs.String("user", "", "once set up, switch to user `NAME|UID[:GID]` and keep only the capabilities still needed: CAP_NET_ADMIN in host-wide mode (to mark sockets and remove its routes on exit), none otherwise")
 
 	showVersion := fs.Bool("version", false, "print netstackd's version and exit")
+	printMan := fs.Bool("print-man", false, "print the manual page (roff, netstackd.1) made from these flags and exit")
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -285,6 +286,10 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 			return nil, errHelp
 		}
 		return nil, explainFlagError(fs, err)
+	}
+	if *printMan {
+		writeManPage(usageOut, fs)
+		return nil, errVersion
 	}
 	if *showVersion {
 		fmt.Fprintln(usageOut, version())

@@ -12,7 +12,8 @@ import (
 	"time"
 )
 
-// errVersion is returned when the user asked for the version.
+// errVersion is returned when the user asked for the version or the
+// manual page: printed, nothing to run.
 var errVersion = errors.New("version requested")
 
 const usageHead = `netstackd: a userspace TCP/IP stack on a TUN device that relays every
@@ -57,7 +58,7 @@ var flagGroups = []struct {
 	{"Host-wide mode", []string{"fwmark", "table", "exclude", "user"}},
 	{"Limits and timeouts", []string{"max-flows", "max-inflight", "max-inflight-per-source", "tcp-handshake-timeout", "udp-timeout", "tcp-half-close-timeout"}},
 	{"TCP tuning", []string{"tcp-rmem", "tcp-wmem", "tcp-cc", "tcp-sack", "tcp-rack", "tcp-moderate-rcvbuf", "tcp-nagle"}},
-	{"Debugging", []string{"log-level", "log-format", "procs", "cpu-profile", "exec-trace", "version"}},
+	{"Debugging", []string{"log-level", "log-format", "procs", "cpu-profile", "exec-trace", "version", "print-man"}},
 }
 
 // notForRun are the flags that run refuses: its TUN is one it creates in a
@@ -242,4 +243,83 @@ func version() string {
 		}
 	}
 	return fmt.Sprintf("netstackd %s%s, %s %s/%s", v, extra, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+// writeManPage writes netstackd(1) in roff (man(7) macros) from the same
+// flag definitions and groups as --help, so the manual cannot drift from
+// the program: netstackd.1 at the top of the repository is its output, and
+// TestManPageUpToDate fails when a flag changes and it was not rewritten
+// (netstackd --print-man > netstackd.1).
+func writeManPage(w io.Writer, fs *flag.FlagSet) {
+	esc := func(s string) string {
+		s = strings.ReplaceAll(s, `\`, `\e`)
+		s = strings.ReplaceAll(s, "-", `\-`)
+		if strings.HasPrefix(s, ".") || strings.HasPrefix(s, "'") {
+			s = `\&` + s
+		}
+		return s
+	}
+	fmt.Fprint(w, `.TH NETSTACKD 1 "" "netstackd" "User Commands"
+.SH NAME
+netstackd \- a userspace TCP/IP stack on a TUN device that relays every connection directly or through a proxy
+.SH SYNOPSIS
+.B netstackd
+.RI [ flags ]
+.br
+.B netstackd run
+.RI [ flags ]
+.B \-\-
+.I command
+.RI [ args ...]
+.SH DESCRIPTION
+Every connection that enters the TUN is terminated in userspace (gVisor's netstack) and relayed
+as a real socket from netstackd's own network namespace, or through a SOCKS5, SOCKS4 or HTTP CONNECT proxy.
+UDP, ping and DNS work too; in fake-ip mode hostnames, not locally resolved addresses, reach the proxy.
+.PP
+.B netstackd run
+runs one command in network, user and PID namespaces of its own whose only way out is netstackd; it needs no root
+where unprivileged user namespaces are allowed.
+With
+.BR \-\-netns ,
+netstackd serves a container's namespace; with a default
+.B \-\-route
+and no namespace it serves the whole host.
+`)
+	listed := map[string]bool{}
+	for _, g := range flagGroups {
+		fmt.Fprintf(w, ".SH %s\n", esc(strings.ToUpper(g.title)))
+		for _, n := range g.names {
+			f := fs.Lookup(n)
+			if f == nil {
+				continue
+			}
+			listed[n] = true
+			name, usage := flag.UnquoteUsage(f)
+			fmt.Fprintf(w, ".TP\n\\fB\\-\\-%s\\fR", esc(f.Name))
+			if name != "" {
+				fmt.Fprintf(w, " \\fI%s\\fR", esc(name))
+			}
+			fmt.Fprintf(w, "\n%s", esc(usage))
+			if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "[]" && f.DefValue != "false" && !strings.Contains(usage, "default") {
+				fmt.Fprintf(w, " (default %s)", esc(f.DefValue))
+			}
+			fmt.Fprintln(w)
+		}
+	}
+	fmt.Fprint(w, `.SH EXAMPLES
+.nf
+netstackd run \-\-socks 127.0.0.1:1080 \-\- curl http://example.test/
+netstackd \-\-netns /run/netns/box \-\-socks 127.0.0.1:1080 \-\-publish 8080:80
+netstackd \-\-socks proxy.lan:1080 \-\-route 0.0.0.0/0 \-\-route ::/0
+.fi
+.SH EXIT STATUS
+0 after SIGINT or SIGTERM; 1 on a failure after start, or when the TUN is deleted; 2 on a usage error.
+.B run
+exits with the command's status, 128+N when a signal N ended it, 127 when it is not found and 126 when it cannot be run.
+.SH SEE ALSO
+.BR ip (8),
+.BR ip\-netns (8),
+.BR unshare (1),
+.BR nsenter (1)
+`)
 }

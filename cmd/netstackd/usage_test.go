@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -129,5 +130,29 @@ func TestTUNHint(t *testing.T) {
 	}
 	if tunHint(nil, false) != nil {
 		t.Error("tunHint(nil) is not nil")
+	}
+}
+
+// TestManPageUpToDate: netstackd.1 is what --print-man writes from the flag
+// definitions; a flag added or changed without rewriting it fails here
+// (netstackd --print-man > netstackd.1).
+func TestManPageUpToDate(t *testing.T) {
+	var out strings.Builder
+	if _, err := parseFlags([]string{"--print-man"}, false, &out); !errors.Is(err, errVersion) {
+		t.Fatalf("err %v, want errVersion", err)
+	}
+	committed, err := os.ReadFile("../../netstackd.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(committed) != out.String() {
+		t.Errorf("netstackd.1 is stale: run go run ./cmd/netstackd --print-man > netstackd.1")
+	}
+	for _, g := range flagGroups {
+		for _, n := range g.names {
+			if !strings.Contains(out.String(), `\fB\-\-`+strings.ReplaceAll(n, "-", `\-`)+`\fR`) {
+				t.Errorf("the manual lacks --%s", n)
+			}
+		}
 	}
 }
