@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/netstackd/netstackd/internal/pcap"
 	"github.com/netstackd/netstackd/stack"
 	"github.com/netstackd/netstackd/tundev"
 )
@@ -32,6 +33,8 @@ type options struct {
 	proxyURL      string
 	logLevel      slog.Level
 	logFormat     string // --log-format: text or json
+	pcapPath      string // --pcap: record what crosses the TUN there; "": don't
+	pcapMaxSize   int    // --pcap-max-size: rotate at this many bytes
 	dialTimeout   time.Duration
 	acceptFirst   bool // --tcp-handshake accept-first
 	halfCloseIdle time.Duration
@@ -239,6 +242,19 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
 	o.logLevel = slog.LevelInfo
 	fs.Var(levelFlag{&o.logLevel}, "log-level", "log `level`: debug|info|warn|error")
+	fs.StringVar(&o.pcapPath, "pcap", "", "record every packet that crosses the TUN to `file` in pcapng (tcpdump -r, Wireshark); at --pcap-max-size it becomes FILE.1 and a new FILE starts")
+	o.pcapMaxSize = pcap.DefaultMaxSize
+	fs.Func("pcap-max-size", "rotate the --pcap file at this `size` (K, M, G suffixes; default 100M)", func(v string) error {
+		n, err := parseBytes(v)
+		if err != nil {
+			return err
+		}
+		if n < 64<<10 {
+			return fmt.Errorf("%s is below the 64K a file needs for its headers and a few packets", v)
+		}
+		o.pcapMaxSize = n
+		return nil
+	})
 	fs.StringVar(&o.logFormat, "log-format", "text", "log `format`: text (key=value lines, as logfmt) | json (one object per line, for log shippers)")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", 10*time.Second, "bound on reaching a flow's upstream; past it the client gets a reset")
 	handshake := fs.String("tcp-handshake", handshakeDialFirst, "when a client's TCP connect completes: "+handshakeDialFirst+" (after the upstream, or the proxy, has accepted the flow, so a refusal reaches the client as one) | "+handshakeAcceptFirst+" (at once, while the upstream is dialed: connect returns sooner, and an unreachable upstream resets the open connection)")

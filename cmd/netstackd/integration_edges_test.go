@@ -2,6 +2,9 @@ package main_test
 
 import (
 	"encoding/json"
+	"fmt"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -112,5 +115,28 @@ func TestIntegrationLogFormatJSON(t *testing.T) {
 	}
 	if down, _ := closed["down"].(float64); down <= 0 {
 		t.Errorf("the flow's line counts %v bytes down, want the page's", closed["down"])
+	}
+}
+
+// TestIntegrationPcap: --pcap records what crosses the TUN in a file that
+// tcpdump reads, holding the test's flow both ways.
+func TestIntegrationPcap(t *testing.T) {
+	requireBinary(t)
+	tcpdump := netnstest.RequireCommand(t, "tcpdump", "tcpdump")
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	path := filepath.Join(t.TempDir(), "flows.pcapng")
+	d := startNetstackd(t, tp, "--dns", "off", "--pcap", path)
+	testGet(t, tp, netnstest.ServerIPv4)
+	testStop(t, tp, d, syscall.SIGTERM)
+	out, err := exec.Command(tcpdump, "-nn", "-r", path, "tcp").CombinedOutput()
+	if err != nil {
+		t.Fatalf("tcpdump -r: %v\n%s", err, out)
+	}
+	server := fmt.Sprintf("%s.%d", netnstest.ServerIPv4, netnstest.HTTPPort)
+	for _, want := range []string{"> " + server + ": Flags [S]", server + " > ", "HTTP"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("the capture lacks %q:\n%s", want, out)
+		}
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/netstackd/netstackd/dns"
+	"github.com/netstackd/netstackd/internal/pcap"
 	"github.com/netstackd/netstackd/proxy"
 	"github.com/netstackd/netstackd/stack"
 	"github.com/netstackd/netstackd/tundev"
@@ -85,6 +86,22 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		defer stop()
 	}
+	var capture *pcap.Writer
+	if opts.pcapPath != "" {
+		var err error
+		capture, err = pcap.Create(pcap.Config{Path: opts.pcapPath, Interface: opts.tun, MaxSize: int64(opts.pcapMaxSize), Logger: log})
+		if err != nil {
+			fmt.Fprintf(stderr, "netstackd: --pcap: %v\n", err)
+			return exitUsage
+		}
+		// Closed after the stack (deferred earlier, runs later), so the
+		// last packets are in the file.
+		defer func() {
+			if err := capture.Close(); err != nil {
+				log.Warn("pcap: close", "file", opts.pcapPath, "err", err)
+			}
+		}()
+	}
 	_, envProcs := os.LookupEnv("GOMAXPROCS")
 	procs := chooseProcs(opts.procs, runtime.GOMAXPROCS(0), envProcs)
 	runtime.GOMAXPROCS(procs)
@@ -135,7 +152,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	defer pubs.close()
 	serveTUN := func(dev *tundev.Device) (*tunService, error) {
-		st, err := startStack(dev, opts, up, resolver, gw4, gw6, log)
+		st, err := startStack(dev, capture, opts, up, resolver, gw4, gw6, log)
 		if err != nil {
 			return nil, err
 		}
@@ -196,10 +213,14 @@ func (s *tunService) Done() <-chan struct{} { return s.st.Done() }
 func (s *tunService) Err() error            { return s.st.Err() }
 
 // startStack runs the stack on dev; closing the stack closes dev.
-func startStack(dev *tundev.Device, opts *options, up *upstream, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
+func startStack(dev *tundev.Device, capture *pcap.Writer, opts *options, up *upstream, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
 	dialer := up.dialer
+	var sdev stack.Device = dev
+	if capture != nil {
+		sdev = pcap.Tap(dev, capture)
+	}
 	cfg := stack.Config{
-		Device:        dev,
+		Device:        sdev,
 		Dialer:        dialer,
 		PingControl:   up.direct.Control,
 		Refuse:        up.refuse,

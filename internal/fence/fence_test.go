@@ -92,6 +92,8 @@ var rules = []rule{
 	{pkg: module + "/internal/fence"},
 	// Rate-limited logging for stack and cmd: the standard library only.
 	{pkg: module + "/internal/ratelog"},
+	// --pcap: records a device's packets; knows the device interface only.
+	{pkg: module + "/internal/pcap", allow: []string{module + "/internal/device"}},
 }
 
 // matches reports whether the import path path matches pattern, an exact
