@@ -295,6 +295,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 
 	showVersion := fs.Bool("version", false, "print netstackd's version and exit")
 	printMan := fs.Bool("print-man", false, "print the manual page (roff, netstackd.1) made from these flags and exit")
+	configPath := fs.String("config", "", "read flags from the TOML `file` whose keys are the flags' names (route = [\"0.0.0.0/0\"], max-flows = 4096); flags on the command line win")
+	printConfig := fs.Bool("print-config", false, "print the configuration in effect as a --config file and exit")
+	got := recordSets(fs)
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -306,6 +309,13 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	if *printMan {
 		writeManPage(usageOut, fs)
 		return nil, errVersion
+	}
+	if *configPath != "" {
+		cmdline := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { cmdline[f.Name] = true })
+		if err := applyConfigFile(fs, *configPath, cmdline); err != nil {
+			return nil, err
+		}
 	}
 	if *showVersion {
 		fmt.Fprintln(usageOut, version())
@@ -435,6 +445,10 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 				o.routes = append(o.routes, r)
 			}
 		}
+	}
+	if *printConfig {
+		writeConfig(usageOut, fs, o, got)
+		return nil, errVersion
 	}
 	return o, nil
 }
