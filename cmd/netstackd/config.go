@@ -150,14 +150,16 @@ func sortedKeys(m map[string]bool) []string {
 	return keys
 }
 
-// writeConfig writes the configuration in effect: the flags that were set
-// (on the command line or in the file) as keys, every other one commented
-// out with the value it has: its default, or what netstackd chose (the DNS
-// mode, the routes of a namespace).
-func writeConfig(w io.Writer, fs *flag.FlagSet, o *options, got map[string][]string) {
-	fmt.Fprintln(w, "# netstackd configuration (--config FILE): every key is a flag, as netstackd --help")
-	fmt.Fprintln(w, "# lists them; a flag given on the command line wins over the file. Commented keys")
-	fmt.Fprintln(w, "# show the value in effect without setting it.")
+// configEntry is one key of the configuration in effect.
+type configEntry struct {
+	key, value string // value as TOML
+	set        bool   // given on the command line or in the file
+}
+
+// configInEffect lists every key with its value in effect: what was set,
+// or else what netstackd chose (the DNS mode, the routes of a namespace),
+// or else the default.
+func configInEffect(fs *flag.FlagSet, o *options, got map[string][]string) []configEntry {
 	chosen := map[string][]string{
 		"dns":           {o.dnsMode},
 		"proxy":         {o.proxyURL},
@@ -166,22 +168,37 @@ func writeConfig(w io.Writer, fs *flag.FlagSet, o *options, got map[string][]str
 		"fake-ip-range": cidrStrings(o.fakeRanges),
 		"pcap-max-size": {formatBytes(o.pcapMaxSize)},
 	}
+	var entries []configEntry
 	fs.VisitAll(func(f *flag.Flag) {
 		if metaFlags[f.Name] {
 			return
 		}
 		values, set := got[f.Name]
-		prefix := ""
 		if !set {
-			prefix = "# "
 			if v, ok := chosen[f.Name]; ok {
 				values = v
 			} else if !repeatable[f.Name] {
 				values = []string{f.DefValue}
 			}
 		}
-		fmt.Fprintf(w, "%s%s = %s\n", prefix, f.Name, tomlValue(f, values))
+		entries = append(entries, configEntry{key: f.Name, value: tomlValue(f, values), set: set})
 	})
+	return entries
+}
+
+// writeConfig writes the configuration in effect as a --config file: the
+// keys that were set, every other one commented out with its value.
+func writeConfig(w io.Writer, entries []configEntry) {
+	fmt.Fprintln(w, "# netstackd configuration (--config FILE): every key is a flag, as netstackd --help")
+	fmt.Fprintln(w, "# lists them; a flag given on the command line wins over the file. Commented keys")
+	fmt.Fprintln(w, "# show the value in effect without setting it.")
+	for _, e := range entries {
+		prefix := ""
+		if !e.set {
+			prefix = "# "
+		}
+		fmt.Fprintf(w, "%s%s = %s\n", prefix, e.key, e.value)
+	}
 }
 
 // tomlValue writes values as the TOML the flag's key takes: a list for a

@@ -32,9 +32,10 @@ type options struct {
 	queues        int  // TUN queues (IFF_MULTI_QUEUE), each read by its own goroutine
 	proxyURL      string
 	logLevel      slog.Level
-	logFormat     string // --log-format: text or json
-	pcapPath      string // --pcap: record what crosses the TUN there; "": don't
-	pcapMaxSize   int    // --pcap-max-size: rotate at this many bytes
+	logFormat     string            // --log-format: text or json
+	pcapPath      string            // --pcap: record what crosses the TUN there; "": don't
+	pcapMaxSize   int               // --pcap-max-size: rotate at this many bytes
+	effective     map[string]string // every configuration key's value in effect, for a reload to compare
 	dialTimeout   time.Duration
 	acceptFirst   bool // --tcp-handshake accept-first
 	halfCloseIdle time.Duration
@@ -446,9 +447,14 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 			}
 		}
 	}
+	entries := configInEffect(fs, o, got)
 	if *printConfig {
-		writeConfig(usageOut, fs, o, got)
+		writeConfig(usageOut, entries)
 		return nil, errVersion
+	}
+	o.effective = make(map[string]string, len(entries))
+	for _, e := range entries {
+		o.effective[e.key] = e.value
 	}
 	return o, nil
 }

@@ -75,6 +75,9 @@ func markedResolver(control func(network, address string, c syscall.RawConn) err
 
 // upstream is how netstackd reaches the far end of its flows.
 type upstream struct {
+	// noUDP: the proxy carries no UDP, though dialer (a liveDialer) has a
+	// ListenPacket; UDP is refused from the start, as for SOCKS4 and HTTP.
+	noUDP bool
 	// dialer reaches the flows' destinations: a Direct that also refuses
 	// loopback (unless --allow-host-loopback), or a proxy dialer.
 	dialer proxy.Dialer

@@ -1,8 +1,11 @@
 package main_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -138,5 +141,105 @@ func TestIntegrationPcap(t *testing.T) {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("the capture lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// TestIntegrationReload: SIGHUP reads the --config file again. A new proxy
+// takes the new flows while a download through the old one goes on
+// untouched; a file that does not parse changes nothing; a key that cannot
+// change while running is reported and kept.
+func TestIntegrationReload(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	first := netip.AddrPortFrom(netnstest.ServerIPv4, 1091)
+	second := netip.AddrPortFrom(netnstest.ServerIPv4, 1092)
+	socksA := tp.StartLoggingSOCKS5(t, first, nil)
+	socksB := tp.StartLoggingSOCKS5(t, second, nil)
+	config := filepath.Join(t.TempDir(), "netstackd.toml")
+	write := func(body string) {
+		if err := os.WriteFile(config, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(fmt.Sprintf("socks = %q\ndns = \"off\"\n", first))
+	d := startNetstackd(t, tp, "--config", config)
+	waitLog := func(what string, n int) {
+		t.Helper()
+		ctx := netnstest.TestContext(t, 10*time.Second)
+		if err := netnstest.Poll(ctx, 20*time.Millisecond, func() (bool, error) {
+			return strings.Count(d.Log(), what) >= n, nil
+		}); err != nil {
+			t.Fatalf("no %q line in the log (%v):\n%s", what, err, d.Log())
+		}
+	}
+
+	// A download of 4 MiB at 512 KiB/s through the first proxy: it runs
+	// across the reloads below.
+	const size = 4 << 20
+	out := filepath.Join(t.TempDir(), "download")
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	download := tp.Client.Command(ctx, "curl", "-sS", "--limit-rate", "512K", "-o", out, httpURL(netnstest.ServerIPv4, fmt.Sprintf("/bytes?n=%d", size)))
+	if err := download.Start(); err != nil {
+		t.Fatal(err)
+	}
+	downloaded := make(chan error, 1)
+	go func() { downloaded <- download.Wait() }()
+	if err := netnstest.Poll(netnstest.TestContext(t, 10*time.Second), 20*time.Millisecond, func() (bool, error) {
+		return len(socksA.Requests()) == 1, nil
+	}); err != nil {
+		t.Fatalf("the download did not go through the first proxy: %v", err)
+	}
+
+	write(fmt.Sprintf("socks = %q\ndns = \"off\"\n", second))
+	if err := d.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitLog("msg=reloaded", 1)
+	select {
+	case <-downloaded:
+		t.Fatal("the download ended before the reload: the test would prove nothing")
+	default:
+	}
+	testGet(t, tp, netnstest.ServerIPv4)
+	if a, b := len(socksA.Requests()), len(socksB.Requests()); a != 1 || b != 1 {
+		t.Errorf("after the reload the first proxy saw %d requests and the second %d; want the download on the first and the new flow on the second", a, b)
+	}
+
+	write("socks = [\n") // does not parse
+	if err := d.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitLog("reload refused", 1)
+	testGet(t, tp, netnstest.ServerIPv4)
+	if b := len(socksB.Requests()); b != 2 {
+		t.Errorf("after a refused reload the second proxy saw %d requests, want 2", b)
+	}
+
+	write(fmt.Sprintf("socks = %q\ndns = \"off\"\nmtu = 1400\n", second))
+	if err := d.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitLog("msg=reloaded", 2)
+	if !strings.Contains(d.Log(), "cannot change while running") || !strings.Contains(d.Log(), "keys=[mtu]") {
+		t.Errorf("the MTU change was not reported as kept:\n%s", d.Log())
+	}
+
+	select {
+	case err := <-downloaded:
+		if err != nil {
+			t.Fatalf("the download through the first proxy failed across the reload: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the download did not finish")
+	}
+	if got, n := fileSHA256(t, out); got != netnstest.BytesSHA256(size) || n != size {
+		t.Errorf("the download across the reload got %d bytes with sha256 %s", n, got)
+	}
+	select {
+	case <-d.Done():
+		t.Fatal("netstackd exited on SIGHUP")
+	default:
 	}
 }

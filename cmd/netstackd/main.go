@@ -57,7 +57,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netstackd: %v\n", errNeedsNoCgo)
 		return exitUsage
 	}
-	log := newLogger(stderr, opts.logFormat, opts.logLevel)
+	level := new(slog.LevelVar) // a reload (SIGHUP) may change it
+	level.Set(opts.logLevel)
+	log := newLogger(stderr, opts.logFormat, level)
 	refused := &refusals{log: log}
 	up, err := newUpstream(context.Background(), opts, refused)
 	if err != nil {
@@ -66,6 +68,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitFail
 		}
 		return exitUsage
+	}
+	// The daemon's proxy can be replaced by a reload; host-wide mode's
+	// routes exclude the proxy server found at start, so there it stays.
+	var live *liveDialer
+	if !runMode && !opts.hostWide && isProxy(opts.proxyURL) {
+		_, carriesUDP := up.dialer.(proxy.PacketListener)
+		live = newLiveDialer(up.dialer)
+		up.dialer, up.noUDP = live, !carriesUDP
 	}
 	dialer := up.dialer
 	for _, rec := range []struct {
@@ -173,6 +183,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	hups, stopHups := notifyReload()
+	defer stopHups()
+	reloadCtx, stopReloads := context.WithCancel(ctx)
+	var reloading sync.WaitGroup
+	rl := &reloader{args: args, opts: opts, level: level, live: live, refused: refused, log: log}
+	reloading.Go(func() { rl.run(reloadCtx, hups) })
+	defer func() {
+		stopReloads()
+		reloading.Wait()
+	}()
 	if err := serve(ctx, opts, hostWideExcludes(opts, up), serveTUN, log); err != nil {
 		log.Error("netstackd failed", "err", err)
 		return exitFail
@@ -238,7 +258,7 @@ func startStack(dev *tundev.Device, capture *pcap.Writer, opts *options, up *ups
 	}
 	cfg.MaxInFlight, cfg.MaxInFlightPerSource = opts.maxInFlight, opts.maxInFlightPerSource
 	cfg.HandshakeTimeout = opts.handshakeTimeout
-	if u, ok := dialer.(stack.UDPDialer); ok {
+	if u, ok := dialer.(stack.UDPDialer); ok && !up.noUDP {
 		cfg.UDP = u
 	}
 	_, cfg.ForwardPing = dialer.(proxy.Direct)
@@ -433,7 +453,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 
 // newLogger writes lines of the given format (--log-format) at level and
 // above to w.
-func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
+func newLogger(w io.Writer, format string, level slog.Leveler) *slog.Logger {
 	o := &slog.HandlerOptions{Level: level}
 	if format == "json" {
 		return slog.New(slog.NewJSONHandler(w, o))
