@@ -54,6 +54,7 @@ type Relayer struct {
 	parkAfter     time.Duration // quiet time before an upstream read parks
 	poller        *upstreamPoller
 	goroutines    sync.WaitGroup // every goroutine running a direction
+	epoch         time.Time      // flows' opening times count from it (monotonic)
 
 	// The live flows, for AbortAll: a list threaded through the flows
 	// costs them two pointers, where a context.AfterFunc each would cost
@@ -70,7 +71,7 @@ func New(cfg Config) (*Relayer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.ParkAfter, poller: p}, nil
+	return &Relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.ParkAfter, poller: p, epoch: time.Now()}, nil
 }
 
 // Close waits for every direction's goroutine, after AbortAll and once the
@@ -172,10 +173,25 @@ type Result struct {
 	Reset          bool  // a side was reset, or the flow was given up
 }
 
+// Tag names a flow in the live view (Flows) and for Abort.
+type Tag struct {
+	// ID is the stack's flow number, as in its logs.
+	ID uint64
+	// Name is the destination's name when the flow dialed one (a fake-IP
+	// flow dials "name:port"); empty otherwise, so that a flow to an
+	// address holds no string of its own.
+	Name string
+	// Inbound marks a published flow: its Conn is the connection into the
+	// TUN and its upstream the outside client.
+	Inbound bool
+}
+
 // relayFlow is one relayed flow: its two sides and both directions, in one
 // allocation, since ten thousand idle flows each hold one.
 type relayFlow struct {
 	flowConns
+	tag      Tag
+	opened   time.Duration // since r.epoch
 	r        *Relayer
 	halfDone atomic.Bool // one direction has ended with a FIN
 	pending  atomic.Int32
@@ -203,7 +219,7 @@ type relayFlow struct {
 // The upstream must be a socket (syscall.Conn), as every dialer of
 // netstackd's gives: its descriptor is what parks. A flow whose upstream is
 // not one is reset at once, with the reason in Result.
-func (r *Relayer) Relay(client *Conn, upstream net.Conn, done func(Result)) {
+func (r *Relayer) Relay(client *Conn, upstream net.Conn, tag Tag, done func(Result)) {
 	var rc syscall.RawConn
 	sc, ok := upstream.(syscall.Conn)
 	if !ok {
@@ -223,7 +239,7 @@ func (r *Relayer) Relay(client *Conn, upstream net.Conn, done func(Result)) {
 		done(Result{UpErr: err, DownErr: err, Reset: true})
 		return
 	}
-	fl := &relayFlow{flowConns: flowConns{client: client, upstream: upstream}, r: r, done: done}
+	fl := &relayFlow{flowConns: flowConns{client: client, upstream: upstream}, tag: tag, opened: time.Since(r.epoch), r: r, done: done}
 	fl.pending.Store(2)
 	fl.upPipe.init(fl)
 	fl.up = &fl.upPipe
@@ -256,9 +272,9 @@ func (fl *relayFlow) directionDone(up bool, total int64, err error) {
 }
 
 // RelayWait is Relay for a caller that waits for the flow to end.
-func (r *Relayer) RelayWait(client *Conn, upstream net.Conn) Result {
+func (r *Relayer) RelayWait(client *Conn, upstream net.Conn, tag Tag) Result {
 	ch := make(chan Result, 1)
-	r.Relay(client, upstream, func(res Result) { ch <- res })
+	r.Relay(client, upstream, tag, func(res Result) { ch <- res })
 	return <-ch
 }
 
