@@ -77,11 +77,16 @@ func (st *Stack) Flows(max int) []FlowInfo {
 
 func (st *Stack) tcpFlowInfo(f tcprelay.FlowInfo) FlowInfo {
 	in := FlowInfo{
-		ID: f.ID, Proto: "tcp", Inbound: f.Inbound, Client: f.Client, Destination: f.Dst, Name: f.Name,
+		ID: f.ID, Proto: "tcp", Inbound: f.Inbound, Client: f.Client, Destination: f.Dst,
 		Up: uint64(max(f.Up, 0)), Down: uint64(max(f.Down, 0)), Age: f.Age, State: f.State.String(),
 	}
-	if !f.Inbound && f.Upstream != nil {
-		in.Upstream = f.Upstream.String()
+	if !f.Inbound {
+		// A flow to a fake address holds its name (Names.Hold) while it
+		// lives: looking it up costs the flow nothing until asked.
+		in.Name = st.fakeName(f.Dst.Addr())
+		if f.Upstream != nil {
+			in.Upstream = f.Upstream.String()
+		}
 	}
 	return in
 }

@@ -195,3 +195,36 @@ func TestFlowsMax(t *testing.T) {
 		t.Error("CloseFlow of an unknown id = true")
 	}
 }
+
+// oneName is a fake-address table of one entry: the smallest FakeNames.
+type oneName struct {
+	fake netip.Addr
+	name string
+}
+
+func (n oneName) IsFake(a netip.Addr) bool { return a == n.fake }
+func (n oneName) Hold(netip.Addr) func()   { return func() {} }
+func (n oneName) Resolve(a netip.Addr) (string, bool) {
+	return n.name, a == n.fake
+}
+
+// TestFlowsFakeName: a flow to a fake address is listed with the name it
+// stands for, which is what it dialed.
+func TestFlowsFakeName(t *testing.T) {
+	fake := netip.MustParseAddr("198.19.0.5")
+	p := newPeer(t, Config{Names: oneName{fake: fake, name: "example.test"}})
+	port := listen(t, echo)
+	c, err := p.dial(t, netip.AddrPortFrom(fake, port))
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	client := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	f := waitFlow(t, p.st, "tcp", client, "listed", func(_ FlowInfo, ok bool) bool { return ok })
+	if f.Name != "example.test" || f.Destination != netip.AddrPortFrom(fake, port) {
+		t.Fatalf("flow to a fake address listed as %+v", f)
+	}
+	if want := net.JoinHostPort("example.test", strconv.Itoa(int(port))); p.dialer.dsts[0] != want {
+		t.Fatalf("dialed %q, want %q", p.dialer.dsts[0], want)
+	}
+}

@@ -90,17 +90,3 @@ func (n natNames) IsFake(addr netip.Addr) bool { return n.st.cfg.Names.IsFake(ad
 func (n natNames) Lookup(dst netip.AddrPort) (string, func(), error) {
 	return n.st.upstreamAddress(dst)
 }
-
-// dialedName is the name in address, the "host:port" upstreamAddress gave
-// for dst, or "" when address is dst itself: what the live view of flows
-// shows as the destination's name.
-func dialedName(address string, dst netip.AddrPort) string {
-	host, _, err := net.SplitHostPort(address)
-	if err != nil {
-		return ""
-	}
-	if a, err := netip.ParseAddr(host); err == nil && a.Unmap() == dst.Addr().Unmap() {
-		return ""
-	}
-	return host
-}

@@ -133,7 +133,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	st.tcpOpened.Add(1)
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true
-	st.relay.Relay(conn, upstream, tcprelay.Tag{ID: log.seq, Name: dialedName(address, dst)}, func(res tcprelay.Result) {
+	st.relay.Relay(conn, upstream, tcprelay.Tag{ID: log.seq}, func(res tcprelay.Result) {
 		if l := log.logger(slog.LevelDebug); l != nil {
 			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.LogAttrs()...)
 		}

@@ -3,6 +3,7 @@ package tcprelay
 import (
 	"net"
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -50,8 +51,15 @@ type FlowInfo struct {
 	State    State
 }
 
-// Flows appends every live flow to dst and returns it.
+// Flows appends every live flow to dst and returns it. It holds the lock
+// that opening and ending flows take only while it copies.
 func (r *Relayer) Flows(dst []FlowInfo) []FlowInfo {
+	r.mu.Lock()
+	n := r.nlive
+	r.mu.Unlock()
+	// Room for flows opened meanwhile, so that the copy under the lock
+	// rarely grows the slice.
+	dst = slices.Grow(dst, n+n/8+16)
 	now := time.Since(r.epoch)
 	r.mu.Lock()
 	defer r.mu.Unlock()

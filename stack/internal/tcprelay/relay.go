@@ -61,6 +61,7 @@ type Relayer struct {
 	// a few hundred bytes.
 	mu      sync.Mutex
 	live    *relayFlow
+	nlive   int // flows in live, so that Flows allocates outside the lock
 	aborted bool
 }
 
@@ -93,12 +94,17 @@ func (r *Relayer) track(fl *relayFlow) bool {
 		r.live.prev = fl
 	}
 	r.live = fl
+	r.nlive++
 	return true
 }
 
 func (r *Relayer) untrack(fl *relayFlow) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if fl.prev == nil && r.live != fl {
+		return // not tracked: AbortAll refused it
+	}
+	r.nlive--
 	if fl.prev != nil {
 		fl.prev.next = fl.next
 	} else if r.live == fl {
@@ -173,14 +179,12 @@ type Result struct {
 	Reset          bool  // a side was reset, or the flow was given up
 }
 
-// Tag names a flow in the live view (Flows) and for Abort.
+// Tag names a flow in the live view (Flows) and for Abort. It is all the
+// view adds to a flow, with its opening time: what else it shows the flow
+// holds anyway.
 type Tag struct {
 	// ID is the stack's flow number, as in its logs.
 	ID uint64
-	// Name is the destination's name when the flow dialed one (a fake-IP
-	// flow dials "name:port"); empty otherwise, so that a flow to an
-	// address holds no string of its own.
-	Name string
 	// Inbound marks a published flow: its Conn is the connection into the
 	// TUN and its upstream the outside client.
 	Inbound bool
