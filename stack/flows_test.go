@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 )
 
 // findFlow returns the live flow from client, if any.
@@ -226,5 +228,47 @@ func TestFlowsFakeName(t *testing.T) {
 	}
 	if want := net.JoinHostPort("example.test", strconv.Itoa(int(port))); p.dialer.dsts[0] != want {
 		t.Fatalf("dialed %q, want %q", p.dialer.dsts[0], want)
+	}
+}
+
+// TestFlowsInbound: a flow to a published port is listed as inbound, from
+// the outside client to the port behind the TUN, with its bytes counted
+// from the client's side.
+func TestFlowsInbound(t *testing.T) {
+	p := newPeer(t, Config{Gateway4: netip.MustParseAddr("198.18.0.2")})
+	ln, err := gonet.ListenTCP(p.client, tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4([4]byte{198, 18, 0, 1}), Port: 8002}, ipv4.ProtocolNumber)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		c.Write([]byte("welcome")) // 7 bytes down, then echo
+		io.Copy(c, c)
+	}()
+	outside, host := tcpPair(t)
+	defer outside.Close()
+	p.st.ServeInbound(host, netip.MustParseAddrPort("198.18.0.1:8002"))
+	if _, err := outside.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	outside.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(outside, make([]byte, 9)); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	client := outside.LocalAddr().(*net.TCPAddr).AddrPort()
+	f := waitFlow(t, p.st, "tcp", client, "counted", func(f FlowInfo, ok bool) bool { return ok && f.Up == 2 && f.Down == 9 })
+	if !f.Inbound || f.Destination != netip.MustParseAddrPort("198.18.0.1:8002") || f.Upstream != "" {
+		t.Fatalf("published flow listed as %+v", f)
+	}
+	if !p.st.CloseFlow(f.ID) {
+		t.Fatalf("CloseFlow(%d) = false", f.ID)
+	}
+	if _, err := io.ReadAll(outside); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("outside client after CloseFlow: %v, want ECONNRESET", err)
 	}
 }
