@@ -51,19 +51,24 @@ type FlowInfo struct {
 	State    State
 }
 
-// Flows appends every live flow to dst and returns it. It holds the lock
-// that opening and ending flows take only while it copies.
+// Flows appends every live flow to dst and returns it. Under the lock that
+// opening and ending flows take it only collects pointers; the flows are
+// read after, which their atomics and fixed fields allow.
 func (r *Relayer) Flows(dst []FlowInfo) []FlowInfo {
 	r.mu.Lock()
 	n := r.nlive
 	r.mu.Unlock()
 	// Room for flows opened meanwhile, so that the copy under the lock
 	// rarely grows the slice.
-	dst = slices.Grow(dst, n+n/8+16)
-	now := time.Since(r.epoch)
+	flows := make([]*relayFlow, 0, n+n/8+16)
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	for fl := r.live; fl != nil; fl = fl.next {
+		flows = append(flows, fl)
+	}
+	r.mu.Unlock()
+	now := time.Since(r.epoch)
+	dst = slices.Grow(dst, len(flows))
+	for _, fl := range flows {
 		dst = append(dst, fl.info(now))
 	}
 	return dst
