@@ -9,9 +9,9 @@ import (
 
 // The live view of flows walks the list AbortAll already keeps: a flow
 // costs it no map entry and nothing per copy beyond the atomic add to its
-// direction's total. Finding one flow by id walks the list too, which an
-// operator's request can afford (ten thousand flows: tens of
-// microseconds) where every flow paying for an index could not.
+// direction's total. Finding one flow by id walks the list too: that is
+// paid by an operator's request, now and then, where an index would cost
+// every flow a map entry and every open and close an update.
 
 // State is what a flow is doing, as far as the relay knows.
 type State uint8
