@@ -10,7 +10,7 @@ import (
 )
 
 // FlowInfo describes one live flow for an operator: a TCP flow being
-// relayed (outbound or published) or an outbound UDP association.
+// relayed or a UDP association, outbound or to a published port.
 type FlowInfo struct {
 	// ID is the flow's number, as in the stack's logs; CloseFlow takes it.
 	ID uint64
@@ -50,13 +50,20 @@ func (st *Stack) Flows(max int) []FlowInfo {
 	if st.udp != nil {
 		udp = st.udp.Flows(nil)
 	}
-	out := make([]FlowInfo, 0, len(tcp)+len(udp))
+	inUDP := st.inUDP.Flows(nil)
+	out := make([]FlowInfo, 0, len(tcp)+len(udp)+len(inUDP))
 	for _, f := range tcp {
 		out = append(out, st.tcpFlowInfo(f))
 	}
 	for _, f := range udp {
 		out = append(out, FlowInfo{
 			ID: f.ID, Proto: "udp", Client: f.Client, Destination: f.Dst, Name: st.fakeName(f.Dst.Addr()),
+			Up: f.Up, Down: f.Down, Age: f.Age, State: f.State,
+		})
+	}
+	for _, f := range inUDP {
+		out = append(out, FlowInfo{
+			ID: f.ID, Proto: "udp", Inbound: true, Client: f.Client, Destination: f.Dst,
 			Up: f.Up, Down: f.Down, Age: f.Age, State: f.State,
 		})
 	}
@@ -103,10 +110,14 @@ func (st *Stack) fakeName(addr netip.Addr) string {
 // CloseFlow ends the live flow with id and reports whether there was one. A
 // TCP flow is reset both ways: the client sees a RST from the stack, the
 // upstream one from our socket (SO_LINGER 0). A UDP association ends, its
-// upstream socket closed; the client's next datagram opens a new one.
+// upstream socket closed (for a published port, its gateway port freed);
+// the client's next datagram opens a new one.
 func (st *Stack) CloseFlow(id uint64) bool {
 	if st.relay.Abort(id) {
 		return true
 	}
-	return st.udp != nil && st.udp.Abort(id)
+	if st.udp != nil && st.udp.Abort(id) {
+		return true
+	}
+	return st.inUDP.Abort(id)
 }

@@ -272,3 +272,31 @@ func TestFlowsInbound(t *testing.T) {
 		t.Fatalf("outside client after CloseFlow: %v, want ECONNRESET", err)
 	}
 }
+
+// TestFlowsInboundUDP: an association with a published UDP port is listed
+// as inbound, from its outside source, and CloseFlow ends it.
+func TestFlowsInboundUDP(t *testing.T) {
+	p := newPeer(t, Config{Gateway4: netip.MustParseAddr("198.18.0.2")})
+	inside := p.serveInsideUDP(t, netip.MustParseAddrPort("198.18.0.1:5300"))
+	pub := publishUDP(t, p.st, inside.addr)
+	c := outsideUDP(t)
+	msg := []byte("published datagram")
+	outsideRoundTrip(t, c, pub, msg)
+	client := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	f := waitFlow(t, p.st, "udp", client, "counted", func(f FlowInfo, ok bool) bool {
+		return ok && f.Up >= uint64(len(msg)) && f.Down >= uint64(len(msg))
+	})
+	if !f.Inbound || f.Destination != inside.addr || f.Up%uint64(len(msg)) != 0 || f.State != "open" {
+		t.Fatalf("published association listed as %+v", f)
+	}
+	if !p.st.CloseFlow(f.ID) {
+		t.Fatalf("CloseFlow(%d) = false", f.ID)
+	}
+	if _, ok := findFlow(p.st, "udp", client); ok {
+		t.Fatal("association still listed after CloseFlow")
+	}
+	outsideRoundTrip(t, c, pub, msg)
+	if g := waitFlow(t, p.st, "udp", client, "listed again", func(_ FlowInfo, ok bool) bool { return ok }); g.ID == f.ID {
+		t.Errorf("new association kept id %d", g.ID)
+	}
+}
