@@ -83,3 +83,42 @@ func BenchmarkIdleFlows(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkFlows measures one snapshot of the live view (Flows) with ten
+// thousand idle TCP flows open: what an operator's GET /flows costs the
+// stack. The upstreams are connections left in the accept queues of
+// listeners that never accept, so that each flow costs one descriptor here
+// (the limit may be 20000 and not ours to raise); the queues' bound
+// (net.core.somaxconn, often 4096) makes it several listeners.
+func BenchmarkFlows(b *testing.B) {
+	const flows, perListener = 10000, 2000
+	p := newPeer(b, Config{})
+	var dsts []netip.AddrPort
+	for range flows / perListener {
+		ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			b.Fatalf("listen: %v", err)
+		}
+		b.Cleanup(func() { ln.Close() })
+		dsts = append(dsts, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), uint16(ln.Addr().(*net.TCPAddr).Port)))
+	}
+	for i := range flows {
+		c, err := p.dial(b, dsts[i/perListener])
+		if err != nil {
+			b.Fatalf("dial %d: %v", i, err)
+		}
+		b.Cleanup(func() { c.Close() })
+	}
+	for deadline := time.Now().Add(60 * time.Second); len(p.st.Flows(0)) < flows; {
+		if time.Now().After(deadline) {
+			b.Fatalf("only %d of %d flows relayed", len(p.st.Flows(0)), flows)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if got := p.st.Flows(flows); len(got) != flows {
+			b.Fatalf("Flows listed %d, want %d", len(got), flows)
+		}
+	}
+}

@@ -61,7 +61,8 @@ func (st *Stack) ServeInbound(c net.Conn, dst netip.AddrPort) {
 	go func() {
 		defer st.flows.Done()
 		defer func() { <-st.flowSlots }()
-		log := st.log.With("flow", st.nextFlowID(), "proto", "tcp", "src", c.RemoteAddr().String(), "dst", dst, "via", "publish")
+		id := st.nextFlowID()
+		log := st.log.With("flow", id, "proto", "tcp", "src", c.RemoteAddr().String(), "dst", dst, "via", "publish")
 		ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
 		inside, err := st.dialInside(ctx, dst)
 		cancel()
@@ -70,7 +71,7 @@ func (st *Stack) ServeInbound(c net.Conn, dst netip.AddrPort) {
 			tcprelay.ResetConn(c)
 			return
 		}
-		res := st.relay.RelayWait(inside, c)
+		res := st.relay.RelayWait(inside, c, tcprelay.Tag{ID: id, Inbound: true})
 		log.Debug("flow closed", "up", res.Down, "down", res.Up, "reset", res.Reset)
 	}()
 }

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -134,12 +133,11 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	st.tcpOpened.Add(1)
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true
-	opened := time.Now()
-	st.relay.Relay(conn, upstream, func(res tcprelay.Result) {
+	st.relay.Relay(conn, upstream, tcprelay.Tag{ID: log.seq}, func(res tcprelay.Result) {
 		// One line says the whole flow: where it went, how much each
 		// way, how long, and how it ended.
 		if l := log.logger(slog.LevelDebug); l != nil {
-			attrs := append(res.LogAttrs(), slog.String("address", address), slog.Duration("duration", time.Since(opened)))
+			attrs := append(res.LogAttrs(), slog.String("address", address))
 			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", attrs...)
 		}
 		release()

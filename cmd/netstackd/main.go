@@ -41,6 +41,9 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "flows" {
+		return runFlows(args[1:], stdout, stderr)
+	}
 	runMode := len(args) > 0 && args[0] == "run"
 	if runMode {
 		args = args[1:]

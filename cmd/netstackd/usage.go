@@ -22,6 +22,7 @@ connection directly or through a proxy.
 Usage:
   netstackd [flags]                  serve a TUN device
   netstackd run [flags] -- CMD ARGS  run CMD with a network of its own, served by netstackd
+  netstackd flows [--close ID]       list the live flows of a daemon started with --metrics
 `
 
 const runUsageHead = `netstackd run: run a command with a network namespace of its own, whose
@@ -272,6 +273,12 @@ netstackd \- a userspace TCP/IP stack on a TUN device that relays every connecti
 .B \-\-
 .I command
 .RI [ args ...]
+.br
+.B netstackd flows
+.RB [ \\-\\-metrics
+.IR addr ]
+.RB [ \\-\\-close
+.IR id ]
 .SH DESCRIPTION
 Every connection that enters the TUN is terminated in userspace (gVisor's netstack) and relayed
 as a real socket from netstackd's own network namespace, or through a SOCKS5, SOCKS4 or HTTP CONNECT proxy.

@@ -124,6 +124,12 @@ type inboundAssoc struct {
 	listed int64
 
 	refusalLogged atomic.Bool // an ICMP port unreachable from inside was logged
+
+	// For the live view (Flows): the flow id, when the association opened
+	// (unix nanoseconds), and the payload bytes relayed each way.
+	id       uint64
+	opened   int64
+	up, down atomic.Uint64
 }
 
 // NewUDP makes the table; ctx ends every Serve.
@@ -261,6 +267,7 @@ func (in *UDP) forward(srv *inboundServer, from netip.AddrPort, buf []byte, n in
 	start := udpHeadroom - hl - packet.UDPHeaderLen
 	pkt := packet.BuildUDP(buf[start:], netip.AddrPortFrom(srv.gw, a.port), srv.dst, buf[udpHeadroom:udpHeadroom+n])
 	in.w.WriteRaw(pkt)
+	a.up.Add(uint64(n))
 }
 
 // lookup finds the association of an outside source, creating it (and
@@ -277,9 +284,10 @@ func (in *UDP) lookup(srv *inboundServer, from netip.AddrPort) *inboundAssoc {
 	if len(in.byPort) >= in.max {
 		in.evictOldestLocked()
 	}
-	a := &inboundAssoc{srv: srv, outside: from, port: in.freePortLocked()}
-	a.log = srv.log.With("flow", in.nextFlow(), "src", from, "gateway", netip.AddrPortFrom(srv.gw, a.port))
+	a := &inboundAssoc{srv: srv, outside: from, port: in.freePortLocked(), id: in.nextFlow()}
+	a.log = srv.log.With("flow", a.id, "src", from, "gateway", netip.AddrPortFrom(srv.gw, a.port))
 	a.touch()
+	a.opened = a.last.Load()
 	a.listed = a.last.Load()
 	a.elem = in.lru.PushFront(a)
 	srv.assocs[from] = a
@@ -420,7 +428,9 @@ func (in *UDP) Deliver(src, dst netip.AddrPort, payload []byte) bool {
 	a.touch()
 	if err := a.srv.write(payload, a.outside); err != nil {
 		a.log.Debug("send to outside source failed", "from", src, "err", err)
+		return true
 	}
+	a.down.Add(uint64(len(payload)))
 	return true
 }
 

@@ -33,7 +33,7 @@ import (
 // clientPipe copies the client's endpoint to the upstream connection.
 type clientPipe struct {
 	fl     *relayFlow
-	total  int64
+	total  atomic.Int64 // read live by Flows
 	sender *socketSender
 	parking
 	entry  waiter.Entry
@@ -84,10 +84,10 @@ func (p *clientPipe) run() {
 			continue
 		}
 		n, rerr, werr := p.sendReadable()
-		p.total += n
+		p.total.Add(n)
 		if werr != nil {
 			fl.abort()
-			fl.directionDone(true, p.total, werr)
+			fl.directionDone(true, p.total.Load(), werr)
 			return
 		}
 		if rerr == nil {
@@ -96,7 +96,7 @@ func (p *clientPipe) run() {
 		if p.linger.expired() {
 			rerr = fl.client.opError("read", os.ErrDeadlineExceeded)
 		}
-		fl.directionDone(true, p.total, finishDirection(&fl.flowConns, fl.upstream, rerr, &fl.halfDone, fl.r.halfCloseIdle))
+		fl.directionDone(true, p.total.Load(), finishDirection(&fl.flowConns, fl.upstream, rerr, &fl.halfDone, fl.r.halfCloseIdle))
 		return
 	}
 }
@@ -124,9 +124,9 @@ func (p *clientPipe) park() bool {
 type upstreamPipe struct {
 	fl    *relayFlow
 	rc    syscall.RawConn
-	total int64
-	id    uint64 // our registration with the poller; 0 before the first park
-	inSet bool   // the socket is in the poller's epoll set
+	total atomic.Int64 // read live by Flows
+	id    uint64       // our registration with the poller; 0 before the first park
+	inSet bool         // the socket is in the poller's epoll set
 	parking
 	linger lingerTimer
 }
@@ -166,7 +166,7 @@ func (p *upstreamPipe) run() {
 				p.end(werr)
 				return
 			}
-			p.total += int64(n)
+			p.total.Add(int64(n))
 		}
 		if bp != nil {
 			relayBufs.Put(bp)
@@ -244,7 +244,7 @@ func (p *upstreamPipe) end(err error) {
 		p.fl.r.poller.unregister(p.id)
 	}
 	p.linger.stop()
-	p.fl.directionDone(false, p.total, err)
+	p.fl.directionDone(false, p.total.Load(), err)
 }
 
 // parking is the parked/kick pair of a pipe (see the protocol above).

@@ -54,12 +54,14 @@ type Relayer struct {
 	parkAfter     time.Duration // quiet time before an upstream read parks
 	poller        *upstreamPoller
 	goroutines    sync.WaitGroup // every goroutine running a direction
+	epoch         time.Time      // flows' opening times count from it (monotonic)
 
 	// The live flows, for AbortAll: a list threaded through the flows
 	// costs them two pointers, where a context.AfterFunc each would cost
 	// a few hundred bytes.
 	mu      sync.Mutex
 	live    *relayFlow
+	nlive   int // flows in live, so that Flows allocates outside the lock
 	aborted bool
 }
 
@@ -70,7 +72,7 @@ func New(cfg Config) (*Relayer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.ParkAfter, poller: p}, nil
+	return &Relayer{halfCloseIdle: cfg.HalfCloseIdle, parkAfter: cfg.ParkAfter, poller: p, epoch: time.Now()}, nil
 }
 
 // Close waits for every direction's goroutine, after AbortAll and once the
@@ -92,12 +94,17 @@ func (r *Relayer) track(fl *relayFlow) bool {
 		r.live.prev = fl
 	}
 	r.live = fl
+	r.nlive++
 	return true
 }
 
 func (r *Relayer) untrack(fl *relayFlow) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if fl.prev == nil && r.live != fl {
+		return // not tracked: AbortAll refused it
+	}
+	r.nlive--
 	if fl.prev != nil {
 		fl.prev.next = fl.next
 	} else if r.live == fl {
@@ -170,12 +177,27 @@ type Result struct {
 	Up, Down       int64 // bytes toward the upstream and toward the client
 	UpErr, DownErr error // how each direction ended; nil for a FIN
 	Reset          bool  // a side was reset, or the flow was given up
+	// Duration is how long the flow was relayed.
+	Duration time.Duration
+}
+
+// Tag names a flow in the live view (Flows) and for Abort. It is all the
+// view adds to a flow, with its opening time: what else it shows the flow
+// holds anyway.
+type Tag struct {
+	// ID is the stack's flow number, as in its logs.
+	ID uint64
+	// Inbound marks a published flow: its Conn is the connection into the
+	// TUN and its upstream the outside client.
+	Inbound bool
 }
 
 // relayFlow is one relayed flow: its two sides and both directions, in one
 // allocation, since ten thousand idle flows each hold one.
 type relayFlow struct {
 	flowConns
+	tag      Tag
+	opened   time.Duration // since r.epoch
 	r        *Relayer
 	halfDone atomic.Bool // one direction has ended with a FIN
 	pending  atomic.Int32
@@ -203,7 +225,7 @@ type relayFlow struct {
 // The upstream must be a socket (syscall.Conn), as every dialer of
 // netstackd's gives: its descriptor is what parks. A flow whose upstream is
 // not one is reset at once, with the reason in Result.
-func (r *Relayer) Relay(client *Conn, upstream net.Conn, done func(Result)) {
+func (r *Relayer) Relay(client *Conn, upstream net.Conn, tag Tag, done func(Result)) {
 	var rc syscall.RawConn
 	sc, ok := upstream.(syscall.Conn)
 	if !ok {
@@ -223,7 +245,7 @@ func (r *Relayer) Relay(client *Conn, upstream net.Conn, done func(Result)) {
 		done(Result{UpErr: err, DownErr: err, Reset: true})
 		return
 	}
-	fl := &relayFlow{flowConns: flowConns{client: client, upstream: upstream}, r: r, done: done}
+	fl := &relayFlow{flowConns: flowConns{client: client, upstream: upstream}, tag: tag, opened: time.Since(r.epoch), r: r, done: done}
 	fl.pending.Store(2)
 	fl.upPipe.init(fl)
 	fl.up = &fl.upPipe
@@ -252,13 +274,14 @@ func (fl *relayFlow) directionDone(up bool, total int64, err error) {
 	fl.r.untrack(fl)
 	fl.res.Reset = fl.reset.Load()
 	fl.close()
+	fl.res.Duration = time.Since(fl.r.epoch) - fl.opened
 	fl.done(fl.res)
 }
 
 // RelayWait is Relay for a caller that waits for the flow to end.
-func (r *Relayer) RelayWait(client *Conn, upstream net.Conn) Result {
+func (r *Relayer) RelayWait(client *Conn, upstream net.Conn, tag Tag) Result {
 	ch := make(chan Result, 1)
-	r.Relay(client, upstream, func(res Result) { ch <- res })
+	r.Relay(client, upstream, tag, func(res Result) { ch <- res })
 	return <-ch
 }
 
@@ -319,7 +342,7 @@ func readRaw(src net.Conn, rc syscall.RawConn) (bp *[]byte, n int, err error) {
 }
 
 func (r Result) LogAttrs() []slog.Attr {
-	attrs := []slog.Attr{slog.Int64("up", r.Up), slog.Int64("down", r.Down), slog.Bool("reset", r.Reset)}
+	attrs := []slog.Attr{slog.Int64("up", r.Up), slog.Int64("down", r.Down), slog.Bool("reset", r.Reset), slog.Duration("duration", r.Duration)}
 	if r.UpErr != nil {
 		attrs = append(attrs, slog.String("up_err", r.UpErr.Error()))
 	}

@@ -71,6 +71,7 @@ type udpTx struct {
 	// it is for, read by sendF.
 	hdrs      [udpMmsgMax]mmsghdr
 	segs      [udpMmsgMax]int32 // datagrams in each message
+	sizes     [udpMmsgMax]int32 // payload bytes in each message
 	first     [udpMmsgMax]int32 // each message's first datagram in queue
 	names     [udpMmsgMax]rawSockaddr
 	cmsgs     [udpMmsgMax][udpCmsgRoom]byte
@@ -205,7 +206,7 @@ func (tx *udpTx) sendQueued(a *udpAssoc) {
 				h.hdr.Control = &tx.cmsgs[n][0]
 				h.hdr.SetControllen(unix.CmsgSpace(2))
 			}
-			tx.segs[n], tx.first[n] = int32(k), i
+			tx.segs[n], tx.sizes[n], tx.first[n] = int32(k), total, i
 			n, niov, i = n+1, niov+k, next
 		}
 		if n == 0 {
@@ -252,6 +253,11 @@ func (tx *udpTx) send(fd uintptr) {
 		switch {
 		case errno == 0 && n > 0:
 			t.sent.Add(uint64(tx.datagrams(m, m+n)))
+			var sent int64
+			for _, b := range tx.sizes[m : m+n] {
+				sent += int64(b)
+			}
+			a.up.Add(uint64(sent))
 			m += n
 		case errno == unix.EINTR:
 		case errno == unix.EAGAIN:
@@ -412,12 +418,14 @@ func (r *udpReceiver) receive() error {
 func (a *udpAssoc) deliver(b *udpRxBatch, n int) {
 	run := b.payloads[:0]
 	var from netip.AddrPort
+	var bytes uint64
 	for i := range n {
 		p, whole := b.datagram(i)
 		if !whole {
 			a.t.droppedBig.Add(1)
 			continue
 		}
+		bytes += uint64(len(p))
 		src := b.source(i)
 		if src != from && len(run) > 0 {
 			a.writeRun(from, run)
@@ -430,6 +438,7 @@ func (a *udpAssoc) deliver(b *udpRxBatch, n int) {
 		a.writeRun(from, run)
 	}
 	a.t.received.Add(uint64(n))
+	a.down.Add(bytes)
 }
 
 // writeRun writes datagrams from one source to the client.

@@ -150,8 +150,16 @@ type udpAssoc struct {
 	client     netip.AddrPort
 	log        *slog.Logger
 	last       atomic.Int64 // unix nanoseconds of the last datagram either way
-	ctx        context.Context
-	cancel     context.CancelFunc
+
+	// For the live view (Flows): the flow id, when it opened (unix
+	// nanoseconds), the destination of its first datagram, and the bytes
+	// relayed each way, counted once per batch or datagram sent.
+	id       uint64
+	opened   int64
+	firstDst netip.AddrPort
+	up, down atomic.Uint64
+	ctx      context.Context
+	cancel   context.CancelFunc
 
 	ready   chan struct{} // closed once conn is open or failed is set
 	conn    net.PacketConn
@@ -201,7 +209,7 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 	if d := dst.Addr(); d.IsMulticast() || d.IsUnspecified() || d == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 		return true // multicast and broadcast stay on the link, which is ours alone
 	}
-	a, created, full := t.lookup(client)
+	a, created, full := t.lookup(client, dst)
 	if full {
 		n := t.refusedFull.Add(1)
 		t.warnFull.Warn(t.log, "udp table full of active associations: dropping datagrams from new sources",
@@ -223,7 +231,7 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 // the least recently active one when the table is full) if there is none.
 // full reports a new source refused because no association could be
 // evicted (Config.EvictIdle).
-func (t *Table) lookup(client netip.AddrPort) (a *udpAssoc, created, full bool) {
+func (t *Table) lookup(client, dst netip.AddrPort) (a *udpAssoc, created, full bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.closed {
@@ -236,14 +244,18 @@ func (t *Table) lookup(client netip.AddrPort) (a *udpAssoc, created, full bool) 
 	if len(t.assocs) >= t.cfg.Max && !t.evictOldestLocked(time.Now().UnixNano()) {
 		return nil, false, true
 	}
+	id := t.cfg.NextFlowID()
 	a = &udpAssoc{
-		t:      t,
-		client: client,
-		ready:  make(chan struct{}),
-		log:    t.log.With("flow", t.cfg.NextFlowID(), "proto", "udp", "src", client),
+		t:        t,
+		client:   client,
+		id:       id,
+		firstDst: dst,
+		ready:    make(chan struct{}),
+		log:      t.log.With("flow", id, "proto", "udp", "src", client),
 	}
 	a.ctx, a.cancel = context.WithCancel(t.ctx)
 	a.touch()
+	a.opened = a.last.Load()
 	t.assocs[client] = a
 	t.lru.pushFront(a)
 	t.wg.Go(a.run)
@@ -397,7 +409,9 @@ func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 	}
 	if err != nil {
 		a.log.Debug("udp send failed", "dst", dst, "err", err)
+		return
 	}
+	a.up.Add(uint64(len(payload)))
 }
 
 // run opens the upstream side, flushes what waited for it, then carries
@@ -538,6 +552,7 @@ func (a *udpAssoc) receiveOne() error {
 	start := udpHeadroom - hl - packet.UDPHeaderLen
 	pkt := packet.BuildUDP((*bp)[start:], from, a.client, (*bp)[udpHeadroom:udpHeadroom+n])
 	a.t.cfg.Writer.WriteRaw(pkt)
+	a.down.Add(uint64(n))
 	return nil
 }
 
