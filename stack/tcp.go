@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -134,6 +135,8 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true
 	st.relay.Relay(conn, upstream, func(res tcprelay.Result) {
+		st.bytesUp.Add(uint64(max(res.Up, 0)))
+		st.bytesDown.Add(uint64(max(res.Down, 0)))
 		if l := log.logger(slog.LevelDebug); l != nil {
 			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", res.LogAttrs()...)
 		}
@@ -221,7 +224,11 @@ func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, address stri
 func (st *Stack) dialUpstream(parent context.Context, address string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(parent, st.cfg.DialTimeout)
 	defer cancel()
+	start := time.Now()
 	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
+	if err == nil {
+		st.dialLatency.observe(time.Since(start))
+	}
 	if err != nil {
 		if parent.Err() == nil { // not given up by Close or the client
 			st.dialFailed(address, err)
