@@ -57,7 +57,7 @@ var flagGroups = []struct {
 	{"Host-wide mode", []string{"fwmark", "table", "exclude", "user"}},
 	{"Limits and timeouts", []string{"max-flows", "max-inflight", "max-inflight-per-source", "tcp-handshake-timeout", "udp-timeout", "tcp-half-close-timeout"}},
 	{"TCP tuning", []string{"tcp-rmem", "tcp-wmem", "tcp-cc", "tcp-sack", "tcp-rack", "tcp-moderate-rcvbuf", "tcp-nagle"}},
-	{"Debugging", []string{"log-level", "procs", "cpu-profile", "exec-trace", "version"}},
+	{"Debugging", []string{"log-level", "metrics", "pprof", "procs", "cpu-profile", "exec-trace", "version"}},
 }
 
 // notForRun are the flags that run refuses: its TUN is one it creates in a
