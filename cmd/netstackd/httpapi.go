@@ -44,7 +44,10 @@ type apiConfig struct {
 	dialer  proxy.Dialer  // probed for /healthz when it has a proxy (proxy.Prober)
 	timeout time.Duration // bound on one probe
 	done    <-chan struct{}
-	log     *slog.Logger
+	// mount, if not nil, adds handlers of other parts (the live flow
+	// view) to the mux before it serves.
+	mount func(*http.ServeMux)
+	log   *slog.Logger
 }
 
 // apiServer owns the listener, its HTTP server and the health prober.
@@ -102,10 +105,9 @@ func startAPI(cfg apiConfig) (*apiServer, error) {
 		a.mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		a.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
-	// The lead mounts the live flow view (flows.go) here:
-	//	a.mux.Handle("/flows", newFlowsHandler(...)) and "/flows/{id}".
-	// A mux accepts handlers until Serve's first request, and the flow
-	// registry is the stack's, which is up by now.
+	if cfg.mount != nil {
+		cfg.mount(a.mux)
+	}
 
 	a.srv = &http.Server{
 		Handler:           a.mux,
@@ -225,6 +227,10 @@ func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Se
 		dialer:  up.dialer,
 		timeout: opts.dialTimeout,
 		done:    st.Done(),
-		log:     log,
+		mount: func(mux *http.ServeMux) {
+			// The live flow view (flows.go, issue 16) mounts here, on
+			// the running stack st: GET /flows, DELETE /flows/{id}.
+		},
+		log: log,
 	})
 }

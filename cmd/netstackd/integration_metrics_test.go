@@ -10,6 +10,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -194,5 +196,53 @@ func TestIntegrationMetrics(t *testing.T) {
 	t.Logf("/healthz said %q %v after microsocks was killed", strings.TrimSpace(body), time.Since(killed).Round(time.Millisecond))
 	if v := m.scrape(t).value("netstackd_upstream_up"); v != 0 {
 		t.Errorf("netstackd_upstream_up = %v with microsocks dead, want 0", v)
+	}
+}
+
+// TestIntegrationMetricsRun: `netstackd run` serves --metrics too, in
+// netstackd's own namespace, while its program runs; direct mode is
+// healthy.
+func TestIntegrationMetricsRun(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	// The program fetches a page, then waits for the test to have seen it
+	// in the metrics (a file the test creates), at most 20 s.
+	scraped := filepath.Join(t.TempDir(), "scraped")
+	script := fmt.Sprintf("curl -sS -g --max-time %s %s >/dev/null || exit 3; for i in $(seq 400); do [ -e %s ] && exit 0; sleep 0.05; done; exit 4",
+		curlMaxTime, httpURL(netnstest.ServerIPv4, "/"), scraped)
+	ran := make(chan *netnstest.Result, 1)
+	go func() {
+		ran <- runNetstackd(t, tp, nil, "--dns", "off", "--metrics", fmt.Sprint(metricsPort), "--", "sh", "-c", script)
+	}()
+	m := newMetricsClient(tp)
+	ctx := netnstest.TestContext(t, 20*time.Second)
+	var last string
+	err := netnstest.Poll(ctx, 50*time.Millisecond, func() (bool, error) {
+		resp, err := m.c.Get(m.base + "/metrics")
+		if err != nil {
+			last = err.Error()
+			return false, nil // not listening yet
+		}
+		defer resp.Body.Close()
+		p := expfmt.NewTextParser(model.UTF8Validation)
+		fams, err := p.TextToMetricFamilies(resp.Body)
+		if err != nil {
+			return false, err
+		}
+		s := metricSet(fams)
+		last = fmt.Sprintf("flows_total %v", s.value("netstackd_flows_total", "protocol", "tcp", "mode", "direct", "upstream", "direct"))
+		return s.value("netstackd_flows_total", "protocol", "tcp", "mode", "direct", "upstream", "direct") == 1, nil
+	})
+	if err != nil {
+		t.Errorf("the program's flow never showed in /metrics (last: %s): %v", last, err)
+	} else if code, body := m.get(t, "/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz in run, direct: %d %q, want 200", code, body)
+	}
+	if err := os.WriteFile(scraped, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-ran; r.ExitCode != 0 {
+		t.Errorf("run: exit %d, want 0: %s", r.ExitCode, r)
 	}
 }
