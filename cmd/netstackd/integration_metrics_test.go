@@ -110,7 +110,8 @@ next:
 
 // TestIntegrationMetrics: flows through microsocks move the flow, byte and
 // dial-latency metrics by exactly the flows made; refused destinations
-// move the dial error counter for "refused"; /healthz is 200 while
+// move the dial error counter for "refused"; fake-ip answers move the DNS
+// counters and the pool's use; /healthz is 200 while
 // microsocks answers and 503 once it is killed, within the probe interval;
 // --pprof serves /debug/pprof/.
 func TestIntegrationMetrics(t *testing.T) {
@@ -118,7 +119,9 @@ func TestIntegrationMetrics(t *testing.T) {
 	tp := netnstest.New(t)
 	tp.StartServers(t)
 	socks := tp.StartMicrosocks(t, socks4)
-	startNetstackd(t, tp, "--proxy", "socks5://"+socks4.String(), "--dns", "off",
+	// fake-ip mode (the default with a proxy): A queries are answered
+	// from the pool, the upstream resolver is never asked.
+	startNetstackd(t, tp, "--proxy", "socks5://"+socks4.String(), "--dns-upstream", dnsUpstream.String(),
 		"--metrics", fmt.Sprint(metricsPort), "--pprof")
 	m := newMetricsClient(tp)
 	via := []string{"mode", "proxy", "upstream", "socks5://" + socks4.String()}
@@ -165,6 +168,17 @@ func TestIntegrationMetrics(t *testing.T) {
 	}
 	if d := delta("netstackd_flows_total", "protocol", "tcp"); d != 0 {
 		t.Errorf("refused flows counted as flows: total grew by %v", d)
+	}
+
+	for _, name := range []string{"one.test", "two.test", "one.test"} {
+		digAddr(t, tp, dnsAddr, name, "A")
+	}
+	before, after = after, m.scrape(t)
+	if d := delta("netstackd_dns_queries_total", "mode", "fake-ip", "answer", "fake"); d != 3 {
+		t.Errorf("fake DNS answers grew by %v after 3 A queries, want 3", d)
+	}
+	if d := delta("netstackd_dns_fake_ip_pool_used", "family", "ipv4"); d != 2 {
+		t.Errorf("fake-IP pool use grew by %v after 2 names, want 2", d)
 	}
 
 	if code, body := m.get(t, "/debug/pprof/"); code != http.StatusOK || !strings.Contains(body, "goroutine") {
