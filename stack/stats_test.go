@@ -67,3 +67,12 @@ func TestLatencyHistogramBuckets(t *testing.T) {
 		t.Errorf("sum %v, want %v", s.Sum, want)
 	}
 }
+
+// BenchmarkStats is what a metrics scrape costs the stack: one snapshot.
+func BenchmarkStats(b *testing.B) {
+	p := newPeer(b, Config{})
+	b.ReportAllocs()
+	for b.Loop() {
+		_ = p.st.Stats()
+	}
+}
