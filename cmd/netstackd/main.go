@@ -179,9 +179,9 @@ type tunService struct {
 	log     *slog.Logger
 }
 
-// Stop closes the metrics listener, the published ports, then the stack and
-// its TUN, and says in
-// one line what the run did: flows, and each kind of failure.
+// Stop closes the metrics listener and the published ports, then the stack
+// and its TUN, and says in one line what the run did: flows, and each kind
+// of failure.
 func (s *tunService) Stop() error {
 	s.api.Close()
 	s.pubs.close()
