@@ -95,8 +95,10 @@ type Stats struct {
 	DialLatency Histogram
 	HalfOpen    int64 // handshakes waiting for the client's final ACK now
 	Drops       Drops
-	// TUNReads counts the packets read from each queue of the device.
-	TUNReads []uint64
+	// TUNReads counts the packets read from each queue of the device,
+	// TUNBatches the reads that returned them: TUNReads[q]/TUNBatches[q]
+	// is queue q's mean batch.
+	TUNReads, TUNBatches []uint64
 }
 
 // Stats reads the counters.
@@ -113,6 +115,7 @@ func (st *Stack) Stats() Stats {
 		HalfOpen:      st.halfOpen.Load(),
 		Drops:         st.drops(),
 		TUNReads:      st.link.QueueReads(),
+		TUNBatches:    st.link.QueueBatches(),
 	}
 	for i := range s.DialErrors {
 		s.DialErrors[i] = st.dialErrors[i].Load()

@@ -138,7 +138,7 @@ func TestAPIServes(t *testing.T) {
 	stats.DialErrors[stack.DialRefused] = 4
 	stats.DialLatency.Counts[0], stats.DialLatency.Counts[3], stats.DialLatency.Sum = 5, 1, 15*time.Millisecond
 	stats.Drops.BadChecksum = 9
-	stats.TUNReads = []uint64{100, 50}
+	stats.TUNReads, stats.TUNBatches = []uint64{100, 50}, []uint64{10, 25}
 	done := make(chan struct{})
 	a, c := startTestAPI(t, false, stats, proxy.Direct{}, done)
 	base := "http://" + a.Addr().String()
@@ -161,6 +161,7 @@ func TestAPIServes(t *testing.T) {
 		{"netstackd_dial_errors_total", []string{"reason", "timeout"}, 0},
 		{"netstackd_dropped_total", []string{"reason", "bad_checksum"}, 9},
 		{"netstackd_tun_packets_read_total", []string{"queue", "1"}, 50},
+		{"netstackd_tun_read_batches_total", []string{"queue", "0"}, 10},
 		{"netstackd_upstream_up", nil, 1},
 	} {
 		m := sample(fams, want.name, want.labels...)

@@ -33,6 +33,7 @@ type metricsCollector struct {
 	halfOpen, refusedDst, upstreamUp        *prometheus.Desc
 	dnsQueries, dnsPoolUsed, dnsPoolSize    *prometheus.Desc
 	dnsPoolExhausted, dropped, tunPacketsIn *prometheus.Desc
+	tunBatches                              *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*metricsCollector)(nil)
@@ -61,6 +62,7 @@ func newMetricsCollector(src metricsSources) *metricsCollector {
 		dnsPoolExhausted: desc("dns_fake_ip_pool_exhausted_total", "Fake A and AAAA queries answered SERVFAIL because no address was free.", nil, nil),
 		dropped:          desc("dropped_total", "Packets, datagrams, SYNs and queries dropped, by reason.", []string{"reason"}, nil),
 		tunPacketsIn:     desc("tun_packets_read_total", "Packets read from the TUN, per queue.", []string{"queue"}, nil),
+		tunBatches:       desc("tun_read_batches_total", "Reads from the TUN that returned packets, per queue: packets read over batches is the mean batch size.", []string{"queue"}, nil),
 	}
 }
 
@@ -69,7 +71,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.flowsActive, c.flowsTotal, c.flowsRejected, c.bytes, c.dialErrors, c.dialSeconds,
 		c.halfOpen, c.refusedDst, c.upstreamUp, c.dnsQueries, c.dnsPoolUsed, c.dnsPoolSize,
-		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn,
+		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches,
 	} {
 		ch <- d
 	}
@@ -118,6 +120,9 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for q, n := range s.TUNReads {
 		counter(c.tunPacketsIn, n, strconv.Itoa(q))
+	}
+	for q, n := range s.TUNBatches {
+		counter(c.tunBatches, n, strconv.Itoa(q))
 	}
 	if c.src.dns == nil {
 		return
