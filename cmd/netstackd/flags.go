@@ -436,13 +436,14 @@ func parseMetricsAddr(v string) (string, error) {
 			return "", fmt.Errorf("%q: want PORT, :PORT or HOST:PORT", v)
 		}
 	}
-	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
 		return "", fmt.Errorf("%q: port %q is not a number from 0 to 65535", v, port)
 	}
 	if host == "" {
 		host = "127.0.0.1"
 	}
-	return net.JoinHostPort(host, port), nil
+	return net.JoinHostPort(host, strconv.FormatUint(n, 10)), nil
 }
 
 // hostWideFlags decides whether host-wide mode is on and checks the flags
