@@ -91,10 +91,14 @@ type Stats struct {
 	BytesUp, BytesDown uint64
 	// DialErrors counts TCPDialFailed by reason, indexed by DialReason.
 	DialErrors [NumDialReasons]uint64
-	// DialLatency is how long successful upstream dials took.
-	DialLatency Histogram
-	HalfOpen    int64 // handshakes waiting for the client's final ACK now
-	Drops       Drops
+	// DialLatency is how long successful upstream dials took;
+	// ConnectLatency how long relayed flows took from the client's SYN
+	// reaching the forwarder to both sides open (the dial, and the
+	// client's handshake: in sequence by default, at once with
+	// AcceptFirst).
+	DialLatency, ConnectLatency Histogram
+	HalfOpen                    int64 // handshakes waiting for the client's final ACK now
+	Drops                       Drops
 	// TUNReads counts the packets read from each queue of the device,
 	// TUNBatches the reads that returned them: TUNReads[q]/TUNBatches[q]
 	// is queue q's mean batch.
@@ -104,18 +108,19 @@ type Stats struct {
 // Stats reads the counters.
 func (st *Stack) Stats() Stats {
 	s := Stats{
-		TCPFlows:      st.tcpOpened.Load(),
-		TCPDialFailed: st.tcpDialFailed.Load(),
-		TCPRefused:    st.tcpRefused.Load(),
-		TCPLimited:    st.tcpLimited.Load(),
-		TCPActive:     len(st.flowSlots),
-		BytesUp:       st.bytesUp.Load(),
-		BytesDown:     st.bytesDown.Load(),
-		DialLatency:   st.dialLatency.snapshot(),
-		HalfOpen:      st.halfOpen.Load(),
-		Drops:         st.drops(),
-		TUNReads:      st.link.QueueReads(),
-		TUNBatches:    st.link.QueueBatches(),
+		TCPFlows:       st.tcpOpened.Load(),
+		TCPDialFailed:  st.tcpDialFailed.Load(),
+		TCPRefused:     st.tcpRefused.Load(),
+		TCPLimited:     st.tcpLimited.Load(),
+		TCPActive:      len(st.flowSlots),
+		BytesUp:        st.bytesUp.Load(),
+		BytesDown:      st.bytesDown.Load(),
+		DialLatency:    st.dialLatency.snapshot(),
+		ConnectLatency: st.connectLatency.snapshot(),
+		HalfOpen:       st.halfOpen.Load(),
+		Drops:          st.drops(),
+		TUNReads:       st.link.QueueReads(),
+		TUNBatches:     st.link.QueueBatches(),
 	}
 	for i := range s.DialErrors {
 		s.DialErrors[i] = st.dialErrors[i].Load()

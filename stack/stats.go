@@ -10,8 +10,8 @@ import (
 // flow's end, a dial's return), so a stack nobody watches pays nothing
 // more.
 
-// DialLatencyBuckets are the upper bounds of the dial latency histogram
-// (Stats.DialLatency): from a loopback proxy's fraction of a millisecond to
+// DialLatencyBuckets are the upper bounds of the latency histograms
+// (Stats.DialLatency, Stats.ConnectLatency): from a loopback proxy's fraction of a millisecond to
 // the 10s default DialTimeout.
 var DialLatencyBuckets = [...]time.Duration{
 	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond, 10 * time.Millisecond,

@@ -49,6 +49,9 @@ func TestStatsFlowsBytesDialErrors(t *testing.T) {
 	if n := s.DialLatency.Count(); n != 2 || s.DialLatency.Sum <= 0 {
 		t.Errorf("dial latency: %d observations, sum %v; want 2 and a positive sum", n, s.DialLatency.Sum)
 	}
+	if n := s.ConnectLatency.Count(); n != 2 || s.ConnectLatency.Sum < s.DialLatency.Sum {
+		t.Errorf("connect latency: %d observations, sum %v; want 2 and at least the dials' %v", n, s.ConnectLatency.Sum, s.DialLatency.Sum)
+	}
 	if len(s.TUNReads) != 1 || s.TUNReads[0] == 0 || len(s.TUNBatches) != 1 || s.TUNBatches[0] == 0 || s.TUNBatches[0] > s.TUNReads[0] {
 		t.Errorf("TUN reads %v in batches %v, want one queue with packets in at most as many batches", s.TUNReads, s.TUNBatches)
 	}

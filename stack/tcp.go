@@ -53,6 +53,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		req.Complete(false)
 		return
 	}
+	start := time.Now()
 	handedOff := false
 	defer func() {
 		if !handedOff {
@@ -131,6 +132,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetKeepAlive(true)
 	conn := tcprelay.NewConn(ep, &wq, dst, client)
 
+	st.connectLatency.observe(time.Since(start))
 	st.tcpOpened.Add(1)
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true

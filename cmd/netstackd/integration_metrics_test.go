@@ -148,8 +148,10 @@ func TestIntegrationMetrics(t *testing.T) {
 	delta := func(name string, labels ...string) float64 {
 		return after.value(name, labels...) - before.value(name, labels...)
 	}
-	if d := delta("netstackd_dial_duration_seconds", via...); d != flows {
-		t.Errorf("dial latency histogram grew by %v, want %d", d, flows)
+	for _, name := range []string{"netstackd_dial_duration_seconds", "netstackd_connect_duration_seconds"} {
+		if d := delta(name, via...); d != flows {
+			t.Errorf("%s grew by %v observations, want %d", name, d, flows)
+		}
 	}
 	// Each GET moves its request up and the reply (headers and
 	// HelloBody) down.

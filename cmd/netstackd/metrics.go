@@ -33,7 +33,7 @@ type metricsCollector struct {
 	halfOpen, refusedDst, upstreamUp        *prometheus.Desc
 	dnsQueries, dnsPoolUsed, dnsPoolSize    *prometheus.Desc
 	dnsPoolExhausted, dropped, tunPacketsIn *prometheus.Desc
-	tunBatches                              *prometheus.Desc
+	tunBatches, connectSeconds              *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*metricsCollector)(nil)
@@ -53,6 +53,7 @@ func newMetricsCollector(src metricsSources) *metricsCollector {
 		bytes:            desc("bytes_total", "Bytes relayed by TCP flows that have ended, toward the upstream (up) and toward the client (down).", []string{"protocol", "direction"}, up),
 		dialErrors:       desc("dial_errors_total", "Upstream dials that failed, by reason; each resets its flow.", []string{"reason"}, up),
 		dialSeconds:      desc("dial_duration_seconds", "How long successful upstream dials took (through a proxy: its handshake included).", nil, up),
+		connectSeconds:   desc("connect_duration_seconds", "How long relayed TCP flows took to open, from the client's SYN to both sides connected: the upstream dial and the client's handshake.", nil, up),
 		halfOpen:         desc("tcp_handshakes_half_open", "TCP handshakes waiting for the client's final ACK.", nil, nil),
 		refusedDst:       desc("refused_destinations_total", "Flows refused because their destination is netstackd's own (its addresses, host loopback in direct mode).", nil, nil),
 		upstreamUp:       desc("upstream_up", "1 if the upstream answered its last health check (always 1 when direct), else 0.", nil, up),
@@ -71,7 +72,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.flowsActive, c.flowsTotal, c.flowsRejected, c.bytes, c.dialErrors, c.dialSeconds,
 		c.halfOpen, c.refusedDst, c.upstreamUp, c.dnsQueries, c.dnsPoolUsed, c.dnsPoolSize,
-		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches,
+		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches, c.connectSeconds,
 	} {
 		ch <- d
 	}
@@ -97,7 +98,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	for r, n := range s.DialErrors {
 		counter(c.dialErrors, n, stack.DialReason(r).String())
 	}
-	ch <- dialHistogram(c.dialSeconds, s.DialLatency)
+	ch <- latencyHistogram(c.dialSeconds, s.DialLatency)
+	ch <- latencyHistogram(c.connectSeconds, s.ConnectLatency)
 	gauge(c.halfOpen, float64(s.HalfOpen))
 	counter(c.refusedDst, c.src.refused.count.Load())
 	upValue := 0.0
@@ -143,9 +145,9 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// dialHistogram turns the stack's histogram, whose buckets count apart, into
+// latencyHistogram turns a stack histogram, whose buckets count apart, into
 // Prometheus's cumulative one.
-func dialHistogram(d *prometheus.Desc, h stack.Histogram) prometheus.Metric {
+func latencyHistogram(d *prometheus.Desc, h stack.Histogram) prometheus.Metric {
 	buckets := make(map[float64]uint64, len(h.Counts))
 	var cum uint64
 	for i, n := range h.Counts {
