@@ -50,7 +50,7 @@ func newMetricsCollector(src metricsSources) *metricsCollector {
 		flowsActive:      desc("flows_active", "Flows open now: TCP flows holding a slot (relayed, published or dialing), UDP associations.", []string{"protocol"}, up),
 		flowsTotal:       desc("flows_total", "Flows opened: TCP flows whose upstream was reached, UDP associations.", []string{"protocol"}, up),
 		flowsRejected:    desc("flows_rejected_total", "TCP flows reset without a dial: over --max-flows (over_limit), or to a destination netstackd refuses (refused).", []string{"protocol", "reason"}, up),
-		bytes:            desc("bytes_total", "Bytes relayed by TCP flows that have ended, toward the upstream (up) and toward the client (down).", []string{"protocol", "direction"}, up),
+		bytes:            desc("bytes_total", "Bytes relayed by outbound TCP flows once they have ended, toward the upstream (up) and toward the client (down).", []string{"protocol", "direction"}, up),
 		dialErrors:       desc("dial_errors_total", "Upstream dials that failed, by reason; each resets its flow.", []string{"reason"}, up),
 		dialSeconds:      desc("dial_duration_seconds", "How long successful upstream dials took (through a proxy: its handshake included).", nil, up),
 		connectSeconds:   desc("connect_duration_seconds", "How long relayed TCP flows took to open, from the client's SYN to both sides connected: the upstream dial and the client's handshake.", nil, up),
