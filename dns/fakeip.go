@@ -64,6 +64,7 @@ func (s *Server) answerFakeAddr(req *dns.Msg, name string) *dns.Msg {
 			"name", name, "qtype", dns.TypeToString[q.Qtype], "err", err)
 		return reply(req, dns.RcodeServerFailure)
 	}
+	s.answered[answerFake].Add(1)
 	m := reply(req, dns.RcodeSuccess)
 	m.Answer = []dns.RR{addrRR(q.Name, addr, s.fakeTTL)}
 	return m
@@ -72,6 +73,7 @@ func (s *Server) answerFakeAddr(req *dns.Msg, name string) *dns.Msg {
 // answerDirect answers a query for a direct name with real addresses from
 // the DirectResolver.
 func (s *Server) answerDirect(ctx context.Context, req *dns.Msg, name string) *dns.Msg {
+	s.answered[answerDirect].Add(1)
 	q := req.Question[0]
 	network := "ip4"
 	switch q.Qtype {

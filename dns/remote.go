@@ -12,6 +12,7 @@ import (
 // forward answers req from the cache or, on a miss, from the upstream over
 // TCP through the dialer. A failed upstream gives SERVFAIL.
 func (s *Server) forward(ctx context.Context, req *dns.Msg) *dns.Msg {
+	s.answered[answerForwarded].Add(1)
 	q := req.Question[0]
 	key := cacheKey{name: normaliseName(q.Name), qtype: q.Qtype, qclass: q.Qclass}
 	now := s.now()

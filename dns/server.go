@@ -142,6 +142,10 @@ type Server struct {
 	warnPool      ratelog.Limiter
 	warnUpstream  ratelog.Limiter
 	poolExhausted atomic.Uint64 // fake A and AAAA queries answered SERVFAIL
+	// queries counts the queries answered, answered those answered by
+	// each path but the stack's own (stats.go).
+	queries  atomic.Uint64
+	answered [numAnswerKinds]atomic.Uint64
 
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
@@ -297,6 +301,7 @@ func (s *Server) Answer(ctx context.Context, query []byte, overTCP bool) []byte 
 		return nil
 	}
 	defer s.active.Done()
+	s.queries.Add(1)
 	req := new(dns.Msg)
 	if err := req.Unpack(query); err != nil {
 		if s.log.Enabled(ctx, slog.LevelDebug) {

@@ -71,6 +71,7 @@ func (st *Stack) dialFailed(address string, err error) {
 	}
 	st.tcpDialFailed.Add(1)
 	r := classifyDial(err)
+	st.dialErrors[r].Add(1)
 	st.logDialFailed[r].Log(st.log, slog.LevelInfo, "upstream "+r.String()+": resetting flows to it", "address", address, "err", err)
 }
 
@@ -82,19 +83,52 @@ type Stats struct {
 	TCPLimited    uint64 // TCP flows reset for want of a slot (MaxFlows)
 	UDPFlows      uint64 // UDP associations opened
 	UDPDropped    uint64 // datagrams from new sources dropped by a full UDP table
+
+	TCPActive int // TCP flows holding a slot now: relayed, published, or dialing
+	UDPActive int // UDP associations open now
+	// BytesUp and BytesDown are the bytes relayed toward upstreams and
+	// toward clients by TCP flows that have ended.
+	BytesUp, BytesDown uint64
+	// DialErrors counts TCPDialFailed by reason, indexed by DialReason.
+	DialErrors [NumDialReasons]uint64
+	// DialLatency is how long successful upstream dials took;
+	// ConnectLatency how long relayed flows took from the client's SYN
+	// reaching the forwarder to both sides open (the dial, and the
+	// client's handshake: in sequence by default, at once with
+	// AcceptFirst).
+	DialLatency, ConnectLatency Histogram
+	HalfOpen                    int64 // handshakes waiting for the client's final ACK now
+	Drops                       Drops
+	// TUNReads counts the packets read from each queue of the device,
+	// TUNBatches the reads that returned them: TUNReads[q]/TUNBatches[q]
+	// is queue q's mean batch.
+	TUNReads, TUNBatches []uint64
 }
 
 // Stats reads the counters.
 func (st *Stack) Stats() Stats {
 	s := Stats{
-		TCPFlows:      st.tcpOpened.Load(),
-		TCPDialFailed: st.tcpDialFailed.Load(),
-		TCPRefused:    st.tcpRefused.Load(),
-		TCPLimited:    st.tcpLimited.Load(),
+		TCPFlows:       st.tcpOpened.Load(),
+		TCPDialFailed:  st.tcpDialFailed.Load(),
+		TCPRefused:     st.tcpRefused.Load(),
+		TCPLimited:     st.tcpLimited.Load(),
+		TCPActive:      len(st.flowSlots),
+		BytesUp:        st.bytesUp.Load(),
+		BytesDown:      st.bytesDown.Load(),
+		DialLatency:    st.dialLatency.snapshot(),
+		ConnectLatency: st.connectLatency.snapshot(),
+		HalfOpen:       st.halfOpen.Load(),
+		Drops:          st.drops(),
+		TUNReads:       st.link.QueueReads(),
+		TUNBatches:     st.link.QueueBatches(),
+	}
+	for i := range s.DialErrors {
+		s.DialErrors[i] = st.dialErrors[i].Load()
 	}
 	if st.udp != nil {
 		u := st.udp.Stats()
 		s.UDPFlows, s.UDPDropped = u.Associations, u.RefusedFull
+		s.UDPActive = st.udp.Len()
 	}
 	return s
 }

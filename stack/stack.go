@@ -248,6 +248,11 @@ type Stack struct {
 	logDialFailed [numDialReasons]ratelog.Limiter
 
 	tcpOpened, tcpDialFailed, tcpRefused, tcpLimited atomic.Uint64
+	// For Stats (stats.go): bytes of ended flows, dial failures by
+	// reason, dial latencies, and from SYN to relayed flow.
+	bytesUp, bytesDown          atomic.Uint64
+	dialErrors                  [numDialReasons]atomic.Uint64
+	dialLatency, connectLatency latencyHistogram
 
 	// sources counts handshakes in progress per source, halfOpen those
 	// waiting for the client's final ACK; handshakeTimeouts counts those

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
@@ -52,6 +53,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		req.Complete(false)
 		return
 	}
+	start := time.Now()
 	handedOff := false
 	defer func() {
 		if !handedOff {
@@ -130,10 +132,13 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 	ep.SocketOptions().SetKeepAlive(true)
 	conn := tcprelay.NewConn(ep, &wq, dst, client)
 
+	st.connectLatency.observe(time.Since(start))
 	st.tcpOpened.Add(1)
 	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
 	handedOff = true
 	st.relay.Relay(conn, upstream, tcprelay.Tag{ID: log.seq}, func(res tcprelay.Result) {
+		st.bytesUp.Add(uint64(max(res.Up, 0)))
+		st.bytesDown.Add(uint64(max(res.Down, 0)))
 		// One line says the whole flow: where it went, how much each
 		// way, how long, and how it ended.
 		if l := log.logger(slog.LevelDebug); l != nil {
@@ -224,7 +229,11 @@ func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, address stri
 func (st *Stack) dialUpstream(parent context.Context, address string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(parent, st.cfg.DialTimeout)
 	defer cancel()
+	start := time.Now()
 	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
+	if err == nil {
+		st.dialLatency.observe(time.Since(start))
+	}
 	if err != nil {
 		if parent.Err() == nil { // not given up by Close or the client
 			st.dialFailed(address, err)

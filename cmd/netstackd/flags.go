@@ -51,6 +51,8 @@ type options struct {
 	publish       []publishSpec
 	cpuProfile    string
 	execTrace     string
+	metricsAddr   string         // --metrics: the HTTP listener's host:port (httpapi.go); "": none
+	pprof         bool           // --pprof: /debug/pprof/ on that listener
 	procs         int            // CPUs for Go code (GOMAXPROCS); 0: half of them (procs.go)
 	tunFD         int            // serve this inherited TUN descriptor; -1: create one
 	hostWide      bool           // default routes in netstackd's own namespace: policy routing (hostwide.go)
@@ -238,6 +240,12 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.IntVar(&o.procs, "procs", 0, "run Go code on at most `N` CPUs at once (GOMAXPROCS); 0 means half the CPUs netstackd may use, at least 1, leaving the rest to the kernel work of its system calls and to the programs it serves (the GOMAXPROCS environment variable, when set, replaces that default)")
 	fs.StringVar(&o.cpuProfile, "cpu-profile", "", "write a CPU profile (pprof) of the whole run to `file`, for performance work")
 	fs.StringVar(&o.execTrace, "exec-trace", "", "write a Go execution trace of the whole run to `file` (go tool trace; -pprof=sched shows where goroutines waited for a CPU), for latency work")
+	fs.Func("metrics", "serve /metrics (Prometheus), /healthz and, with --pprof, /debug/pprof/ over HTTP on `ADDR`: PORT or :PORT listens on 127.0.0.1, HOST:PORT where it says", func(v string) error {
+		a, err := parseMetricsAddr(v)
+		o.metricsAddr = a
+		return err
+	})
+	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiles (net/http/pprof) under /debug/pprof/ on the --metrics listener; anyone who reaches it can profile netstackd")
 	fs.IntVar(&o.tunFD, "tun-fd", -1, "serve the TUN `descriptor` N that a container runtime opened and passed in (IFF_TUN|IFF_NO_PI); netstackd configures nothing on it")
 	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
 	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
@@ -397,6 +405,9 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	if o.handshakeTimeout <= 0 {
 		return nil, fmt.Errorf("--tcp-handshake-timeout %s: want a positive duration", o.handshakeTimeout)
 	}
+	if o.pprof && o.metricsAddr == "" {
+		return nil, errors.New("--pprof needs --metrics ADDR: it serves on that listener")
+	}
 	if socks != "" {
 		if o.proxyURL != "" {
 			return nil, errors.New("--socks and --proxy both given: use one")
@@ -457,6 +468,28 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		o.effective[e.key] = e.value
 	}
 	return o, nil
+}
+
+// parseMetricsAddr makes --metrics ADDR a host:port to listen on: a bare
+// port or ":PORT" means loopback, so that metrics and profiles are not
+// offered to the network unless the operator names an address.
+func parseMetricsAddr(v string) (string, error) {
+	host, port := "", v
+	if strings.Contains(v, ":") {
+		var err error
+		host, port, err = net.SplitHostPort(v)
+		if err != nil {
+			return "", fmt.Errorf("%q: want PORT, :PORT or HOST:PORT", v)
+		}
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return "", fmt.Errorf("%q: port %q is not a number from 0 to 65535", v, port)
+	}
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, strconv.FormatUint(n, 10)), nil
 }
 
 // hostWideFlags decides whether host-wide mode is on and checks the flags

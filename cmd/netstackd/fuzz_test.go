@@ -2,7 +2,9 @@ package main
 
 import (
 	"io"
+	"net"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -47,6 +49,34 @@ func FuzzFlagArgs(f *testing.F) {
 		_, err := parseFlags(args, runMode, io.Discard)
 		if err != nil && raw.MatchString(err.Error()) {
 			t.Fatalf("%q: error in the flag package's words: %v", line, err)
+		}
+	})
+}
+
+// FuzzParseMetricsAddr: any --metrics value is refused or gives a
+// host:port that splits back, with a port from 0 to 65535, the host given
+// or loopback when none was, and parses again to itself.
+func FuzzParseMetricsAddr(f *testing.F) {
+	for _, s := range []string{"9464", ":9464", "0", "0.0.0.0:9464", "[::1]:80", "[::]:1", "host:9464", "", ":", "x", "65536", "::1:80", "[::1]", "host:", "-1", "+1", "1e3", "[a:b]:1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		a, err := parseMetricsAddr(v)
+		if err != nil {
+			return
+		}
+		host, port, serr := net.SplitHostPort(a)
+		if serr != nil {
+			t.Fatalf("parseMetricsAddr(%q) = %q, which does not split: %v", v, a, serr)
+		}
+		if n, perr := strconv.ParseUint(port, 10, 16); perr != nil || strconv.FormatUint(n, 10) != port {
+			t.Fatalf("parseMetricsAddr(%q) = %q: port %q is not a plain number below 65536", v, a, port)
+		}
+		if !strings.Contains(v, ":") && host != "127.0.0.1" {
+			t.Fatalf("parseMetricsAddr(%q) = %q: a bare port must mean loopback", v, a)
+		}
+		if again, err := parseMetricsAddr(a); err != nil || again != a {
+			t.Fatalf("parseMetricsAddr(%q) = %q, which parses to %q, %v", v, a, again, err)
 		}
 	})
 }

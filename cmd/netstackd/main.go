@@ -170,7 +170,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return nil, err
 		}
 		pubs.serve(st)
-		return &tunService{st: st, pubs: pubs, dns: resolver, refused: refused, log: log}, nil
+		svc := &tunService{st: st, pubs: pubs, dns: resolver, refused: refused, log: log}
+		if svc.api, err = startMetrics(opts, up, st, resolver, refused, log); err != nil {
+			svc.Stop()
+			return nil, err
+		}
+		return svc, nil
 	}
 
 	if runMode {
@@ -210,12 +215,15 @@ type tunService struct {
 	pubs    *publisher
 	dns     *dns.Server // nil with --dns off
 	refused *refusals
+	api     *apiServer // --metrics (httpapi.go); nil without
 	log     *slog.Logger
 }
 
-// Stop closes the published ports, then the stack and its TUN, and says in
-// one line what the run did: flows, and each kind of failure.
+// Stop closes the metrics listener and the published ports, then the stack
+// and its TUN, and says in one line what the run did: flows, and each kind
+// of failure.
 func (s *tunService) Stop() error {
+	s.api.Close()
 	s.pubs.close()
 	err := s.st.Close()
 	st := s.st.Stats()

@@ -59,7 +59,7 @@ var flagGroups = []struct {
 	{"Host-wide mode", []string{"fwmark", "table", "exclude", "user"}},
 	{"Limits and timeouts", []string{"max-flows", "max-inflight", "max-inflight-per-source", "tcp-handshake-timeout", "udp-timeout", "tcp-half-close-timeout"}},
 	{"TCP tuning", []string{"tcp-rmem", "tcp-wmem", "tcp-cc", "tcp-sack", "tcp-rack", "tcp-moderate-rcvbuf", "tcp-nagle"}},
-	{"Debugging", []string{"log-level", "log-format", "procs", "cpu-profile", "exec-trace", "version", "print-man", "pcap", "pcap-max-size"}},
+	{"Debugging", []string{"log-level", "log-format", "metrics", "pprof", "procs", "cpu-profile", "exec-trace", "version", "print-man", "pcap", "pcap-max-size"}},
 	{"Configuration file", []string{"config", "print-config"}},
 }
 

@@ -104,19 +104,29 @@ func (e *Endpoint) Start() {
 	e.wg.Go(e.writeOutbound)
 }
 
-// queueCounter is a counter of one dispatcher's, alone on its cache line
-// (64 bytes on the CPUs we run on), so that dispatchers on different CPUs
-// counting at once do not take the line from each other.
+// queueCounter is the counters of one dispatcher's, alone on their cache
+// line (64 bytes on the CPUs we run on), so that dispatchers on different
+// CPUs counting at once do not take the line from each other: the packets
+// read, and the reads that returned any (their ratio is the mean batch).
 type queueCounter struct {
-	atomic.Uint64
-	_ [56]byte
+	packets, batches atomic.Uint64
+	_                [48]byte
 }
 
 // QueueReads is the number of packets read from each queue so far.
 func (e *Endpoint) QueueReads() []uint64 {
 	n := make([]uint64, len(e.queueReads))
 	for i := range e.queueReads {
-		n[i] = e.queueReads[i].Load()
+		n[i] = e.queueReads[i].packets.Load()
+	}
+	return n
+}
+
+// QueueBatches is the number of reads that returned packets, per queue.
+func (e *Endpoint) QueueBatches() []uint64 {
+	n := make([]uint64, len(e.queueReads))
+	for i := range e.queueReads {
+		n[i] = e.queueReads[i].batches.Load()
 	}
 	return n
 }
@@ -149,7 +159,8 @@ func (d *dispatcher) readInbound() {
 			e.deliver(bufs[i][device.ReadOffset:device.ReadOffset+sizes[i]], metas[i], &d.frag)
 		}
 		if count > 0 {
-			reads.Add(uint64(count))
+			reads.packets.Add(uint64(count))
+			reads.batches.Add(1)
 			e.h.EndBatch()
 		}
 		if err != nil {

@@ -275,6 +275,10 @@ func outboundMeta(pkt *stack.PacketBuffer) device.Meta {
 	return m
 }
 
+// DroppedOutbound is the number of packets toward the device dropped by a
+// full outbound queue.
+func (e *Endpoint) DroppedOutbound() uint64 { return e.out.dropped.Load() }
+
 // FlushOutbound waits, at most limit, until what is queued now has been
 // written: Stack.Close uses it so the resets of the flows it ends reach the
 // clients before the device closes.

@@ -1,0 +1,158 @@
+package main
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/netstackd/netstackd/dns"
+	"github.com/netstackd/netstackd/stack"
+)
+
+// The stack and the DNS server keep plain atomic counters and know nothing
+// of Prometheus (internal/fence); metricsCollector reads their snapshots
+// when a scrape asks, so a netstackd nobody scrapes does no metrics work at
+// all, and nothing is counted twice.
+
+// metricsSources are what the collector reads at each scrape.
+type metricsSources struct {
+	stack    func() stack.Stats
+	dns      *dns.Server // nil with --dns off
+	refused  *refusals
+	health   *upstreamHealth
+	mode     string // "direct" or "proxy"
+	upstream string // the proxy as its String says, without a password
+}
+
+// metricsCollector is a prometheus.Collector over metricsSources.
+type metricsCollector struct {
+	src metricsSources
+
+	flowsActive, flowsTotal, flowsRejected  *prometheus.Desc
+	bytes, dialErrors, dialSeconds          *prometheus.Desc
+	halfOpen, refusedDst, upstreamUp        *prometheus.Desc
+	dnsQueries, dnsPoolUsed, dnsPoolSize    *prometheus.Desc
+	dnsPoolExhausted, dropped, tunPacketsIn *prometheus.Desc
+	tunBatches, connectSeconds              *prometheus.Desc
+}
+
+var _ prometheus.Collector = (*metricsCollector)(nil)
+
+func newMetricsCollector(src metricsSources) *metricsCollector {
+	// mode and upstream are the same for every series of a run; as labels
+	// they let dashboards join runs and, later, several upstreams.
+	up := prometheus.Labels{"mode": src.mode, "upstream": src.upstream}
+	desc := func(name, help string, labels []string, constant prometheus.Labels) *prometheus.Desc {
+		return prometheus.NewDesc("netstackd_"+name, help, labels, constant)
+	}
+	return &metricsCollector{
+		src:              src,
+		flowsActive:      desc("flows_active", "Flows open now: TCP flows holding a slot (relayed, published or dialing), UDP associations.", []string{"protocol"}, up),
+		flowsTotal:       desc("flows_total", "Flows opened: TCP flows whose upstream was reached, UDP associations.", []string{"protocol"}, up),
+		flowsRejected:    desc("flows_rejected_total", "TCP flows reset without a dial: over --max-flows (over_limit), or to a destination netstackd refuses (refused).", []string{"protocol", "reason"}, up),
+		bytes:            desc("bytes_total", "Bytes relayed by outbound TCP flows once they have ended, toward the upstream (up) and toward the client (down).", []string{"protocol", "direction"}, up),
+		dialErrors:       desc("dial_errors_total", "Upstream dials that failed, by reason; each resets its flow.", []string{"reason"}, up),
+		dialSeconds:      desc("dial_duration_seconds", "How long successful upstream dials took (through a proxy: its handshake included).", nil, up),
+		connectSeconds:   desc("connect_duration_seconds", "How long relayed TCP flows took to open, from the client's SYN to both sides connected: the upstream dial and the client's handshake.", nil, up),
+		halfOpen:         desc("tcp_handshakes_half_open", "TCP handshakes waiting for the client's final ACK.", nil, nil),
+		refusedDst:       desc("refused_destinations_total", "Flows refused because their destination is netstackd's own (its addresses, host loopback in direct mode).", nil, nil),
+		upstreamUp:       desc("upstream_up", "1 if the upstream answered its last health check (always 1 when direct), else 0.", nil, up),
+		dnsQueries:       desc("dns_queries_total", "DNS queries answered, by how: a fake address (fake), the direct resolver (direct), the upstream resolver or its cache (forwarded), netstackd itself (local: malformed, refused, empty, pool exhausted).", []string{"mode", "answer"}, nil),
+		dnsPoolUsed:      desc("dns_fake_ip_pool_used", "Names holding a fake address now.", []string{"family"}, nil),
+		dnsPoolSize:      desc("dns_fake_ip_pool_size", "Addresses the fake-IP range can give.", []string{"family"}, nil),
+		dnsPoolExhausted: desc("dns_fake_ip_pool_exhausted_total", "Fake A and AAAA queries answered SERVFAIL because no address was free.", nil, nil),
+		dropped:          desc("dropped_total", "Packets, datagrams, SYNs and queries dropped, by reason.", []string{"reason"}, nil),
+		tunPacketsIn:     desc("tun_packets_read_total", "Packets read from the TUN, per queue.", []string{"queue"}, nil),
+		tunBatches:       desc("tun_read_batches_total", "Reads from the TUN that returned packets, per queue: packets read over batches is the mean batch size.", []string{"queue"}, nil),
+	}
+}
+
+// Describe sends every descriptor the collector may send.
+func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{
+		c.flowsActive, c.flowsTotal, c.flowsRejected, c.bytes, c.dialErrors, c.dialSeconds,
+		c.halfOpen, c.refusedDst, c.upstreamUp, c.dnsQueries, c.dnsPoolUsed, c.dnsPoolSize,
+		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches, c.connectSeconds,
+	} {
+		ch <- d
+	}
+}
+
+// Collect reads one snapshot of each source and sends it as const metrics.
+func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	s := c.src.stack()
+	gauge(c.flowsActive, float64(s.TCPActive), "tcp")
+	gauge(c.flowsActive, float64(s.UDPActive), "udp")
+	counter(c.flowsTotal, s.TCPFlows, "tcp")
+	counter(c.flowsTotal, s.UDPFlows, "udp")
+	counter(c.flowsRejected, s.TCPLimited, "tcp", "over_limit")
+	counter(c.flowsRejected, s.TCPRefused, "tcp", "refused")
+	counter(c.bytes, s.BytesUp, "tcp", "up")
+	counter(c.bytes, s.BytesDown, "tcp", "down")
+	for r, n := range s.DialErrors {
+		counter(c.dialErrors, n, stack.DialReason(r).String())
+	}
+	ch <- latencyHistogram(c.dialSeconds, s.DialLatency)
+	ch <- latencyHistogram(c.connectSeconds, s.ConnectLatency)
+	gauge(c.halfOpen, float64(s.HalfOpen))
+	counter(c.refusedDst, c.src.refused.count.Load())
+	upValue := 0.0
+	if c.src.health.status().ok {
+		upValue = 1
+	}
+	gauge(c.upstreamUp, upValue)
+	d := s.Drops
+	for _, r := range []struct {
+		reason string
+		n      uint64
+	}{
+		{"bad_checksum", d.BadChecksum}, {"too_big", d.TooBig}, {"fragment", d.Fragments},
+		{"tun_queue_full", d.OutboundQueue}, {"dns_busy", d.DNS},
+		{"syn_per_source", d.SYNPerSource}, {"syn_inflight", d.SYNInFlight}, {"handshake_timeout", d.HandshakeTimed},
+		{"udp_table_full", d.UDPTableFull}, {"udp_send", d.UDPSend}, {"udp_reply_too_big", d.UDPReplyTooBig},
+		{"udp_opening", d.UDPOpening},
+	} {
+		counter(c.dropped, r.n, r.reason)
+	}
+	for q, n := range s.TUNReads {
+		counter(c.tunPacketsIn, n, strconv.Itoa(q))
+	}
+	for q, n := range s.TUNBatches {
+		counter(c.tunBatches, n, strconv.Itoa(q))
+	}
+	if c.src.dns == nil {
+		return
+	}
+	ds := c.src.dns.Stats()
+	mode := c.src.dns.Mode().String()
+	local := ds.Queries - min(ds.Queries, ds.Fake+ds.Direct+ds.Forwarded)
+	counter(c.dnsQueries, ds.Fake, mode, "fake")
+	counter(c.dnsQueries, ds.Direct, mode, "direct")
+	counter(c.dnsQueries, ds.Forwarded, mode, "forwarded")
+	counter(c.dnsQueries, local, mode, "local")
+	counter(c.dnsPoolExhausted, ds.PoolExhausted)
+	if c.src.dns.Mode() == dns.ModeFakeIP {
+		gauge(c.dnsPoolUsed, float64(ds.FakeV4), "ipv4")
+		gauge(c.dnsPoolUsed, float64(ds.FakeV6), "ipv6")
+		gauge(c.dnsPoolSize, float64(ds.FakeV4Size), "ipv4")
+		gauge(c.dnsPoolSize, float64(ds.FakeV6Size), "ipv6")
+	}
+}
+
+// latencyHistogram turns a stack histogram, whose buckets count apart, into
+// Prometheus's cumulative one.
+func latencyHistogram(d *prometheus.Desc, h stack.Histogram) prometheus.Metric {
+	buckets := make(map[float64]uint64, len(h.Counts))
+	var cum uint64
+	for i, n := range h.Counts {
+		cum += n
+		buckets[stack.DialLatencyBuckets[i].Seconds()] = cum
+	}
+	return prometheus.MustNewConstHistogram(d, cum+h.Over, h.Sum.Seconds(), buckets)
+}
