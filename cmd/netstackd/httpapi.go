@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/netstackd/netstackd/dns"
+	"github.com/netstackd/netstackd/internal/pcap"
 	"github.com/netstackd/netstackd/proxy"
 	"github.com/netstackd/netstackd/stack"
 )
@@ -205,7 +208,7 @@ func (h *upstreamHealth) run(ctx context.Context, d proxy.Dialer, timeout time.D
 
 // startMetrics starts the --metrics listener on the running stack st; nil
 // without --metrics.
-func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Server, refused *refusals, log *slog.Logger) (*apiServer, error) {
+func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Server, refused *refusals, capture *pcap.Switch, log *slog.Logger) (*apiServer, error) {
 	if opts.metricsAddr == "" {
 		return nil, nil
 	}
@@ -232,7 +235,48 @@ func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Se
 			flows := newFlowsHandler(st)
 			mux.Handle("/flows", flows)
 			mux.Handle("/flows/", flows)
+			if capture != nil {
+				mux.Handle("/pcap", pcapHandler(capture, log))
+			}
 		},
 		log: log,
+	})
+}
+
+// pcapHandler turns --pcap recording off and on while netstackd runs:
+// GET /pcap says whether it records and where, POST /pcap?recording=false
+// stops and closes the file, POST /pcap?recording=true starts a new one at
+// the same path (the file is fixed at start: a request names no path, so
+// the listener cannot be made to write anywhere else).
+func pcapHandler(capture *pcap.Switch, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.Method {
+		case http.MethodGet:
+		case http.MethodPost:
+			on, err := strconv.ParseBool(r.URL.Query().Get("recording"))
+			if err != nil {
+				http.Error(w, "want ?recording=true or ?recording=false", http.StatusBadRequest)
+				return
+			}
+			if on {
+				err = capture.On()
+			} else {
+				err = capture.Off()
+			}
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+				return
+			}
+			log.Info("pcap: switched by request", "file", capture.Path(), "recording", on)
+		default:
+			w.Header().Set("Allow", "GET, POST")
+			http.Error(w, "GET or POST", http.StatusMethodNotAllowed)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(struct {
+			File      string `json:"file"`
+			Recording bool   `json:"recording"`
+		}{capture.Path(), capture.Recording()})
 	})
 }

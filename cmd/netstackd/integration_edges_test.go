@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -122,14 +124,37 @@ func TestIntegrationLogFormatJSON(t *testing.T) {
 }
 
 // TestIntegrationPcap: --pcap records what crosses the TUN in a file that
-// tcpdump reads, holding the test's flow both ways.
+// tcpdump reads, holding the test's flow both ways; POST /pcap on the
+// --metrics listener turns recording off and on again (a new file).
 func TestIntegrationPcap(t *testing.T) {
 	requireBinary(t)
 	tcpdump := netnstest.RequireCommand(t, "tcpdump", "tcpdump")
 	tp := netnstest.New(t)
 	tp.StartServers(t)
 	path := filepath.Join(t.TempDir(), "flows.pcapng")
-	d := startNetstackd(t, tp, "--dns", "off", "--pcap", path)
+	d := startNetstackd(t, tp, "--dns", "off", "--pcap", path, "--metrics", fmt.Sprint(metricsPort))
+	api := newMetricsClient(tp)
+	post := func(query string) string {
+		t.Helper()
+		resp, err := api.c.Post(api.base+"/pcap?"+query, "text/plain", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("POST /pcap?%s: %d %s", query, resp.StatusCode, b)
+		}
+		return string(b)
+	}
+	if code, body := api.get(t, "/pcap"); code != http.StatusOK || !strings.Contains(body, `"recording":true`) {
+		t.Fatalf("GET /pcap: %d %s", code, body)
+	}
+	if body := post("recording=false"); !strings.Contains(body, `"recording":false`) {
+		t.Fatalf("POST /pcap?recording=false: %s", body)
+	}
+	testGet(t, tp, netnstest.ServerIPv6) // not recorded
+	post("recording=true")               // a new file
 	testGet(t, tp, netnstest.ServerIPv4)
 	testStop(t, tp, d, syscall.SIGTERM)
 	out, err := exec.Command(tcpdump, "-nn", "-r", path, "tcp").CombinedOutput()
@@ -141,6 +166,9 @@ func TestIntegrationPcap(t *testing.T) {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("the capture lacks %q:\n%s", want, out)
 		}
+	}
+	if strings.Contains(string(out), "IP6 ") {
+		t.Errorf("the capture holds the IPv6 flow made while recording was off:\n%s", out)
 	}
 }
 

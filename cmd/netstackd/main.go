@@ -99,18 +99,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		defer stop()
 	}
-	var capture *pcap.Writer
+	var capture *pcap.Switch // on from the start; /pcap on the --metrics listener turns it off and on
 	if opts.pcapPath != "" {
-		var err error
-		capture, err = pcap.Create(pcap.Config{Path: opts.pcapPath, Interface: opts.tun, MaxSize: int64(opts.pcapMaxSize), Logger: log})
-		if err != nil {
+		capture = pcap.NewSwitch(pcap.Config{Path: opts.pcapPath, Interface: opts.tun, MaxSize: int64(opts.pcapMaxSize), Logger: log})
+		if err := capture.On(); err != nil {
 			fmt.Fprintf(stderr, "netstackd: --pcap: %v\n", err)
 			return exitUsage
 		}
 		// Closed after the stack (deferred earlier, runs later), so the
 		// last packets are in the file.
 		defer func() {
-			if err := capture.Close(); err != nil {
+			if err := capture.Off(); err != nil {
 				log.Warn("pcap: close", "file", opts.pcapPath, "err", err)
 			}
 		}()
@@ -171,7 +170,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		pubs.serve(st)
 		svc := &tunService{st: st, pubs: pubs, dns: resolver, refused: refused, log: log}
-		if svc.api, err = startMetrics(opts, up, st, resolver, refused, log); err != nil {
+		if svc.api, err = startMetrics(opts, up, st, resolver, refused, capture, log); err != nil {
 			svc.Stop()
 			return nil, err
 		}
@@ -244,7 +243,7 @@ func (s *tunService) Done() <-chan struct{} { return s.st.Done() }
 func (s *tunService) Err() error            { return s.st.Err() }
 
 // startStack runs the stack on dev; closing the stack closes dev.
-func startStack(dev *tundev.Device, capture *pcap.Writer, opts *options, up *upstream, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
+func startStack(dev *tundev.Device, capture *pcap.Switch, opts *options, up *upstream, resolver *dns.Server, gw4, gw6 netip.Addr, log *slog.Logger) (*stack.Stack, error) {
 	dialer := up.dialer
 	var sdev stack.Device = dev
 	if capture != nil {

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -244,3 +245,56 @@ func (w *Writer) Close() error {
 	}
 	return errors.Join(err, w.f.Close())
 }
+
+// Switch records to its file while it is on; it can be turned on and off
+// while packets flow (the HTTP listener's /pcap). Off, a packet costs one
+// atomic load.
+type Switch struct {
+	cfg Config
+	cur atomic.Pointer[Writer]
+	mu  sync.Mutex // serialises On and Off
+}
+
+// NewSwitch returns a Switch for cfg, off.
+func NewSwitch(cfg Config) *Switch { return &Switch{cfg: cfg} }
+
+// Path is the file the Switch records to.
+func (s *Switch) Path() string { return s.cfg.Path }
+
+// Record records the packet if the Switch is on.
+func (s *Switch) Record(dir Direction, parts ...[]byte) {
+	if w := s.cur.Load(); w != nil {
+		w.Record(dir, parts...)
+	}
+}
+
+// On starts recording in a new file (an existing one is truncated); it
+// does nothing if already on.
+func (s *Switch) On() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cur.Load() != nil {
+		return nil
+	}
+	w, err := Create(s.cfg)
+	if err != nil {
+		return err
+	}
+	s.cur.Store(w)
+	return nil
+}
+
+// Off stops recording and closes the file. A Record racing with Off
+// finds the Writer closed and drops its packet.
+func (s *Switch) Off() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	w := s.cur.Swap(nil)
+	if w == nil {
+		return nil
+	}
+	return w.Close()
+}
+
+// Recording reports whether the Switch is on.
+func (s *Switch) Recording() bool { return s.cur.Load() != nil }

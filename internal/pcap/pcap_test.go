@@ -173,3 +173,30 @@ func TestTap(t *testing.T) {
 		t.Errorf("tcpdump read:\n%s", strings.Join(lines, "\n"))
 	}
 }
+
+// TestSwitch: a Switch records only while on; turned on again it starts a
+// new file.
+func TestSwitch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.pcapng")
+	s := NewSwitch(Config{Path: path})
+	pkt := netnstest.UDPPacket(client, server, []byte("x"))
+	s.Record(In, pkt) // off: nothing, and no file
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("a file exists before On: %v", err)
+	}
+	if err := s.On(); err != nil || !s.Recording() {
+		t.Fatalf("On: %v, recording %v", err, s.Recording())
+	}
+	s.Record(In, pkt)
+	s.Record(Out, pkt)
+	if err := s.Off(); err != nil || s.Recording() {
+		t.Fatalf("Off: %v, recording %v", err, s.Recording())
+	}
+	s.Record(In, pkt) // off again
+	if n := len(tcpdump(t, path)); n != 2 {
+		t.Errorf("%d packets recorded, want the 2 sent while on", n)
+	}
+	if err := s.Off(); err != nil {
+		t.Errorf("a second Off: %v", err)
+	}
+}

@@ -2,16 +2,21 @@ package pcap
 
 import "github.com/netstackd/netstackd/internal/device"
 
+// Recorder takes packets: a Writer, or a Switch.
+type Recorder interface {
+	Record(dir Direction, parts ...[]byte)
+}
+
 // tap is a device whose reads and writes are recorded on their way
 // through. The rest of the device's methods are its own.
 type tap struct {
 	device.Device
-	w *Writer
+	w Recorder
 }
 
 // Tap returns d with every packet read from it and written to it recorded
 // by w. Closing the returned device closes d, not w.
-func Tap(d device.Device, w *Writer) device.Device {
+func Tap(d device.Device, w Recorder) device.Device {
 	return &tap{Device: d, w: w}
 }
 
