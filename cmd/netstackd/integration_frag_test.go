@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/netstackd/netstackd/internal/netnstest"
@@ -290,7 +292,7 @@ func fragment4(b []byte, src, dst netip.Addr, id uint16, off int, more bool) int
 	s, d := src.As4(), dst.As4()
 	copy(ip[12:], s[:])
 	copy(ip[16:], d[:])
-	binary.BigEndian.PutUint16(ip[10:], ^onesSum(ip))
+	binary.BigEndian.PutUint16(ip[10:], ^checksum.Checksum(ip, 0))
 	for i := 20; i < len(b); i++ {
 		b[i] = byte(i)
 	}
@@ -322,19 +324,4 @@ func fragment6(b []byte, src, dst netip.Addr, id uint32, off int, more bool) int
 		b[i] = byte(i)
 	}
 	return len(b)
-}
-
-// onesSum is the ones' complement sum of b (RFC 1071), folded.
-func onesSum(b []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	for s > 0xffff {
-		s = s>>16 + s&0xffff
-	}
-	return uint16(s)
 }

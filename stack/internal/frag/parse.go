@@ -3,6 +3,8 @@ package frag
 import (
 	"encoding/binary"
 	"net/netip"
+
+	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 )
 
 const (
@@ -147,20 +149,5 @@ func (f *parsed) whole(out []byte) []byte {
 // setIPv4Checksum computes the checksum of the IPv4 header h into it.
 func setIPv4Checksum(h []byte) {
 	h[10], h[11] = 0, 0
-	binary.BigEndian.PutUint16(h[10:], ^onesSum(h))
-}
-
-// onesSum is the ones' complement sum of b (RFC 1071), folded.
-func onesSum(b []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	for s > 0xffff {
-		s = s>>16 + s&0xffff
-	}
-	return uint16(s)
+	binary.BigEndian.PutUint16(h[10:], ^checksum.Checksum(h, 0))
 }
