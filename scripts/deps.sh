@@ -34,6 +34,10 @@ wanted=(
 	hping3:hping3
 	jq:jq
 	sysctl:procps
+	nsenter:util-linux
+	prlimit:util-linux
+	setpriv:util-linux
+	useradd:passwd
 	/etc/ssl/certs/ca-certificates.crt:ca-certificates
 )
 

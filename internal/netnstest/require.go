@@ -19,6 +19,7 @@ var debianPackages = map[string]string{
 	"iperf3":     "iperf3",
 	"jq":         "jq",
 	"microsocks": "microsocks",
+	"nsenter":    "util-linux",
 	"ping":       "iputils-ping",
 	"prlimit":    "util-linux",
 	"setpriv":    "util-linux",
