@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -85,5 +86,31 @@ func TestRefusedUDPNotSent(t *testing.T) {
 	roundTrip(t, p.udpClient(t), netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), dst.Port()), []byte("fine"))
 	if n := d.opened.Load(); n != 1 {
 		t.Fatalf("%d upstream sockets, want 1", n)
+	}
+}
+
+// TestRefuseNotAskedForFakeAddresses: a datagram to a fake address is
+// relayed under its name, so Config.Refuse, which counts and logs what it
+// refuses, is never asked about it, though the fake range is netstackd's
+// own; an address of the range that is not fake is.
+func TestRefuseNotAskedForFakeAddresses(t *testing.T) {
+	fake := netip.MustParseAddr("198.51.100.9")
+	var asked atomic.Int32
+	p := newPeer(t, Config{
+		UDP:    &loopbackUDP{fail: errors.New("no upstream in this test")},
+		Names:  oneName{fake: fake, name: "example.test"},
+		Refuse: func(a netip.Addr) bool { asked.Add(1); return refuseOwn(a) },
+	})
+	client := netip.MustParseAddrPort("198.18.0.5:4000")
+	quote := func() []byte { return make([]byte, 28) }
+	for range 5 {
+		p.st.routeUDP(client, netip.AddrPortFrom(fake, 443), []byte("quic"), quote, false)
+	}
+	if n := asked.Load(); n != 0 {
+		t.Fatalf("Refuse asked %d times about a fake address", n)
+	}
+	p.st.routeUDP(client, netip.MustParseAddrPort("198.51.100.7:443"), []byte("loop?"), quote, false)
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("Refuse asked %d times about an own address that is not fake, want 1", n)
 	}
 }

@@ -123,7 +123,10 @@ func (st *Stack) routeUDP(client, dst netip.AddrPort, payload []byte, quote func
 	if st.udp == nil {
 		return false // refused: gVisor answers port unreachable
 	}
-	if st.refused(dst.Addr()) && (st.cfg.Names == nil || !st.cfg.Names.IsFake(dst.Addr())) {
+	// A fake address is netstackd's own but stands for a name: it is
+	// relayed, so Refuse (which counts and logs what it refuses) is not
+	// asked about it.
+	if (st.cfg.Names == nil || !st.cfg.Names.IsFake(dst.Addr())) && st.refused(dst.Addr()) {
 		// Answered here, not by returning false: a datagram handed to
 		// gVisor comes back through handleUDP and would be refused twice.
 		bp := replyBufs.Get().(*[]byte)
