@@ -2,21 +2,20 @@ package pcap
 
 import "github.com/netstackd/netstackd/internal/device"
 
-// Recorder takes packets: a Writer, or a Switch.
-type Recorder interface {
-	Record(dir Direction, parts ...[]byte)
-}
-
 // tap is a device whose reads and writes are recorded on their way
 // through. The rest of the device's methods are its own.
 type tap struct {
 	device.Device
-	w Recorder
+	// w is the concrete type, not an interface, so that the compiler sees
+	// that Record keeps no packet: a call through an interface would
+	// move each packet's slice header to the heap, an allocation per
+	// packet even while recording is off.
+	w *Switch
 }
 
 // Tap returns d with every packet read from it and written to it recorded
-// by w. Closing the returned device closes d, not w.
-func Tap(d device.Device, w Recorder) device.Device {
+// by w while it is on. Closing the returned device closes d, not w.
+func Tap(d device.Device, w *Switch) device.Device {
 	return &tap{Device: d, w: w}
 }
 
