@@ -155,11 +155,18 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 // handshakes half open or exceeding their share: the mark of a SYN flood,
 // perhaps from forged addresses.
 func (st *Stack) warnHalfOpen() {
-	st.synWarn.Warn(st.log, "tcp handshakes left half open or over the per-source cap; a SYN flood?",
+	// Once per dropped SYN of a flood: the arguments (and gVisor's stats,
+	// which Stats copies whole) are read only for the line a period that
+	// is written.
+	suppressed, ok := st.synWarn.Allow()
+	if !ok {
+		return
+	}
+	st.log.Warn("tcp handshakes left half open or over the per-source cap; a SYN flood?",
 		"half_open", st.halfOpen.Load(), "timed_out", st.handshakeTimeouts.Load(), "dropped_per_source", st.sources.dropped.Load(),
 		"dropped_table_full", st.s.Stats().TCP.ForwardMaxInFlightDrop.Value(),
 		"max_inflight", st.cfg.MaxInFlight, "max_per_source", st.cfg.MaxInFlightPerSource,
-		"handshake_timeout", st.cfg.HandshakeTimeout)
+		"handshake_timeout", st.cfg.HandshakeTimeout, "suppressed", suppressed)
 }
 
 // dialThenAccept reaches the upstream and only then completes the client's

@@ -13,7 +13,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -31,13 +31,16 @@ type Limiter struct {
 	// Now reads the clock; nil means time.Now. Tests inject their own.
 	Now func() time.Time
 
-	mu         sync.Mutex
-	next       time.Time // when the next line may be written
-	suppressed uint64    // lines left out since the last one written
+	// next is when the next line may be written, in unix nanoseconds.
+	// Atomics, not a mutex: on a flood every event asks, from every
+	// dispatcher, and all but one a period are told no.
+	next       atomic.Int64
+	suppressed atomic.Uint64 // lines left out since the last one written
 }
 
 // Allow reports whether a line may be written now and, if so, how many were
-// left out since the last one. A caller that is told no must not log.
+// left out since the last one. A caller that is told no must not log; a
+// caller on a hot path builds the line's arguments only when told yes.
 func (l *Limiter) Allow() (suppressed uint64, ok bool) {
 	now := time.Now
 	if l.Now != nil {
@@ -47,17 +50,13 @@ func (l *Limiter) Allow() (suppressed uint64, ok bool) {
 	if every <= 0 {
 		every = DefaultEvery
 	}
-	t := now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if t.Before(l.next) {
-		l.suppressed++
+	t := now().UnixNano()
+	next := l.next.Load()
+	if t < next || !l.next.CompareAndSwap(next, t+int64(every)) {
+		l.suppressed.Add(1)
 		return 0, false
 	}
-	n := l.suppressed
-	l.suppressed = 0
-	l.next = t.Add(every)
-	return n, true
+	return l.suppressed.Swap(0), true
 }
 
 // Log writes msg at level to log unless a line went through less than a

@@ -212,8 +212,12 @@ func (t *Table) Send(client, dst netip.AddrPort, payload []byte, quote func() []
 	a, created, full := t.lookup(client, dst)
 	if full {
 		n := t.refusedFull.Add(1)
-		t.warnFull.Warn(t.log, "udp table full of active associations: dropping datagrams from new sources",
-			"max", t.cfg.Max, "src", client, "dropped_total", n)
+		// Once per datagram of a flood: the line's arguments are built
+		// only for the one line a period that is written.
+		if suppressed, ok := t.warnFull.Allow(); ok {
+			t.log.Warn("udp table full of active associations: dropping datagrams from new sources",
+				"max", t.cfg.Max, "src", client, "dropped_total", n, "suppressed", suppressed)
+		}
 		return true
 	}
 	if a == nil {
