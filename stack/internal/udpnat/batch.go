@@ -71,7 +71,6 @@ type udpTx struct {
 	// it is for, read by sendF.
 	hdrs      [udpMmsgMax]mmsghdr
 	segs      [udpMmsgMax]int32 // datagrams in each message
-	sizes     [udpMmsgMax]int32 // payload bytes in each message
 	first     [udpMmsgMax]int32 // each message's first datagram in queue
 	names     [udpMmsgMax]rawSockaddr
 	cmsgs     [udpMmsgMax][udpCmsgRoom]byte
@@ -206,7 +205,7 @@ func (tx *udpTx) sendQueued(a *udpAssoc) {
 				h.hdr.Control = &tx.cmsgs[n][0]
 				h.hdr.SetControllen(unix.CmsgSpace(2))
 			}
-			tx.segs[n], tx.sizes[n], tx.first[n] = int32(k), total, i
+			tx.segs[n], tx.first[n] = int32(k), i
 			n, niov, i = n+1, niov+k, next
 		}
 		if n == 0 {
@@ -253,11 +252,12 @@ func (tx *udpTx) send(fd uintptr) {
 		switch {
 		case errno == 0 && n > 0:
 			t.sent.Add(uint64(tx.datagrams(m, m+n)))
-			var sent int64
-			for _, b := range tx.sizes[m : m+n] {
-				sent += int64(b)
+			// The kernel wrote each message's bytes sent into its header.
+			var sent uint64
+			for _, h := range tx.hdrs[m : m+n] {
+				sent += uint64(h.n)
 			}
-			a.up.Add(uint64(sent))
+			a.up.Add(sent)
 			m += n
 		case errno == unix.EINTR:
 		case errno == unix.EAGAIN:
