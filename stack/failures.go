@@ -17,49 +17,53 @@ import (
 // the count of those left out, so a dead proxy and a refused port both
 // show, and neither floods the log.
 
-type dialReason int
+// DialReason names a class of dial failure: the index of Stats.DialErrors.
+type DialReason int
 
+// The classes of dial failure, as classifyDial sorts them.
 const (
-	reasonRefused dialReason = iota
-	reasonTimeout
-	reasonUnreachable
-	reasonReset
-	reasonNoName
-	reasonNotPermitted
-	reasonOther
-	numDialReasons
+	DialRefused DialReason = iota
+	DialTimeout
+	DialUnreachable
+	DialReset
+	DialNoName
+	DialNotPermitted
+	DialOther
+	NumDialReasons = int(iota)
 )
 
-var dialReasonText = [numDialReasons]string{
-	reasonRefused:      "refused",
-	reasonTimeout:      "timed out",
-	reasonUnreachable:  "unreachable",
-	reasonReset:        "reset",
-	reasonNoName:       "name not resolved",
-	reasonNotPermitted: "not permitted",
-	reasonOther:        "failed",
+// dialReasons are each class's metric label and the words of its log line.
+var dialReasons = [NumDialReasons]struct{ label, says string }{
+	DialRefused:      {"refused", "refused"},
+	DialTimeout:      {"timeout", "timed out"},
+	DialUnreachable:  {"unreachable", "unreachable"},
+	DialReset:        {"reset", "reset"},
+	DialNoName:       {"no_name", "name not resolved"},
+	DialNotPermitted: {"not_permitted", "not permitted"},
+	DialOther:        {"other", "failed"},
 }
 
-func (r dialReason) String() string { return dialReasonText[r] }
+// String is the class in words fit for a metric label.
+func (r DialReason) String() string { return dialReasons[r].label }
 
 // classifyDial sorts a dial error by what the user can do about it.
-func classifyDial(err error) dialReason {
+func classifyDial(err error) DialReason {
 	var dnsErr *net.DNSError
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED):
-		return reasonRefused
+		return DialRefused
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, syscall.ETIMEDOUT):
-		return reasonTimeout
+		return DialTimeout
 	case errors.Is(err, syscall.ENETUNREACH), errors.Is(err, syscall.EHOSTUNREACH):
-		return reasonUnreachable
+		return DialUnreachable
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
-		return reasonReset
+		return DialReset
 	case errors.As(err, &dnsErr):
-		return reasonNoName
+		return DialNoName
 	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
-		return reasonNotPermitted
+		return DialNotPermitted
 	}
-	return reasonOther
+	return DialOther
 }
 
 // dialFailed counts a failed upstream dial and says why, rate-limited per
@@ -69,20 +73,18 @@ func (st *Stack) dialFailed(address string, err error) {
 	if ratelog.IsFDExhaustion(err) {
 		return
 	}
-	st.tcpDialFailed.Add(1)
 	r := classifyDial(err)
 	st.dialErrors[r].Add(1)
-	st.logDialFailed[r].Log(st.log, slog.LevelInfo, "upstream "+r.String()+": resetting flows to it", "address", address, "err", err)
+	st.logDialFailed[r].Log(st.log, slog.LevelInfo, "upstream "+dialReasons[r].says+": resetting flows to it", "address", address, "err", err)
 }
 
 // Stats are a stack's counters since New.
 type Stats struct {
 	TCPFlows      uint64 // TCP flows relayed (their upstream was reached)
-	TCPDialFailed uint64 // TCP flows reset because the upstream could not be reached
+	TCPDialFailed uint64 // TCP flows reset because the upstream could not be reached: the sum of DialErrors
 	TCPRefused    uint64 // TCP flows reset without a dial (a fake address with no name, an address Config.Refuse names)
 	TCPLimited    uint64 // TCP flows reset for want of a slot (MaxFlows)
 	UDPFlows      uint64 // UDP associations opened
-	UDPDropped    uint64 // datagrams from new sources dropped by a full UDP table
 
 	TCPActive int // TCP flows holding a slot now: relayed, published, or dialing
 	UDPActive int // UDP associations open now
@@ -109,7 +111,6 @@ type Stats struct {
 func (st *Stack) Stats() Stats {
 	s := Stats{
 		TCPFlows:       st.tcpOpened.Load(),
-		TCPDialFailed:  st.tcpDialFailed.Load(),
 		TCPRefused:     st.tcpRefused.Load(),
 		TCPLimited:     st.tcpLimited.Load(),
 		TCPActive:      len(st.flowSlots),
@@ -124,10 +125,11 @@ func (st *Stack) Stats() Stats {
 	}
 	for i := range s.DialErrors {
 		s.DialErrors[i] = st.dialErrors[i].Load()
+		s.TCPDialFailed += s.DialErrors[i]
 	}
 	if st.udp != nil {
 		u := st.udp.Stats()
-		s.UDPFlows, s.UDPDropped = u.Associations, u.RefusedFull
+		s.UDPFlows = u.Associations
 		s.UDPActive = st.udp.Len()
 	}
 	return s

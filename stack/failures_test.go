@@ -41,16 +41,16 @@ func TestClassifyDial(t *testing.T) {
 	_, refused := net.Dial("tcp4", closed)
 	tests := []struct {
 		err  error
-		want dialReason
+		want DialReason
 	}{
-		{refused, reasonRefused},
-		{fmt.Errorf("dial x via socks5 y: %w", syscall.ECONNREFUSED), reasonRefused},
-		{fmt.Errorf("dial: %w", context.DeadlineExceeded), reasonTimeout},
-		{&net.OpError{Op: "dial", Err: syscall.EHOSTUNREACH}, reasonUnreachable},
-		{fmt.Errorf("read reply: %w", syscall.ECONNRESET), reasonReset},
-		{&net.DNSError{Err: "no such host", Name: "nx.test", IsNotFound: true}, reasonNoName},
-		{fmt.Errorf("dial: %w", syscall.EPERM), reasonNotPermitted},
-		{errors.New("proxy said no"), reasonOther},
+		{refused, DialRefused},
+		{fmt.Errorf("dial x via socks5 y: %w", syscall.ECONNREFUSED), DialRefused},
+		{fmt.Errorf("dial: %w", context.DeadlineExceeded), DialTimeout},
+		{&net.OpError{Op: "dial", Err: syscall.EHOSTUNREACH}, DialUnreachable},
+		{fmt.Errorf("read reply: %w", syscall.ECONNRESET), DialReset},
+		{&net.DNSError{Err: "no such host", Name: "nx.test", IsNotFound: true}, DialNoName},
+		{fmt.Errorf("dial: %w", syscall.EPERM), DialNotPermitted},
+		{errors.New("proxy said no"), DialOther},
 	}
 	for _, tc := range tests {
 		if got := classifyDial(tc.err); got != tc.want {

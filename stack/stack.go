@@ -245,13 +245,13 @@ type Stack struct {
 	warnFlowLimit, warnFDs, logRefused ratelog.Limiter
 	// logDialFailed says why upstreams cannot be reached, one line per
 	// period for each reason (failures.go).
-	logDialFailed [numDialReasons]ratelog.Limiter
+	logDialFailed [NumDialReasons]ratelog.Limiter
 
-	tcpOpened, tcpDialFailed, tcpRefused, tcpLimited atomic.Uint64
+	tcpOpened, tcpRefused, tcpLimited atomic.Uint64
 	// For Stats (stats.go): bytes of ended flows, dial failures by
 	// reason, dial latencies, and from SYN to relayed flow.
 	bytesUp, bytesDown          atomic.Uint64
-	dialErrors                  [numDialReasons]atomic.Uint64
+	dialErrors                  [NumDialReasons]atomic.Uint64
 	dialLatency, connectLatency latencyHistogram
 
 	// sources counts handshakes in progress per source, halfOpen those

@@ -65,34 +65,6 @@ func (h *latencyHistogram) snapshot() Histogram {
 	return s
 }
 
-// DialReason names a class of dial failure for Stats.DialErrors, in words
-// fit for a metric label.
-type DialReason int
-
-// The classes of dial failure, as classifyDial sorts them.
-const (
-	DialRefused      = DialReason(reasonRefused)
-	DialTimeout      = DialReason(reasonTimeout)
-	DialUnreachable  = DialReason(reasonUnreachable)
-	DialReset        = DialReason(reasonReset)
-	DialNoName       = DialReason(reasonNoName)
-	DialNotPermitted = DialReason(reasonNotPermitted)
-	DialOther        = DialReason(reasonOther)
-	NumDialReasons   = int(numDialReasons)
-)
-
-var dialReasonLabel = [numDialReasons]string{
-	reasonRefused:      "refused",
-	reasonTimeout:      "timeout",
-	reasonUnreachable:  "unreachable",
-	reasonReset:        "reset",
-	reasonNoName:       "no_name",
-	reasonNotPermitted: "not_permitted",
-	reasonOther:        "other",
-}
-
-func (r DialReason) String() string { return dialReasonLabel[r] }
-
 // Drops are the packets and flows the stack let go, by reason, since New.
 type Drops struct {
 	BadChecksum    uint64 // inbound packets with a bad checksum

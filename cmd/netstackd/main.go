@@ -228,7 +228,7 @@ func (s *tunService) Stop() error {
 	st := s.st.Stats()
 	attrs := []any{
 		"tcp_flows", st.TCPFlows, "tcp_dial_failed", st.TCPDialFailed, "tcp_refused", st.TCPRefused,
-		"tcp_over_limit", st.TCPLimited, "udp_flows", st.UDPFlows, "udp_dropped_table_full", st.UDPDropped,
+		"tcp_over_limit", st.TCPLimited, "udp_flows", st.UDPFlows, "udp_dropped_table_full", st.Drops.UDPTableFull,
 		"refused_destinations", s.refused.count.Load(),
 	}
 	if s.dns != nil {
