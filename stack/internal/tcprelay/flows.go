@@ -55,12 +55,9 @@ type FlowInfo struct {
 // opening and ending flows take it only collects pointers; the flows are
 // read after, which their atomics and fixed fields allow.
 func (r *Relayer) Flows(dst []FlowInfo) []FlowInfo {
-	r.mu.Lock()
-	n := r.nlive
-	r.mu.Unlock()
-	// Room for flows opened meanwhile, so that the copy under the lock
-	// rarely grows the slice.
-	flows := make([]*relayFlow, 0, n+n/8+16)
+	// Only the pointers are collected under the lock; an operator asks
+	// this, rarely, so growing the slice there costs little.
+	var flows []*relayFlow
 	r.mu.Lock()
 	for fl := r.live; fl != nil; fl = fl.next {
 		flows = append(flows, fl)

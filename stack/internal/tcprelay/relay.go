@@ -61,7 +61,6 @@ type Relayer struct {
 	// a few hundred bytes.
 	mu      sync.Mutex
 	live    *relayFlow
-	nlive   int // flows in live, so that Flows allocates outside the lock
 	aborted bool
 }
 
@@ -94,17 +93,12 @@ func (r *Relayer) track(fl *relayFlow) bool {
 		r.live.prev = fl
 	}
 	r.live = fl
-	r.nlive++
 	return true
 }
 
 func (r *Relayer) untrack(fl *relayFlow) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if fl.prev == nil && r.live != fl {
-		return // not tracked: AbortAll refused it
-	}
-	r.nlive--
 	if fl.prev != nil {
 		fl.prev.next = fl.next
 	} else if r.live == fl {
