@@ -128,7 +128,7 @@ func (e *Endpoint) flushDatagrams(b *datagramBatch) {
 func (e *Endpoint) appendFragments(b *datagramBatch, src, dst netip.AddrPort, payload []byte) bool {
 	hl := packet.IPHeaderLen(dst.Addr())
 	n := hl + packet.UDPHeaderLen + len(payload)
-	if n-hl > 0xffff || dst.Addr().Is4() && n > 0xffff {
+	if len(payload) > packet.MaxUDPPayload(dst.Addr()) {
 		return false
 	}
 	if cap(b.whole) < n {
