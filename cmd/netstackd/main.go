@@ -194,7 +194,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stopHups()
 	reloadCtx, stopReloads := context.WithCancel(ctx)
 	var reloading sync.WaitGroup
-	rl := &reloader{args: args, opts: opts, level: level, live: live, refused: refused, log: log}
+	rl := newReloader(args, opts, level, live, refused, log)
 	reloading.Go(func() { rl.run(reloadCtx, hups) })
 	defer func() {
 		stopReloads()

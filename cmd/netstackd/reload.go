@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
@@ -72,14 +73,19 @@ func (l *liveDialer) LogValue() slog.Value {
 
 // reloader applies a new configuration on SIGHUP.
 type reloader struct {
-	args    []string // the command line, read again
-	opts    *options // in effect
+	args []string // the command line, read again
+	// running is each configuration key's value in effect: what the
+	// daemon started with, and what reloads have applied since. A
+	// reload's own copy: the options the daemon runs on stay untouched.
+	running map[string]string
 	level   *slog.LevelVar
-	live    *liveDialer // nil in direct mode
+	live    *liveDialer // nil in direct and host-wide mode
 	refused *refusals
 	log     *slog.Logger
-	// applied is told the outcome of each reload; tests read it.
-	applied func(changed, kept []string, err error)
+}
+
+func newReloader(args []string, opts *options, level *slog.LevelVar, live *liveDialer, refused *refusals, log *slog.Logger) *reloader {
+	return &reloader{args: args, running: maps.Clone(opts.effective), level: level, live: live, refused: refused, log: log}
 }
 
 // run reloads on every signal from sigs until ctx ends.
@@ -89,10 +95,7 @@ func (r *reloader) run(ctx context.Context, sigs <-chan os.Signal) {
 		case <-ctx.Done():
 			return
 		case <-sigs:
-			changed, kept, err := r.reload(ctx)
-			if r.applied != nil {
-				r.applied(changed, kept, err)
-			}
+			r.reload(ctx)
 		}
 	}
 }
@@ -107,11 +110,11 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 		return nil, nil, err
 	}
 	var newUp *upstream
-	for _, k := range diffConfig(r.opts.effective, next.effective) {
+	for _, k := range diffConfig(r.running, next.effective) {
 		switch {
 		case k == "log-level":
 			changed = append(changed, k)
-		case (k == "proxy" || k == "socks") && r.live != nil && !r.opts.hostWide && isProxy(next.proxyURL):
+		case (k == "proxy" || k == "socks") && r.live != nil && isProxy(next.proxyURL):
 			if newUp == nil {
 				if newUp, err = newUpstream(ctx, next, r.refused); err != nil {
 					r.log.Error("reload refused: the configuration in effect stays", "err", fmt.Errorf("--proxy: %w", err))
@@ -129,10 +132,10 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 	if newUp != nil {
 		r.live.set(newUp.dialer)
 	}
-	if len(changed) > 0 {
-		r.opts.logLevel, r.opts.proxyURL = next.logLevel, next.proxyURL
-		r.opts.effective["log-level"] = next.effective["log-level"]
-		r.opts.effective["proxy"], r.opts.effective["socks"] = next.effective["proxy"], next.effective["socks"]
+	// Only what was applied is running now: a key kept keeps differing,
+	// and is reported again by the next reload.
+	for _, k := range changed {
+		r.running[k] = next.effective[k]
 	}
 	attrs := []any{"changed", changed, "kept", kept}
 	if newUp != nil {

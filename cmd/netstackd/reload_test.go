@@ -1,0 +1,64 @@
+package main
+
+import (
+	"log/slog"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestReloadKeepsReporting: a key that cannot change while running is
+// reported as kept by every reload that finds it changed, not only the
+// first, even when the same reload applied another key; a key applied is
+// not reported again.
+func TestReloadKeepsReporting(t *testing.T) {
+	path := writeFile(t, "socks = \"127.0.0.1:1080\"\nlog-level = \"info\"\n")
+	args := []string{"--config", path}
+	opts, err := parseFlags(args, false, &strings.Builder{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	level := new(slog.LevelVar)
+	level.Set(opts.logLevel)
+	up, err := newUpstream(t.Context(), opts, &refusals{log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	live := newLiveDialer(up.dialer)
+	r := newReloader(args, opts, level, live, &refusals{log: slog.New(slog.DiscardHandler)}, slog.New(slog.DiscardHandler))
+
+	if err := os.WriteFile(path, []byte("socks = \"127.0.0.1:1081\"\nlog-level = \"debug\"\nmtu = 1400\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changed, kept, err := r.reload(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(changed, "log-level") || !slices.Contains(changed, "socks") || !slices.Equal(kept, []string{"mtu"}) {
+		t.Fatalf("first reload: changed %v, kept %v; want log-level and socks changed, mtu kept", changed, kept)
+	}
+	if level.Level() != slog.LevelDebug || live.String() != "socks5://127.0.0.1:1081" {
+		t.Fatalf("after the reload: level %v, proxy %s", level.Level(), live)
+	}
+	changed, kept, err = r.reload(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(changed) != 0 || !slices.Equal(kept, []string{"mtu"}) {
+		t.Fatalf("second reload of the same file: changed %v, kept %v; want nothing changed, mtu kept again", changed, kept)
+	}
+	if opts.logLevel != slog.LevelInfo || opts.proxyURL != "socks5://127.0.0.1:1080" {
+		t.Errorf("the reload wrote the running options: level %v, proxy %s", opts.logLevel, opts.proxyURL)
+	}
+
+	if err := os.WriteFile(path, []byte("socks = ["), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := r.reload(t.Context()); err == nil {
+		t.Fatal("a file that does not parse was accepted")
+	}
+	if live.String() != "socks5://127.0.0.1:1081" {
+		t.Errorf("a refused reload changed the proxy to %s", live)
+	}
+}
