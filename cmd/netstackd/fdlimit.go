@@ -8,7 +8,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netstackd/netstackd/proxy"
-	"github.com/netstackd/netstackd/stack"
 )
 
 // Every flow netstackd relays costs it a file descriptor: the upstream
@@ -170,7 +169,7 @@ func sizeTables(opts *options, up *upstream, log *slog.Logger) (origSoft uint64)
 		maxFlowsSet: opts.maxFlowsSet,
 	}
 	_, direct := up.dialer.(proxy.Direct)
-	if _, ok := up.dialer.(stack.UDPDialer); ok {
+	if up.udp() != nil {
 		d.udpCost = 2 // the UDP socket and the SOCKS5 control connection
 		if direct {
 			d.udpCost = 1

@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -127,7 +126,7 @@ Flags:
 func runFlows(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("netstackd flows", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	addr := fs.String("metrics", flowsDefaultAddr, "`ADDR` (host:port) of the daemon's HTTP listener")
+	addr := fs.String("metrics", flowsDefaultAddr, "`ADDR` of the daemon's HTTP listener, as its --metrics was given (PORT, :PORT or HOST:PORT)")
 	closeID := fs.String("close", "", "reset the flow with this `ID` instead of listing")
 	limit := fs.Int("max", flowsDefaultMax, "list at most `N` flows, the oldest ids first (the daemon caps it at 10000)")
 	fs.Usage = func() {
@@ -183,13 +182,14 @@ func runFlows(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
-// flowsURL is the /flows URL of the listener at addr (host:port).
+// flowsURL is the /flows URL of the listener at addr, written as the
+// daemon's --metrics takes it (PORT, :PORT or HOST:PORT).
 func flowsURL(addr string) (string, error) {
-	host, port, err := net.SplitHostPort(addr)
+	hostPort, err := parseMetricsAddr(addr)
 	if err != nil {
-		return "", fmt.Errorf("%q: want host:port: %w", addr, err)
+		return "", err
 	}
-	u := url.URL{Scheme: "http", Host: net.JoinHostPort(host, port), Path: "/flows"}
+	u := url.URL{Scheme: "http", Host: hostPort, Path: "/flows"}
 	return u.String(), nil
 }
 

@@ -308,7 +308,7 @@ func TestFlowsCommandErrors(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{[]string{"flows", "--metrics", "nohostport"}, exitUsage, "want host:port"},
+		{[]string{"flows", "--metrics", "nohostport"}, exitUsage, `port "nohostport" is not a number`},
 		{[]string{"flows", "--close", "x1"}, exitUsage, "want a flow id"},
 		{[]string{"flows", "--max", "0"}, exitUsage, "want a positive number"},
 		{[]string{"flows", "extra"}, exitUsage, "unexpected argument"},
@@ -318,6 +318,12 @@ func TestFlowsCommandErrors(t *testing.T) {
 		code := run(c.args, &out, &errOut)
 		if code != c.code || !strings.Contains(errOut.String(), c.msg) {
 			t.Errorf("%q: exit %d, %q; want exit %d and %q", c.args, code, errOut.String(), c.code, c.msg)
+		}
+	}
+	// The address is read as the daemon's --metrics reads it.
+	for in, want := range map[string]string{"9090": "http://127.0.0.1:9090/flows", ":9090": "http://127.0.0.1:9090/flows", "[::1]:9090": "http://[::1]:9090/flows"} {
+		if got, err := flowsURL(in); got != want || err != nil {
+			t.Errorf("flowsURL(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
 	var out bytes.Buffer

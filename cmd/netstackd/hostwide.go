@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/netstackd/netstackd/proxy"
+	"github.com/netstackd/netstackd/stack"
 )
 
 // Host-wide mode: the TUN gets the default routes of netstackd's own
@@ -251,4 +252,13 @@ func warnStrictRPFilter(tun string, log *slog.Logger) {
 		log.Warn("strict reverse-path filtering drops replies to netstackd's own IPv4 connections in host-wide mode: set loose mode (sysctl net.ipv4.conf.all.rp_filter=2 and on each interface listed)",
 			"interfaces", strings.Join(strict, ","))
 	}
+}
+
+// udp is what opens the flows' UDP associations: nil when the upstream
+// carries no UDP (SOCKS4, HTTP CONNECT), which the stack then refuses.
+func (u *upstream) udp() stack.UDPDialer {
+	if d, ok := u.dialer.(stack.UDPDialer); ok && !u.noUDP {
+		return d
+	}
+	return nil
 }

@@ -268,7 +268,7 @@ func startStack(dev *tundev.Device, capture *pcap.Switch, opts *options, up *ups
 	}
 	cfg.MaxInFlight, cfg.MaxInFlightPerSource = opts.maxInFlight, opts.maxInFlightPerSource
 	cfg.HandshakeTimeout = opts.handshakeTimeout
-	if u, ok := dialer.(stack.UDPDialer); ok && !up.noUDP {
+	if u := up.udp(); u != nil {
 		cfg.UDP = u
 	}
 	_, cfg.ForwardPing = dialer.(proxy.Direct)
