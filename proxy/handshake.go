@@ -65,18 +65,14 @@ func handshakeContext(ctx context.Context, c net.Conn, timeout time.Duration, ha
 	return c.SetDeadline(time.Time{})
 }
 
-// probeConnect checks that server accepts a connection through forward
-// within timeout (0 means 10s), and closes it.
-func probeConnect(ctx context.Context, forward Dialer, scheme, server string, timeout time.Duration) error {
-	if forward == nil {
-		forward = Direct{}
+// probe reaches server through forward and runs handshake (nil: none, the
+// connection is all that is checked) as dialHandshake does, then closes
+// the connection: a Prober's check.
+func probe(ctx context.Context, forward Dialer, scheme, server string, timeout time.Duration, handshake func(net.Conn) error) error {
+	if handshake == nil {
+		handshake = func(net.Conn) error { return nil }
 	}
-	if timeout == 0 {
-		timeout = defaultTimeout
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	c, err := forward.DialContext(ctx, "tcp", server)
+	c, err := dialHandshake(ctx, forward, server, timeout, handshake)
 	if err != nil {
 		return fmt.Errorf("probe %s %s: %w", scheme, server, err)
 	}

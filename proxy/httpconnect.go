@@ -117,13 +117,13 @@ func readResponseHead(c net.Conn) (httpconnect.Response, error) {
 	}
 }
 
-// String describes the dialer for logs, without the password:
 // Probe checks that Server accepts a connection; a CONNECT would ask it to
 // reach somewhere.
 func (h HTTPConnect) Probe(ctx context.Context) error {
-	return probeConnect(ctx, h.Forward, "http", h.Server, h.HandshakeTimeout)
+	return probe(ctx, h.Forward, "http", h.Server, h.HandshakeTimeout, nil)
 }
 
+// String describes the dialer for logs, without the password:
 // "http://user@host:port".
 func (h HTTPConnect) String() string {
 	u := url.URL{Scheme: "http", Host: h.Server}

@@ -81,7 +81,7 @@ func (s SOCKS4) dial(ctx context.Context, network, address string) (net.Conn, er
 // Probe checks that Server accepts a connection. SOCKS4 has no request
 // that asks nothing of the server, so that is all it can check.
 func (s SOCKS4) Probe(ctx context.Context) error {
-	return probeConnect(ctx, s.Forward, "socks4", s.Server, s.HandshakeTimeout)
+	return probe(ctx, s.Forward, "socks4", s.Server, s.HandshakeTimeout, nil)
 }
 
 // String describes the dialer for logs: "socks4://userid@host:port".

@@ -132,13 +132,9 @@ func (s SOCKS5) negotiate(c net.Conn, buf []byte) error {
 // credentials, without asking it to reach anything: the greeting and, when
 // the server picks it, the username/password sub-negotiation.
 func (s SOCKS5) Probe(ctx context.Context) error {
-	c, err := dialHandshake(ctx, s.Forward, s.Server, s.HandshakeTimeout, func(c net.Conn) error {
+	return probe(ctx, s.Forward, "socks5", s.Server, s.HandshakeTimeout, func(c net.Conn) error {
 		return s.negotiate(c, make([]byte, 0, 3+255+255))
 	})
-	if err != nil {
-		return fmt.Errorf("probe socks5 %s: %w", s.Server, err)
-	}
-	return c.Close()
 }
 
 // authenticate runs the username/password sub-negotiation (RFC 1929 §2),
