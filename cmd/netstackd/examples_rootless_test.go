@@ -37,7 +37,7 @@ func TestExampleRootlessContainer(t *testing.T) {
 	asUser := []string{"setpriv", "--reuid=" + uid, "--regid=" + gid, "--clear-groups", "--inh-caps=-all"}
 
 	args := append(append([]string{}, asUser...), "env", "NETSTACKD="+bin, "PROXY="+socks4.String(), "PORT=18080", "NAME=example.test",
-		"sh", script, httpURL(netnstest.ServerIPv4, "/"))
+		script, httpURL(netnstest.ServerIPv4, "/"))
 	r := tp.Daemon.Exec(t, exampleTimeout, args...)
 	if strings.Contains(r.Stderr, "WARNING: DATA RACE") {
 		t.Errorf("netstackd reported a data race: %s", r)

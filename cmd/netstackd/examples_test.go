@@ -262,3 +262,21 @@ func TestExampleSystemdUnit(t *testing.T) {
 		t.Errorf("routing state after the unit's stop differs:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 }
+
+// TestExamplesExecutable: every script in examples/ can be run as its
+// header says, by its path; the tests run copies, which would not notice.
+func TestExamplesExecutable(t *testing.T) {
+	scripts, err := filepath.Glob(filepath.Join("..", "..", "examples", "*.sh"))
+	if err != nil || len(scripts) == 0 {
+		t.Fatalf("no scripts in examples/ (%v)", err)
+	}
+	for _, s := range scripts {
+		fi, err := os.Stat(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm()&0o111 != 0o111 {
+			t.Errorf("%s has mode %04o: not executable by everyone", s, fi.Mode().Perm())
+		}
+	}
+}

@@ -206,6 +206,11 @@ func (h *netnsHelper) up(dev *tundev.Device) error {
 	if _, err := h.sock.Write([]byte{goByte}); err != nil {
 		return fmt.Errorf("set %s up: %w", dev.Name(), err)
 	}
+	// The helper answers once the link and routes are up; a helper
+	// stuck in the kernel must not hold up start-up for ever.
+	if err := h.sock.SetReadDeadline(time.Now().Add(tunWithin)); err != nil {
+		return fmt.Errorf("set %s up: %w", dev.Name(), err)
+	}
 	var b [512]byte
 	n, err := h.sock.Read(b[:])
 	switch {
