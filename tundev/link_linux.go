@@ -134,7 +134,7 @@ func (l *link) checkAddrFree(p netip.Prefix) error {
 			if other, err := l.h.LinkByIndex(a.LinkIndex); err == nil {
 				owner = other.Attrs().Name
 			}
-			return fmt.Errorf("add address %s to %s: %w: %s on %s in %s overlaps it (another netstackd? give this one other --addr, --dns-addr and --fake-ip-range)",
+			return fmt.Errorf("add address %s to %s: %w: %s on %s in %s overlaps it",
 				p, l.name, ErrAddrInUse, q, owner, l.where)
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/netstackd/netstackd/internal/pcap"
+	"github.com/netstackd/netstackd/proxy"
 	"github.com/netstackd/netstackd/stack"
 	"github.com/netstackd/netstackd/tundev"
 )
@@ -440,7 +441,7 @@ func (o *options) checkCombinations(fs *flag.FlagSet) error {
 	if o.dnsMode == "fake-ip" && slices.ContainsFunc(o.fakeRanges, func(p netip.Prefix) bool { return p.Contains(o.dnsAddr) }) {
 		return fmt.Errorf("--dns-addr %s is inside a --fake-ip-range: the pool could hand it out as a name's address", o.dnsAddr)
 	}
-	own := o.ownPrefixes()
+	isOwn := proxy.RefusePrefixes(o.ownPrefixes()...)
 	if o.tunFD < 0 && slices.ContainsFunc(o.addrs, func(p netip.Prefix) bool { return p.Addr() == o.dnsAddr }) && set["dns-addr"] {
 		return fmt.Errorf("--dns-addr %s is the TUN's own address (--addr): queries to it are answered by the client's side, never reach netstackd", o.dnsAddr)
 	}
@@ -456,7 +457,7 @@ func (o *options) checkCombinations(fs *flag.FlagSet) error {
 		if err != nil {
 			continue
 		}
-		if ownPrefix(own, a) {
+		if isOwn(a) {
 			return fmt.Errorf("%s %s: an address of netstackd's own (its TUN prefixes, fake-IP ranges or --dns-addr), which it would reach only through itself", c.flag, c.hostport)
 		}
 	}
@@ -477,12 +478,6 @@ func (o *options) ownPrefixes() []netip.Prefix {
 		own = append(own, netip.PrefixFrom(o.dnsAddr, o.dnsAddr.BitLen()))
 	}
 	return own
-}
-
-// ownPrefix reports whether a, unmapped, is in one of own.
-func ownPrefix(own []netip.Prefix, a netip.Addr) bool {
-	a = a.Unmap()
-	return slices.ContainsFunc(own, func(p netip.Prefix) bool { return p.Contains(a) })
 }
 
 // proxyHostPort is the "host:port" of a --proxy URL, "" when there is none

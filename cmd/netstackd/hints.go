@@ -7,6 +7,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/tundev"
 )
 
 // tunHint adds to an error from creating or opening the TUN what the user
@@ -20,6 +22,8 @@ func tunHint(err error, runMode bool) error {
 	}
 	msg := err.Error()
 	switch {
+	case errors.Is(err, tundev.ErrAddrInUse):
+		return fmt.Errorf("%w (another netstackd? give this one other --addr, --dns-addr and --fake-ip-range)", err)
 	case errors.Is(err, unix.EACCES) && strings.Contains(msg, "/dev/net/tun"):
 		hint := "/dev/net/tun does not let this user open it"
 		if fi, serr := os.Stat("/dev/net/tun"); serr == nil {

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/netstackd/netstackd/tundev"
 )
 
 // TestFlagErrors pins the rewording of each of the flag package's errors:
@@ -118,6 +120,7 @@ func TestTUNHint(t *testing.T) {
 		{fmt.Errorf("create tun: %w", unix.EPERM), false, "netstackd run"},
 		{fmt.Errorf("create tun: %w", unix.EPERM), true, "user namespace"},
 		{fmt.Errorf("create tun: %w", unix.EBUSY), false, "device or resource busy"},
+		{fmt.Errorf("create tun: %w: 198.18.0.1/15 on netstack0 overlaps it", tundev.ErrAddrInUse), false, "give this one other --addr"},
 	}
 	for _, tc := range tests {
 		got := tunHint(tc.err, tc.runMode)
