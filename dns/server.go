@@ -552,11 +552,6 @@ func (s *Server) Hold(addr netip.Addr) (release func()) {
 	return s.pool.hold(addr)
 }
 
-// PoolExhausted returns how many A and AAAA queries were answered SERVFAIL
-// because no fake address was free: every one was held by a flow or named
-// in an answer that clients may still have cached.
-func (s *Server) PoolExhausted() uint64 { return s.poolExhausted.Load() }
-
 // opContext bounds one upstream operation by upstreamTimeout and by Close.
 func (s *Server) opContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(ctx, upstreamTimeout)

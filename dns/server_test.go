@@ -355,7 +355,7 @@ func TestPoolExhaustedServfail(t *testing.T) {
 	if n := logs.count(slog.LevelWarn); n != 1 {
 		t.Errorf("%d warnings for three exhausted queries, want 1 (rate-limited)", n)
 	}
-	if n := s.PoolExhausted(); n != 3 {
+	if n := s.Stats().PoolExhausted; n != 3 {
 		t.Errorf("PoolExhausted() = %d after three refused queries, want 3", n)
 	}
 	if name, ok := s.Resolve(addr); !ok || name != "held.test" {
@@ -369,7 +369,7 @@ func TestPoolExhaustedServfail(t *testing.T) {
 	if a := answerAddr(t, fakeA(t, s, 21, "other.test")); a != addr {
 		t.Errorf("after release and the reuse horizon: %v, want %v recycled", a, addr)
 	}
-	if n := s.PoolExhausted(); n != 4 {
+	if n := s.Stats().PoolExhausted; n != 4 {
 		t.Errorf("PoolExhausted() = %d, want 4", n)
 	}
 }
@@ -416,7 +416,7 @@ func TestFakeReuseHorizon(t *testing.T) {
 				}
 				others = append(others, answerAddr(t, m))
 			}
-			exhausted := s.PoolExhausted()
+			exhausted := s.Stats().PoolExhausted
 			if exhausted != 1 {
 				t.Fatalf("PoolExhausted() = %d once the range is full, want 1", exhausted)
 			}
@@ -448,7 +448,7 @@ func TestFakeReuseHorizon(t *testing.T) {
 			if name, _ := s.Resolve(first); name != "beta.test" {
 				t.Errorf("Resolve(%v) = %q, want beta.test", first, name)
 			}
-			if n := s.PoolExhausted(); n != exhausted+2 {
+			if n := s.Stats().PoolExhausted; n != exhausted+2 {
 				t.Errorf("PoolExhausted() = %d, want %d", n, exhausted+2)
 			}
 		})

@@ -232,7 +232,7 @@ func (s *tunService) Stop() error {
 		"refused_destinations", s.refused.count.Load(),
 	}
 	if s.dns != nil {
-		attrs = append(attrs, "dns_pool_exhausted", s.dns.PoolExhausted())
+		attrs = append(attrs, "dns_pool_exhausted", s.dns.Stats().PoolExhausted)
 	}
 	s.log.Info("summary", attrs...)
 	return err
