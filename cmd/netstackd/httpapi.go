@@ -159,14 +159,20 @@ type healthStatus struct {
 // upstreamHealth caches the verdict of a background probe, so that
 // /healthz answers at once and a burst of health checks dials nothing.
 type upstreamHealth struct {
-	last atomic.Pointer[healthStatus]
+	last   atomic.Pointer[healthStatus]
+	log    *slog.Logger
+	probed bool // a probe has answered: owned by the one goroutine that probes
 }
 
 // newUpstreamHealth starts not ok until the first probe says otherwise: a
-// load balancer must not send work to a netstackd whose proxy is unknown.
-// A dialer with no proxy (Direct) is healthy from the start.
-func newUpstreamHealth(d proxy.Dialer) *upstreamHealth {
-	h := &upstreamHealth{}
+// proxy nobody has heard from is not known to be usable. A dialer with no
+// proxy (Direct) is healthy from the start. Each change of verdict is
+// logged: the proxy not answering at warn level, answering at info.
+func newUpstreamHealth(d proxy.Dialer, log *slog.Logger) *upstreamHealth {
+	h := &upstreamHealth{log: log}
+	if h.log == nil {
+		h.log = slog.New(slog.DiscardHandler)
+	}
 	st := &healthStatus{reason: "upstream not probed yet"}
 	if _, ok := d.(proxy.Prober); !ok {
 		st = &healthStatus{ok: true}
@@ -177,8 +183,38 @@ func newUpstreamHealth(d proxy.Dialer) *upstreamHealth {
 
 func (h *upstreamHealth) status() healthStatus { return *h.last.Load() }
 
-// run probes d now and every healthInterval until ctx ends; a dialer with
-// nothing to probe returns at once.
+// probe checks d once, within timeout, and keeps and logs the verdict; it
+// reports false when ctx ended first. Only one goroutine probes: run's,
+// with --metrics, or netstackd's check at start without it.
+func (h *upstreamHealth) probe(ctx context.Context, d proxy.Dialer, timeout time.Duration) bool {
+	if _, ok := d.(proxy.Prober); !ok {
+		return true
+	}
+	pctx, cancel := context.WithTimeout(ctx, timeout)
+	start := time.Now()
+	err := proxy.Probe(pctx, d)
+	cancel()
+	if ctx.Err() != nil {
+		return false
+	}
+	was := h.last.Load().ok
+	st := &healthStatus{ok: true}
+	if err != nil {
+		st = &healthStatus{reason: fmt.Sprintf("upstream %v does not answer: %v", d, err)}
+	}
+	h.last.Store(st)
+	first := !h.probed
+	h.probed = true
+	switch {
+	case err == nil && (first || !was):
+		h.log.Info("proxy answers", "proxy", d, "took", time.Since(start).Round(time.Microsecond))
+	case err != nil && (first || was):
+		h.log.Warn("proxy does not answer: flows through it fail until it does", "proxy", d, "err", err)
+	}
+	return true
+}
+
+// run probes d every healthInterval until ctx ends.
 func (h *upstreamHealth) run(ctx context.Context, d proxy.Dialer, timeout time.Duration) {
 	if _, ok := d.(proxy.Prober); !ok {
 		return
@@ -186,18 +222,7 @@ func (h *upstreamHealth) run(ctx context.Context, d proxy.Dialer, timeout time.D
 	timeout = min(timeout, healthInterval)
 	tick := time.NewTicker(healthInterval)
 	defer tick.Stop()
-	for {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		err := proxy.Probe(pctx, d)
-		cancel()
-		if ctx.Err() != nil {
-			return
-		}
-		st := &healthStatus{ok: true}
-		if err != nil {
-			st = &healthStatus{reason: fmt.Sprintf("upstream %v does not answer: %v", d, err)}
-		}
-		h.last.Store(st)
+	for h.probe(ctx, d, timeout) {
 		select {
 		case <-ctx.Done():
 			return
@@ -208,7 +233,7 @@ func (h *upstreamHealth) run(ctx context.Context, d proxy.Dialer, timeout time.D
 
 // startMetrics starts the --metrics listener on the running stack st; nil
 // without --metrics.
-func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Server, refused *refusals, capture *pcap.Switch, log *slog.Logger) (*apiServer, error) {
+func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Server, refused *refusals, capture *pcap.Switch, health *upstreamHealth, log *slog.Logger) (*apiServer, error) {
 	if opts.metricsAddr == "" {
 		return nil, nil
 	}
@@ -223,7 +248,7 @@ func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Se
 			stack:    st.Stats,
 			dns:      resolver,
 			refused:  refused,
-			health:   newUpstreamHealth(up.dialer),
+			health:   health,
 			mode:     mode,
 			upstream: fmt.Sprint(up.dialer),
 		},

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -65,7 +66,7 @@ func startTestAPI(t *testing.T, pprof bool, stats stack.Stats, d proxy.Dialer, d
 		metrics: metricsSources{
 			stack:   func() stack.Stats { return stats },
 			refused: &refusals{},
-			health:  newUpstreamHealth(d),
+			health:  newUpstreamHealth(d, nil),
 			mode:    "direct", upstream: "direct",
 		},
 		dialer:  d,
@@ -245,7 +246,7 @@ func BenchmarkScrape(b *testing.B) {
 		addr: "127.0.0.1:0",
 		metrics: metricsSources{
 			stack:   func() stack.Stats { return stats },
-			refused: &refusals{}, health: newUpstreamHealth(proxy.Direct{}), mode: "direct", upstream: "direct",
+			refused: &refusals{}, health: newUpstreamHealth(proxy.Direct{}, nil), mode: "direct", upstream: "direct",
 		},
 		dialer: proxy.Direct{}, log: slog.New(slog.DiscardHandler),
 	})
@@ -276,12 +277,55 @@ func BenchmarkCollect(b *testing.B) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newMetricsCollector(metricsSources{
 		stack:   func() stack.Stats { return stats },
-		refused: &refusals{}, health: newUpstreamHealth(proxy.Direct{}), mode: "direct", upstream: "direct",
+		refused: &refusals{}, health: newUpstreamHealth(proxy.Direct{}, nil), mode: "direct", upstream: "direct",
 	}))
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := reg.Gather(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestUpstreamHealthProbe: each probe keeps its verdict for /healthz, and
+// the log says so only when the verdict changes: answering at info, not
+// answering at warn, once each however many probes agree.
+func TestUpstreamHealthProbe(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	var logs bytes.Buffer
+	d := proxy.HTTPConnect{Server: addr} // its probe is a connect
+	h := newUpstreamHealth(d, slog.New(slog.NewTextHandler(&logs, nil)))
+	if h.status().ok {
+		t.Fatal("healthy before any probe")
+	}
+	probe := func(wantOK bool) {
+		t.Helper()
+		if !h.probe(t.Context(), d, 2*time.Second) {
+			t.Fatal("probe stopped")
+		}
+		if st := h.status(); st.ok != wantOK {
+			t.Fatalf("status %+v, want ok %v", st, wantOK)
+		}
+	}
+	probe(true)
+	probe(true)
+	ln.Close()
+	probe(false)
+	probe(false)
+	if st := h.status(); !strings.Contains(st.reason, addr) {
+		t.Errorf("reason %q does not name the proxy", st.reason)
+	}
+	if ln, err = net.Listen("tcp4", addr); err != nil {
+		t.Skipf("relisten on %s: %v", addr, err)
+	}
+	defer ln.Close()
+	probe(true)
+	out := logs.String()
+	if a, w := strings.Count(out, "proxy answers"), strings.Count(out, "proxy does not answer"); a != 2 || w != 1 {
+		t.Errorf("%d answering and %d not-answering lines, want 2 and 1 (one per change):\n%s", a, w, out)
 	}
 }

@@ -135,7 +135,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// start, since it may come up later.
 	probeCtx, stopProbe := context.WithCancel(context.Background())
 	var probing sync.WaitGroup
-	probing.Go(func() { probeUpstream(probeCtx, dialer, opts.dialTimeout, log) })
+	// With --metrics the listener probes on an interval for /healthz;
+	// without, once here. Either way the same health logs what it finds.
+	health := newUpstreamHealth(dialer, log)
+	if opts.metricsAddr == "" {
+		probing.Go(func() { health.probe(probeCtx, dialer, opts.dialTimeout) })
+	}
 	defer func() {
 		stopProbe()
 		probing.Wait()
@@ -170,7 +175,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		pubs.serve(st)
 		svc := &tunService{st: st, pubs: pubs, dns: resolver, refused: refused, log: log}
-		if svc.api, err = startMetrics(opts, up, st, resolver, refused, capture, log); err != nil {
+		if svc.api, err = startMetrics(opts, up, st, resolver, refused, capture, health, log); err != nil {
 			svc.Stop()
 			return nil, err
 		}
@@ -469,26 +474,6 @@ func newLogger(w io.Writer, format string, level slog.Leveler) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(w, o))
 	}
 	return slog.New(slog.NewTextHandler(w, o))
-}
-
-// probeUpstream checks once that the proxy answers (proxy.Probe), and warns
-// when it does not.
-func probeUpstream(ctx context.Context, d proxy.Dialer, timeout time.Duration, log *slog.Logger) {
-	if _, ok := d.(proxy.Prober); !ok {
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	start := time.Now()
-	err := proxy.Probe(ctx, d)
-	switch {
-	case err == nil:
-		log.Info("proxy answers", "proxy", d, "took", time.Since(start).Round(time.Microsecond))
-	case errors.Is(err, context.Canceled):
-		// Stopped before it answered.
-	default:
-		log.Warn("proxy does not answer: flows through it fail until it does", "proxy", d, "err", err)
-	}
 }
 
 // shutdownLimit bounds an orderly stop. Past it netstackd prints where every
