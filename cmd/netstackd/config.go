@@ -32,12 +32,18 @@ var repeatable = map[string]bool{"addr": true, "route": true, "fake-ip-range": t
 // keeps the file's other from being applied.
 var sameSetting = map[string]string{"socks": "proxy", "proxy": "socks"}
 
+// setFlags are the flags that were set, on the command line or in the
+// file, with the text of each Set: recordSets fills it.
+type setFlags map[string][]string
+
+func (s setFlags) has(name string) bool { return len(s[name]) > 0 }
+
 // recorded wraps a flag's Value to remember the text of every Set, so that
 // --print-config can write back exactly what was given.
 type recorded struct {
 	flag.Value
 	name string
-	got  map[string][]string
+	got  setFlags
 }
 
 func (r recorded) Set(v string) error {
@@ -64,15 +70,15 @@ func (r recorded) Get() any {
 
 // recordSets wraps every flag of fs; the map it returns fills as they are
 // set.
-func recordSets(fs *flag.FlagSet) map[string][]string {
-	got := map[string][]string{}
+func recordSets(fs *flag.FlagSet) setFlags {
+	got := setFlags{}
 	fs.VisitAll(func(f *flag.Flag) { f.Value = recorded{Value: f.Value, name: f.Name, got: got} })
 	return got
 }
 
 // applyConfigFile sets on fs every key of the TOML file at path that the
 // command line (cmdline: the flags it set) did not.
-func applyConfigFile(fs *flag.FlagSet, path string, cmdline map[string]bool) error {
+func applyConfigFile(fs *flag.FlagSet, path string, cmdline setFlags) error {
 	var raw map[string]any
 	if _, err := toml.DecodeFile(path, &raw); err != nil {
 		return fmt.Errorf("--config %s: %w", path, err)
@@ -89,7 +95,7 @@ func applyConfigFile(fs *flag.FlagSet, path string, cmdline map[string]bool) err
 			}
 			return fmt.Errorf("--config %s: unknown key %q: the keys are the flags' names, as netstackd --help lists them", path, k)
 		}
-		if cmdline[k] || cmdline[sameSetting[k]] {
+		if cmdline.has(k) || cmdline.has(sameSetting[k]) {
 			continue
 		}
 		values, err := configStrings(raw[k])
@@ -159,7 +165,7 @@ type configEntry struct {
 // configInEffect lists every key with its value in effect: what was set,
 // or else what netstackd chose (the DNS mode, the routes of a namespace),
 // or else the default.
-func configInEffect(fs *flag.FlagSet, o *options, got map[string][]string) []configEntry {
+func configInEffect(fs *flag.FlagSet, o *options, got setFlags) []configEntry {
 	chosen := map[string][]string{
 		"dns":           {o.dnsMode},
 		"proxy":         {o.proxyURL},

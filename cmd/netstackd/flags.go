@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"math"
 	"net"
 	"net/netip"
@@ -190,9 +191,8 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		return nil, errVersion
 	}
 	if *configPath != "" {
-		cmdline := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { cmdline[f.Name] = true })
-		if err := applyConfigFile(fs, *configPath, cmdline); err != nil {
+		// What the command line set, before the file adds to it.
+		if err := applyConfigFile(fs, *configPath, maps.Clone(got)); err != nil {
 			return nil, err
 		}
 	}
@@ -200,7 +200,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		fmt.Fprintln(usageOut, version())
 		return nil, errVersion
 	}
-	fs.Visit(func(f *flag.Flag) { o.maxFlowsSet = o.maxFlowsSet || f.Name == "max-flows" })
+	o.maxFlowsSet = got.has("max-flows")
 	if runMode {
 		if fs.NArg() == 0 {
 			return nil, errors.New("run: no command (netstackd run [flags] -- CMD ARGS)")
@@ -314,10 +314,10 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		// bufferRangeFlag checked each range; this catches what stack adds.
 		return nil, fmt.Errorf("tcp options: %w", err)
 	}
-	if err := o.hostWideFlags(fs, runMode, *fwmark, *userFlag); err != nil {
+	if err := o.hostWideFlags(got, runMode, *fwmark, *userFlag); err != nil {
 		return nil, err
 	}
-	if err := o.checkCombinations(fs); err != nil {
+	if err := o.checkCombinations(got); err != nil {
 		return nil, err
 	}
 	if o.dnsMode == "fake-ip" && len(o.routes) > 0 {
@@ -369,19 +369,17 @@ func parseMetricsAddr(v string) (string, error) {
 // and the TUN is in netstackd's own namespace: neither --netns nor run
 // (whose TUN is in another namespace, so netstackd's sockets cannot loop
 // into it) nor --tun-fd (whose interface netstackd does not configure).
-func (o *options) hostWideFlags(fs *flag.FlagSet, runMode bool, fwmark, user string) error {
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+func (o *options) hostWideFlags(set setFlags, runMode bool, fwmark, user string) error {
 	o.hostWide = !runMode && o.netns == "" && o.tunFD < 0 && slices.ContainsFunc(o.routes, func(p netip.Prefix) bool { return p.Bits() == 0 })
 	const hostWideOnly = "applies to host-wide mode only (a --route of 0.0.0.0/0 or ::/0 without --netns, run or --tun-fd)"
 	m, err := strconv.ParseUint(fwmark, 0, 32)
 	if err != nil || m == 0 {
 		return fmt.Errorf("--fwmark %q: want a non-zero 32-bit mark, such as 0x6e73", fwmark)
 	}
-	if o.hostWide || set["fwmark"] {
+	if o.hostWide || set.has("fwmark") {
 		o.fwmark = uint32(m)
 	}
-	if set["table"] && !o.hostWide {
+	if set.has("table") && !o.hostWide {
 		return errors.New("--table " + hostWideOnly)
 	}
 	if o.table <= 0 || (o.table >= 253 && o.table <= 255) || int64(o.table) > math.MaxUint32 {
@@ -420,9 +418,7 @@ func (o *options) hostWideFlags(fs *flag.FlagSet, runMode bool, fwmark, user str
 
 // checkCombinations refuses flags that parse but cannot work together, so
 // that netstackd fails at start with the reason, not at every flow.
-func (o *options) checkCombinations(fs *flag.FlagSet) error {
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+func (o *options) checkCombinations(set setFlags) error {
 	if o.user != nil && o.fwmark != 0 && !o.hostWide {
 		// Issue 19: it started, said ready, and then failed every dial
 		// with EPERM.
@@ -442,7 +438,7 @@ func (o *options) checkCombinations(fs *flag.FlagSet) error {
 		return fmt.Errorf("--dns-addr %s is inside a --fake-ip-range: the pool could hand it out as a name's address", o.dnsAddr)
 	}
 	isOwn := proxy.RefusePrefixes(o.ownPrefixes()...)
-	if o.tunFD < 0 && slices.ContainsFunc(o.addrs, func(p netip.Prefix) bool { return p.Addr() == o.dnsAddr }) && set["dns-addr"] {
+	if o.tunFD < 0 && slices.ContainsFunc(o.addrs, func(p netip.Prefix) bool { return p.Addr() == o.dnsAddr }) && set.has("dns-addr") {
 		return fmt.Errorf("--dns-addr %s is the TUN's own address (--addr): queries to it are answered by the client's side, never reach netstackd", o.dnsAddr)
 	}
 	for _, c := range []struct{ flag, hostport string }{
