@@ -35,12 +35,13 @@ const (
 	// them the queue is sent before more is taken.
 	udpTxMaxQueued = 1024
 	udpTxMaxBytes  = 256 << 10
-	// udpRxBatchMax and udpRxBatchBytes bound the datagrams one recvmmsg
-	// takes and the buffer it borrows for them: every slot holds the
-	// largest datagram, which reaches the client as IP fragments. The
-	// buffer's pages are touched only as far as datagrams fill them.
-	udpRxBatchMax   = 32
-	udpRxBatchBytes = udpRxBatchMax * maxPacket
+	// udpRxBatchMax bounds the datagrams one recvmmsg takes. Every slot
+	// holds the largest datagram (it reaches the client as IP fragments),
+	// so a batch is 2 MiB: an association borrows one from a pool only
+	// while it has datagrams to deliver, and a batch made anew after a
+	// collection is zeroed in full. Smaller slots would truncate, and so
+	// lose, the first long datagram of an association.
+	udpRxBatchMax = 32
 	// udpSocketBuffer is the receive and send buffer asked for on upstream
 	// sockets, so that a burst arriving while the association's goroutine
 	// waits for the CPU is absorbed rather than dropped (the default,
@@ -292,10 +293,9 @@ func (tx *udpTx) send(fd uintptr) {
 	}
 }
 
-// udpRxBatch is what one recvmmsg reads into: count buffers of slot bytes
-// with their headers and source addresses.
+// udpRxBatch is what one recvmmsg reads into: udpRxBatchMax buffers of
+// rxSlot bytes with their headers and source addresses.
 type udpRxBatch struct {
-	slot     int
 	buf      []byte
 	hdrs     []mmsghdr
 	iovs     []unix.Iovec
@@ -307,20 +307,16 @@ type udpRxBatch struct {
 // that no datagram is truncated (a kernel socket's recvmmsg cannot say how
 // long the next datagram is before it has taken it). Datagrams longer than
 // the client's family carries are dropped and counted by writeRun.
-func (t *Table) rxSlot() int {
-	return packet.MaxUDPPayload(netip.IPv6Unspecified())
-}
+var rxSlot = packet.MaxUDPPayload(netip.IPv6Unspecified())
 
 func (t *Table) getRxBatch() *udpRxBatch {
 	t.rxHeld.Add(1)
-	slot := t.rxSlot()
-	if b, ok := t.rxBatches.Get().(*udpRxBatch); ok && b.slot == slot {
+	if b, ok := t.rxBatches.Get().(*udpRxBatch); ok {
 		return b
 	}
-	count := min(max(udpRxBatchBytes/slot, 1), udpRxBatchMax)
+	const count = udpRxBatchMax
 	return &udpRxBatch{
-		slot:     slot,
-		buf:      make([]byte, count*slot),
+		buf:      make([]byte, count*rxSlot),
 		hdrs:     make([]mmsghdr, count),
 		iovs:     make([]unix.Iovec, count),
 		names:    make([]rawSockaddr, count),
@@ -332,7 +328,7 @@ func (t *Table) getRxBatch() *udpRxBatch {
 // without waiting. Datagram i is then b.datagram(i), from b.source(i).
 func (b *udpRxBatch) recv(fd uintptr) (int, unix.Errno) {
 	for i := range b.hdrs {
-		b.hdrs[i].setBuffer(&b.iovs[i], b.buf[i*b.slot:(i+1)*b.slot], &b.names[i], unix.SizeofSockaddrInet6)
+		b.hdrs[i].setBuffer(&b.iovs[i], b.buf[i*rxSlot:(i+1)*rxSlot], &b.names[i], unix.SizeofSockaddrInet6)
 	}
 	for {
 		n, errno := recvmmsg(fd, b.hdrs, unix.MSG_DONTWAIT)
@@ -346,7 +342,7 @@ func (b *udpRxBatch) recv(fd uintptr) (int, unix.Errno) {
 // than the batch's slot and so truncated.
 func (b *udpRxBatch) datagram(i int) ([]byte, bool) {
 	h := &b.hdrs[i]
-	return b.buf[i*b.slot : i*b.slot+int(h.n)], h.hdr.Flags&unix.MSG_TRUNC == 0
+	return b.buf[i*rxSlot : i*rxSlot+int(h.n)], h.hdr.Flags&unix.MSG_TRUNC == 0
 }
 
 // source returns the source address of datagram i.
