@@ -13,14 +13,16 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 // dialHandshake reaches server through forward (nil means Direct{}) and runs
 // handshake on the conn under handshakeContext. It returns the conn from
-// forward itself, or closes it and returns the error.
+// forward itself, or closes it and returns the error. A failure to reach
+// server at all is a *serverError, which tells a Group the server is down;
+// the server's answer about the destination is not.
 func dialHandshake(ctx context.Context, forward Dialer, server string, timeout time.Duration, handshake func(net.Conn) error) (net.Conn, error) {
 	if forward == nil {
 		forward = Direct{}
 	}
 	c, err := forward.DialContext(ctx, "tcp", server)
 	if err != nil {
-		return nil, err
+		return nil, &serverError{err}
 	}
 	if err := handshakeContext(ctx, c, timeout, func() error { return handshake(c) }); err != nil {
 		c.Close()
