@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os/exec"
 	"strconv"
@@ -110,7 +111,16 @@ func (d *downs) list() []string {
 
 func startGroup(t *testing.T, onDown func(string), members ...Upstream) *Group {
 	t.Helper()
-	g, err := NewGroup(GroupConfig{Members: members, Interval: groupInterval, ProbeTimeout: time.Second, OnDown: onDown})
+	return startGroupLogs(t, onDown, nil, members...)
+}
+
+func startGroupLogs(t *testing.T, onDown func(string), logs io.Writer, members ...Upstream) *Group {
+	t.Helper()
+	cfg := GroupConfig{Members: members, Interval: groupInterval, ProbeTimeout: time.Second, OnDown: onDown}
+	if logs != nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(logs, nil))
+	}
+	g, err := NewGroup(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,11 +148,13 @@ func waitState(t *testing.T, g *Group, name, state string, bound time.Duration) 
 // TestGroupFailover: with two real microsocks, dials go to the first; once
 // it is killed the next dial goes to the second at once; when it returns,
 // dials go back to it within the health-check interval (plus a probe).
+// Each change of state is logged once: answering at info, not at warn.
 func TestGroupFailover(t *testing.T) {
 	a, b := newRestartable(t), newRestartable(t)
 	dst := echoServer(t)
 	var down downs
-	g := startGroup(t, down.add, Upstream{Name: "a", Dialer: SOCKS5{Server: a.addr}}, Upstream{Name: "b", Dialer: SOCKS5{Server: b.addr}})
+	var logs syncBuffer
+	g := startGroupLogs(t, down.add, &logs, Upstream{Name: "a", Dialer: SOCKS5{Server: a.addr}}, Upstream{Name: "b", Dialer: SOCKS5{Server: b.addr}})
 	waitState(t, g, "a", "up", 5*time.Second)
 	if ok, why := g.Usable(); !ok {
 		t.Fatalf("Usable: %s", why)
@@ -167,6 +179,11 @@ func TestGroupFailover(t *testing.T) {
 	t.Logf("a seen up again %s after its restart (interval %s)", took, groupInterval)
 	if name, err := dialVia(t, g, dst); err != nil || name != "a" {
 		t.Fatalf("dial after a returned: via %q, %v; want a", name, err)
+	}
+	time.Sleep(3 * groupInterval) // more probes that agree: no more lines
+	out := logs.String()
+	if up, down := strings.Count(out, `msg="upstream answers" upstream=a `), strings.Count(out, "level=WARN msg=\"upstream does not answer"); up != 2 || down != 1 {
+		t.Errorf("%d answering and %d not-answering lines for a, want 2 and 1 (one per change):\n%s", up, down, out)
 	}
 }
 

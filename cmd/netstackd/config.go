@@ -26,7 +26,7 @@ import (
 var metaFlags = map[string]bool{"config": true, "print-config": true, "print-man": true, "version": true}
 
 // repeatable flags take a list in the file.
-var repeatable = map[string]bool{"addr": true, "route": true, "fake-ip-range": true, "exclude": true, "publish": true, "dns-direct": true}
+var repeatable = map[string]bool{"proxy": true, "socks": true, "addr": true, "route": true, "fake-ip-range": true, "exclude": true, "publish": true, "dns-direct": true}
 
 // sameSetting are flags that set the same thing: the command line's one
 // keeps the file's other from being applied.
@@ -168,7 +168,7 @@ type configEntry struct {
 func configInEffect(fs *flag.FlagSet, o *options, got setFlags) []configEntry {
 	chosen := map[string][]string{
 		"dns":           {o.dnsMode},
-		"proxy":         {o.proxyURL},
+		"proxy":         proxyStrings(o.proxies),
 		"addr":          cidrStrings(o.addrs),
 		"route":         cidrStrings(o.routes),
 		"fake-ip-range": cidrStrings(o.fakeRanges),
@@ -180,6 +180,15 @@ func configInEffect(fs *flag.FlagSet, o *options, got setFlags) []configEntry {
 			return
 		}
 		values, set := got[f.Name]
+		switch f.Name {
+		case "proxy":
+			// --socks and --proxy in the order given, each named: the
+			// file keeps that order (keys are read sorted), and names.
+			set = got.has("proxy") || got.has("socks")
+			values = proxyStrings(o.proxies)
+		case "socks":
+			set, values = false, nil
+		}
 		if !set {
 			if v, ok := chosen[f.Name]; ok {
 				values = v

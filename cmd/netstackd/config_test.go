@@ -44,17 +44,17 @@ dns-direct = ["corp.test", "lan.test"]
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.proxyURL != "socks5://127.0.0.1:1080" || o.maxFlows != 4096 || !o.tcp.NoSACK || o.udpTimeout != 90*time.Second ||
+	if ups(o) != "proxy1=socks5://127.0.0.1:1080" || o.maxFlows != 4096 || !o.tcp.NoSACK || o.udpTimeout != 90*time.Second ||
 		!slices.Equal(o.dnsDirect, []string{"corp.test", "lan.test"}) || !slices.Contains(cidrStrings(o.routes), "192.0.2.0/24") {
 		t.Errorf("from the file: proxy %s, max-flows %d, no-sack %v, udp-timeout %s, dns-direct %v, routes %v",
-			o.proxyURL, o.maxFlows, o.tcp.NoSACK, o.udpTimeout, o.dnsDirect, o.routes)
+			ups(o), o.maxFlows, o.tcp.NoSACK, o.udpTimeout, o.dnsDirect, o.routes)
 	}
 	o, err = parseFlags([]string{"--config", path, "--proxy", "http://127.0.0.1:3128", "--max-flows", "10", "--route", "172.16.0.0/12"}, false, &strings.Builder{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.proxyURL != "http://127.0.0.1:3128" || o.maxFlows != 10 || slices.Contains(cidrStrings(o.routes), "10.0.0.0/8") || !slices.Contains(cidrStrings(o.routes), "172.16.0.0/12") {
-		t.Errorf("the command line did not win: proxy %s, max-flows %d, routes %v", o.proxyURL, o.maxFlows, o.routes)
+	if ups(o) != "proxy1=http://127.0.0.1:3128" || o.maxFlows != 10 || slices.Contains(cidrStrings(o.routes), "10.0.0.0/8") || !slices.Contains(cidrStrings(o.routes), "172.16.0.0/12") {
+		t.Errorf("the command line did not win: proxy %s, max-flows %d, routes %v", ups(o), o.maxFlows, o.routes)
 	}
 }
 
@@ -67,6 +67,7 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 		{"--proxy", "socks5://u:p@127.0.0.1:1080", "--dns", "fake-ip", "--dns-direct", "lan.test", "--fake-ip-range", "198.19.0.0/16"},
 		{"--tcp-rmem", "8K,256K,16M", "--tcp-sack=false", "--udp-timeout", "2m", "--publish", "127.0.0.1:8080:80", "--pcap-max-size", "1M"},
 		{"--netns", "/run/netns/x", "--log-format", "json", "--log-level", "debug"},
+		{"--socks", "127.0.0.1:1080", "--proxy", "b=http://127.0.0.1:3128", "--proxy", "socks5://127.0.0.1:1081"},
 	} {
 		first := printConfig(t, args...)
 		path := writeFile(t, first)
@@ -79,7 +80,7 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 		if err1 != nil || err2 != nil {
 			t.Fatalf("%q: %v, %v", args, err1, err2)
 		}
-		if o1.proxyURL != o2.proxyURL || o1.maxFlows != o2.maxFlows || !slices.Equal(o1.routes, o2.routes) || o1.tcp != o2.tcp ||
+		if ups(o1) != ups(o2) || o1.maxFlows != o2.maxFlows || !slices.Equal(o1.routes, o2.routes) || o1.tcp != o2.tcp ||
 			o1.dnsMode != o2.dnsMode || len(o1.publish) != len(o2.publish) || o1.logFormat != o2.logFormat || o1.pcapMaxSize != o2.pcapMaxSize {
 			t.Errorf("%q: options differ after the round trip:\n%+v\n%+v", args, o1, o2)
 		}
@@ -125,4 +126,30 @@ func FuzzConfigFile(f *testing.F) {
 			t.Fatalf("%q prints a configuration that does not read back to itself:\n%s\n---\n%s", body, out.String(), again)
 		}
 	})
+}
+
+// ups is o's upstreams as --print-config writes them, for comparing.
+func ups(o *options) string { return strings.Join(proxyStrings(o.proxies), " ") }
+
+// TestConfigProxyList: proxy takes a list of [NAME=]URL, named as on the
+// command line; a single string, as old files have, still loads; the
+// order of --socks and --proxy survives --print-config.
+func TestConfigProxyList(t *testing.T) {
+	for _, tc := range []struct{ body, want string }{
+		{`proxy = "socks5://127.0.0.1:1080"`, "proxy1=socks5://127.0.0.1:1080"},
+		{`proxy = ["a=socks5://127.0.0.1:1080", "socks5://127.0.0.1:1081"]`, "a=socks5://127.0.0.1:1080 proxy1=socks5://127.0.0.1:1081"},
+		{`socks = "127.0.0.1:1080"`, "proxy1=socks5://127.0.0.1:1080"},
+	} {
+		o, err := parseFlags([]string{"--config", writeFile(t, tc.body)}, false, &strings.Builder{})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.body, err)
+		}
+		if got := ups(o); got != tc.want {
+			t.Errorf("%s: upstreams %q, want %q", tc.body, got, tc.want)
+		}
+	}
+	out := printConfig(t, "--socks", "127.0.0.1:1080", "--proxy", "b=http://127.0.0.1:3128")
+	if want := `proxy = ["proxy1=socks5://127.0.0.1:1080", "b=http://127.0.0.1:3128"]`; !strings.Contains(out, want+"\n") || !strings.Contains(out, "# socks = []\n") {
+		t.Errorf("--print-config lacks %s (and a commented socks):\n%s", want, out)
+	}
 }

@@ -30,9 +30,9 @@ type options struct {
 	routes        []netip.Prefix
 	routesSet     bool
 	mtu           int
-	noOffload     bool // open the TUN without IFF_VNET_HDR
-	queues        int  // TUN queues (IFF_MULTI_QUEUE), each read by its own goroutine
-	proxyURL      string
+	noOffload     bool        // open the TUN without IFF_VNET_HDR
+	queues        int         // TUN queues (IFF_MULTI_QUEUE), each read by its own goroutine
+	proxies       []proxySpec // --proxy and --socks in order, named (upstreams.go); [direct] by default
 	logLevel      slog.Level
 	logFormat     string            // --log-format: text or json
 	pcapPath      string            // --pcap: record what crosses the TUN there; "": don't
@@ -90,7 +90,6 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		addrs: []netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fd00:1898::1/64")},
 	}
 	var addrsSet bool
-	var socks string
 	fs := flag.NewFlagSet("netstackd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&o.tun, "tun", "netstack0", "TUN device `name`; created if absent, an existing persistent device is attached to")
@@ -118,8 +117,21 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	})
 	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiles (net/http/pprof) under /debug/pprof/ on the --metrics listener; anyone who reaches it can profile netstackd")
 	fs.IntVar(&o.tunFD, "tun-fd", -1, "serve the TUN `descriptor` N that a container runtime opened and passed in (IFF_TUN|IFF_NO_PI); netstackd configures nothing on it")
-	fs.StringVar(&o.proxyURL, "proxy", "", "upstream `URL`: direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)")
-	fs.StringVar(&socks, "socks", "", "shorthand for --proxy socks5://`HOST:PORT`")
+	fs.Func("proxy", "upstream `[NAME=]URL`, repeatable: new flows go to the first one whose health check passes (unnamed ones are proxy1, proxy2, ...); URL is direct:// (default) | socks5://[user:pass@]host:port | socks4://[userid@]host:port (socks4a:// sends names) | http://[user:pass@]host:port (HTTP CONNECT)", func(v string) error {
+		p, err := parseProxySpec(v)
+		if err != nil {
+			return err
+		}
+		o.proxies = append(o.proxies, p)
+		return nil
+	})
+	fs.Func("socks", "shorthand for --proxy socks5://`HOST:PORT`, repeatable (one more unnamed upstream)", func(v string) error {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return fmt.Errorf("%q: want HOST:PORT", v)
+		}
+		o.proxies = append(o.proxies, proxySpec{url: "socks5://" + v})
+		return nil
+	})
 	o.logLevel = slog.LevelInfo
 	fs.Var(levelFlag{&o.logLevel}, "log-level", "log `level`: debug|info|warn|error")
 	fs.StringVar(&o.pcapPath, "pcap", "", "record every packet that crosses the TUN to `file` in pcapng (tcpdump -r, Wireshark); at --pcap-max-size it becomes FILE.1 and a new FILE starts")
@@ -278,21 +290,12 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	if o.pprof && o.metricsAddr == "" {
 		return nil, errors.New("--pprof needs --metrics ADDR: it serves on that listener")
 	}
-	if socks != "" {
-		if o.proxyURL != "" {
-			return nil, errors.New("--socks and --proxy both given: use one")
-		}
-		if _, _, err := net.SplitHostPort(socks); err != nil {
-			return nil, fmt.Errorf("--socks %q: want HOST:PORT", socks)
-		}
-		o.proxyURL = "socks5://" + socks
-	}
-	if o.proxyURL == "" {
-		o.proxyURL = "direct://"
+	if o.proxies, err = nameProxies(o.proxies); err != nil {
+		return nil, err
 	}
 	if o.dnsMode == "" {
 		o.dnsMode = "fake-ip"
-		if o.proxyURL == "" || strings.HasPrefix(o.proxyURL, "direct") {
+		if o.isDirect() {
 			o.dnsMode = "remote"
 		}
 	}
@@ -424,8 +427,7 @@ func (o *options) checkCombinations(set setFlags) error {
 		// with EPERM.
 		return errors.New("--fwmark with --user outside host-wide mode: setting the mark needs CAP_NET_ADMIN, which --user keeps only in host-wide mode")
 	}
-	direct := strings.HasPrefix(o.proxyURL, "direct")
-	if o.allowLoopback && !direct {
+	if o.allowLoopback && !o.isDirect() {
 		return errors.New("--allow-host-loopback applies to direct mode only: through a proxy, the proxy's host decides what its loopback serves")
 	}
 	if len(o.dnsDirect) > 0 && o.dnsMode != "fake-ip" {
@@ -441,10 +443,11 @@ func (o *options) checkCombinations(set setFlags) error {
 	if o.tunFD < 0 && slices.ContainsFunc(o.addrs, func(p netip.Prefix) bool { return p.Addr() == o.dnsAddr }) && set.has("dns-addr") {
 		return fmt.Errorf("--dns-addr %s is the TUN's own address (--addr): queries to it are answered by the client's side, never reach netstackd", o.dnsAddr)
 	}
-	for _, c := range []struct{ flag, hostport string }{
-		{"--dns-upstream", o.dnsUpstream},
-		{"--proxy", proxyHostPort(o.proxyURL)},
-	} {
+	checks := []struct{ flag, hostport string }{{"--dns-upstream", o.dnsUpstream}}
+	for _, p := range o.proxies {
+		checks = append(checks, struct{ flag, hostport string }{"--proxy " + p.name, proxyHostPort(p.url)})
+	}
+	for _, c := range checks {
 		host, _, err := net.SplitHostPort(c.hostport)
 		if err != nil {
 			continue // a name, or checked where it is parsed

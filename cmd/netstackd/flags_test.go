@@ -18,8 +18,8 @@ func TestParseFlagsDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if o.tun != "netstack0" || o.mtu != 1500 || o.proxyURL != "direct://" || o.dnsMode != "remote" {
-		t.Errorf("defaults: tun %q mtu %d proxy %q dns %q", o.tun, o.mtu, o.proxyURL, o.dnsMode)
+	if o.tun != "netstack0" || o.mtu != 1500 || ups(o) != "direct://" || o.dnsMode != "remote" {
+		t.Errorf("defaults: tun %q mtu %d proxy %q dns %q", o.tun, o.mtu, ups(o), o.dnsMode)
 	}
 	wantAddrs := []netip.Prefix{netip.MustParsePrefix("198.18.0.1/15"), netip.MustParsePrefix("fd00:1898::1/64")}
 	if !slices.Equal(o.addrs, wantAddrs) {
@@ -63,8 +63,8 @@ func TestParseFlags(t *testing.T) {
 			return ""
 		}},
 		{name: "socks shorthand", args: []string{"--socks", "127.0.0.1:1080"}, check: func(o *options) string {
-			if o.proxyURL != "socks5://127.0.0.1:1080" || o.dnsMode != "fake-ip" {
-				return o.proxyURL + " " + o.dnsMode
+			if ups(o) != "proxy1=socks5://127.0.0.1:1080" || o.dnsMode != "fake-ip" {
+				return ups(o) + " " + o.dnsMode
 			}
 			return ""
 		}},
@@ -86,7 +86,19 @@ func TestParseFlags(t *testing.T) {
 			}
 			return ""
 		}},
-		{name: "socks and proxy", args: []string{"--socks", "a:1", "--proxy", "direct://"}, errHas: "both"},
+		{name: "upstreams named in order", args: []string{"--proxy", "socks5://a:1", "--socks", "b:2", "--proxy", "fast=http://u:p=q@c:3", "--proxy", "socks4://d:4"}, check: func(o *options) string {
+			if want := "proxy1=socks5://a:1 proxy2=socks5://b:2 fast=http://u:p=q@c:3 proxy3=socks4://d:4"; ups(o) != want {
+				return ups(o) + ", want " + want
+			}
+			return ""
+		}},
+		{name: "direct among several", args: []string{"--socks", "a:1", "--proxy", "direct://"}, errHas: "direct:// cannot be one of several"},
+		{name: "upstream named direct", args: []string{"--proxy", "direct=socks5://a:1"}, errHas: "reserved"},
+		{name: "upstream name twice", args: []string{"--proxy", "a=socks5://a:1", "--proxy", "a=socks5://b:1"}, errHas: `"a" given twice`},
+		{name: "upstream name taken by an unnamed one", args: []string{"--proxy", "proxy1=socks5://a:1", "--proxy", "socks5://b:1"}, errHas: `"proxy1" given twice`},
+		{name: "upstream name uppercase", args: []string{"--proxy", "A=socks5://a:1"}, errHas: "lowercase"},
+		{name: "upstream without URL", args: []string{"--proxy", "a="}, errHas: "empty URL"},
+		{name: "upstream in the TUN prefix", args: []string{"--proxy", "x=socks5://198.18.0.9:1080"}, errHas: "--proxy x 198.18.0.9:1080"},
 		{name: "socks without port", args: []string{"--socks", "host"}, errHas: "HOST:PORT"},
 		{name: "bad cidr", args: []string{"--addr", "nonsense"}, errHas: "not a CIDR"},
 		{name: "mtu too small", args: []string{"--mtu", "100"}, errHas: "--mtu"},

@@ -76,22 +76,26 @@ func markedResolver(control func(network, address string, c syscall.RawConn) err
 
 // upstream is how netstackd reaches the far end of its flows.
 type upstream struct {
-	// noUDP: the proxy carries no UDP, though dialer (a liveDialer) has a
-	// ListenPacket; UDP is refused from the start, as for SOCKS4 and HTTP.
+	// noUDP: no upstream at start carries UDP, though dialer (a
+	// liveDialer) has a ListenPacket; UDP is refused from the start, as
+	// for SOCKS4 and HTTP.
 	noUDP bool
 	// dialer reaches the flows' destinations: a Direct that also refuses
-	// loopback (unless --allow-host-loopback), or a proxy dialer.
+	// loopback (unless --allow-host-loopback), or live.
 	dialer proxy.Dialer
+	// live is the group of proxy upstreams in use (upstreams.go); nil when
+	// direct.
+	live *liveDialer
 	// direct makes netstackd's own direct sockets and name lookups: marked
 	// when opts.fwmark is set, never to netstackd's own addresses
-	// (refuse.go). It reaches the proxy server and, in direct mode, the
+	// (refuse.go). It reaches the proxy servers and, in direct mode, the
 	// DNS upstream, either of which may be on loopback.
 	direct proxy.Direct
 	// refuse is the stack's Config.Refuse: what the dialer refuses, or
 	// with a proxy netstackd's own addresses, refused before the proxy is
 	// asked.
 	refuse func(netip.Addr) bool
-	// serverAddrs are the proxy server's addresses, resolved once at start
+	// serverAddrs are the proxy servers' addresses, resolved once at start
 	// in host-wide mode; nil otherwise or when direct.
 	serverAddrs []netip.Addr
 }
@@ -100,15 +104,13 @@ type upstream struct {
 // network's fault, not the command line's.
 var errResolveProxy = errors.New("resolve proxy server")
 
-// newUpstream builds the dialer of --proxy on top of a marked Direct. In
-// host-wide mode a proxy server given by name is resolved now, once, and
-// always dialed at those addresses, which are then excluded from the TUN: a
-// later lookup could go through the TUN (a local stub resolver forwards
-// without the mark) and come back with a fake address.
+// newUpstream builds the dialer of --proxy on top of a marked Direct: the
+// Direct itself, or a group of the proxies with health checks, started
+// (upstreams.go); onDown is the group's proxy.GroupConfig.OnDown.
 //
 // Every Direct in it refuses destinations as refuse.go describes, counted
 // and logged by refused.
-func newUpstream(ctx context.Context, opts *options, refused *refusals) (*upstream, error) {
+func newUpstream(ctx context.Context, opts *options, refused *refusals, onDown func(string), log *slog.Logger) (*upstream, error) {
 	up := &upstream{}
 	own := refused.refuser(ownSet(opts), routeSet(opts))
 	up.direct.Refuse = own
@@ -118,33 +120,72 @@ func newUpstream(ctx context.Context, opts *options, refused *refusals) (*upstre
 		// them into the TUN.
 		up.direct.Resolver = markedResolver(chainControl(proxy.RefuseControl(own), up.direct.Control))
 	}
-	d, err := proxy.FromURL(opts.proxyURL, up.direct)
+	if opts.isDirect() {
+		flows := refused.refuser(ownSet(opts), routeSet(opts), loopbackSet(opts))
+		direct := up.direct
+		direct.Refuse = flows
+		up.dialer, up.refuse = direct, flows
+		return up, nil
+	}
+	g, addrs, err := newGroup(ctx, opts, up.direct, onDown, log)
 	if err != nil {
 		return nil, err
 	}
-	up.dialer = d
+	up.serverAddrs = addrs
 	up.refuse = refused.refuser(ownSet(opts))
-	if direct, ok := d.(proxy.Direct); ok {
-		flows := refused.refuser(ownSet(opts), routeSet(opts), loopbackSet(opts))
-		direct.Refuse = flows
-		up.dialer, up.refuse = direct, flows
+	up.live = newLiveDialer(g)
+	up.dialer, up.noUDP = up.live, !g.CarriesUDP()
+	return up, nil
+}
+
+// newGroup makes the proxy.Group of opts.proxies, each dialing its server
+// through direct; it has not started checking. In host-wide mode a proxy
+// server given by name is resolved now, once, and always dialed at those
+// addresses (returned), which are then excluded from the TUN: a later
+// lookup could go through the TUN (a local stub resolver forwards without
+// the mark) and come back with a fake address.
+func newGroup(ctx context.Context, opts *options, direct proxy.Direct, onDown func(string), log *slog.Logger) (*proxy.Group, []netip.Addr, error) {
+	var members []proxy.Upstream
+	var serverAddrs []netip.Addr
+	for _, p := range opts.proxies {
+		d, err := proxy.FromURL(p.url, direct)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", p.name, err)
+		}
+		if opts.hostWide {
+			var addrs []netip.Addr
+			if d, addrs, err = pinServer(ctx, d, direct); err != nil {
+				return nil, nil, fmt.Errorf("%s: %w", p.name, err)
+			}
+			serverAddrs = append(serverAddrs, addrs...)
+		}
+		members = append(members, proxy.Upstream{Name: p.name, Dialer: d})
 	}
-	if !opts.hostWide {
-		return up, nil
-	}
+	g, err := proxy.NewGroup(proxy.GroupConfig{
+		Members:      members,
+		Interval:     healthInterval,
+		ProbeTimeout: min(opts.dialTimeout, healthInterval),
+		OnDown:       onDown,
+		Logger:       log,
+	})
+	return g, serverAddrs, err
+}
+
+// pinServer resolves d's proxy server once and returns a copy of d that
+// always dials it at those addresses, and the addresses.
+func pinServer(ctx context.Context, d proxy.Dialer, direct proxy.Direct) (proxy.Dialer, []netip.Addr, error) {
 	server, withForward := proxyServer(d)
 	if server == "" {
-		return up, nil
+		return d, nil, nil
 	}
 	host, port, err := net.SplitHostPort(server)
 	if err != nil {
-		return nil, fmt.Errorf("proxy server %q: %w", server, err)
+		return nil, nil, fmt.Errorf("proxy server %q: %w", server, err)
 	}
 	if a, err := netip.ParseAddr(host); err == nil {
-		up.serverAddrs = []netip.Addr{a.Unmap()}
-		return up, nil
+		return d, []netip.Addr{a.Unmap()}, nil
 	}
-	resolver := up.direct.Resolver
+	resolver := direct.Resolver
 	if resolver == nil {
 		resolver = net.DefaultResolver
 	}
@@ -152,16 +193,16 @@ func newUpstream(ctx context.Context, opts *options, refused *refusals) (*upstre
 	defer cancel()
 	addrs, err := resolver.LookupNetIP(ctx, "ip", host)
 	if err != nil {
-		return nil, fmt.Errorf("%w %s: %w", errResolveProxy, host, err)
+		return nil, nil, fmt.Errorf("%w %s: %w", errResolveProxy, host, err)
 	}
-	pinned := pinnedDialer{Direct: up.direct, server: server}
+	pinned := pinnedDialer{Direct: direct, server: server}
+	var out []netip.Addr
 	for _, a := range addrs {
 		a = a.Unmap()
-		up.serverAddrs = append(up.serverAddrs, a)
+		out = append(out, a)
 		pinned.addrs = append(pinned.addrs, net.JoinHostPort(a.String(), port))
 	}
-	up.dialer = withForward(pinned)
-	return up, nil
+	return withForward(pinned), out, nil
 }
 
 // proxyServer returns the server of a proxy dialer and a func that gives a

@@ -11,7 +11,6 @@ import (
 	"net/http/pprof"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/netstackd/netstackd/dns"
 	"github.com/netstackd/netstackd/internal/pcap"
-	"github.com/netstackd/netstackd/proxy"
 	"github.com/netstackd/netstackd/stack"
 )
 
@@ -30,9 +28,10 @@ import (
 // that is gone.
 
 const (
-	// healthInterval is how often the upstream proxy is probed for
-	// /healthz: a dead proxy shows within it, and one TCP handshake with
-	// the proxy every few seconds costs nothing.
+	// healthInterval is how often each upstream proxy is probed
+	// (proxy.Group): a dead proxy shows within it, new flows move to the
+	// next upstream, and one TCP handshake with each proxy every few
+	// seconds costs nothing.
 	healthInterval = 5 * time.Second
 	// apiShutdownLimit bounds waiting for requests in progress (a scrape,
 	// a CPU profile) at stop; past it their connections are closed.
@@ -44,8 +43,6 @@ type apiConfig struct {
 	addr    string // host:port (parseMetricsAddr)
 	pprof   bool   // mount /debug/pprof/
 	metrics metricsSources
-	dialer  proxy.Dialer  // probed for /healthz when it has a proxy (proxy.Prober)
-	timeout time.Duration // bound on one probe
 	done    <-chan struct{}
 	// mount, if not nil, adds handlers of other parts (the live flow
 	// view) to the mux before it serves.
@@ -53,14 +50,12 @@ type apiConfig struct {
 	log   *slog.Logger
 }
 
-// apiServer owns the listener, its HTTP server and the health prober.
+// apiServer owns the listener and its HTTP server.
 type apiServer struct {
 	srv       *http.Server
 	mux       *http.ServeMux
 	ln        net.Listener
-	health    *upstreamHealth
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup // the server's Serve loop and the prober
+	wg        sync.WaitGroup // the server's Serve loop
 	closeOnce sync.Once
 	log       *slog.Logger
 }
@@ -71,8 +66,7 @@ func startAPI(cfg apiConfig) (*apiServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--metrics: listen on %s: %w", cfg.addr, err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a := &apiServer{mux: http.NewServeMux(), ln: ln, cancel: cancel, log: cfg.log, health: cfg.metrics.health}
+	a := &apiServer{mux: http.NewServeMux(), ln: ln, log: cfg.log}
 
 	reg := prometheus.NewRegistry() // private: nothing another package registers leaks in
 	reg.MustRegister(
@@ -85,16 +79,16 @@ func startAPI(cfg apiConfig) (*apiServer, error) {
 		MaxRequestsInFlight: 4, // a scrape storm costs no more than four snapshots at once
 	}))
 	a.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		st := a.health.status()
+		ok, reason := cfg.metrics.live.usable()
 		select {
 		case <-cfg.done:
-			st = healthStatus{reason: "stack stopped serving"}
+			ok, reason = false, "stack stopped serving"
 		default:
 		}
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if !st.ok {
+		if !ok {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, st.reason)
+			fmt.Fprintln(w, reason)
 			return
 		}
 		fmt.Fprintln(w, "ok")
@@ -118,7 +112,6 @@ func startAPI(cfg apiConfig) (*apiServer, error) {
 		IdleTimeout:       time.Minute,
 		ErrorLog:          slog.NewLogLogger(cfg.log.Handler(), slog.LevelDebug),
 	}
-	a.wg.Go(func() { a.health.run(ctx, cfg.dialer, cfg.timeout) })
 	a.wg.Go(func() {
 		if err := a.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			cfg.log.Error("metrics listener failed", "addr", ln.Addr(), "err", err)
@@ -131,15 +124,14 @@ func startAPI(cfg apiConfig) (*apiServer, error) {
 // Addr is the address the listener is bound to.
 func (a *apiServer) Addr() net.Addr { return a.ln.Addr() }
 
-// Close stops the prober and the server, letting requests in progress
-// finish for at most apiShutdownLimit, and waits for both. Safe to call
-// twice, and on a nil server (no --metrics).
+// Close stops the server, letting requests in progress finish for at most
+// apiShutdownLimit, and waits for it. Safe to call twice, and on a nil
+// server (no --metrics).
 func (a *apiServer) Close() {
 	if a == nil {
 		return
 	}
 	a.closeOnce.Do(func() {
-		a.cancel()
 		ctx, cancel := context.WithTimeout(context.Background(), apiShutdownLimit)
 		defer cancel()
 		if err := a.srv.Shutdown(ctx); err != nil {
@@ -150,116 +142,33 @@ func (a *apiServer) Close() {
 	})
 }
 
-// healthStatus is the last verdict on the upstream.
-type healthStatus struct {
-	ok     bool
-	reason string // why not ok
-}
-
-// upstreamHealth caches the verdict of a background probe, so that
-// /healthz answers at once and a burst of health checks dials nothing.
-type upstreamHealth struct {
-	last   atomic.Pointer[healthStatus]
-	log    *slog.Logger
-	probed bool // a probe has answered: owned by the one goroutine that probes
-}
-
-// newUpstreamHealth starts not ok until the first probe says otherwise: a
-// proxy nobody has heard from is not known to be usable. A dialer with no
-// proxy (Direct) is healthy from the start. Each change of verdict is
-// logged: the proxy not answering at warn level, answering at info.
-func newUpstreamHealth(d proxy.Dialer, log *slog.Logger) *upstreamHealth {
-	h := &upstreamHealth{log: log}
-	if h.log == nil {
-		h.log = slog.New(slog.DiscardHandler)
-	}
-	st := &healthStatus{reason: "upstream not probed yet"}
-	if _, ok := d.(proxy.Prober); !ok {
-		st = &healthStatus{ok: true}
-	}
-	h.last.Store(st)
-	return h
-}
-
-func (h *upstreamHealth) status() healthStatus { return *h.last.Load() }
-
-// probe checks d once, within timeout, and keeps and logs the verdict; it
-// reports false when ctx ended first. Only one goroutine probes: run's,
-// with --metrics, or netstackd's check at start without it.
-func (h *upstreamHealth) probe(ctx context.Context, d proxy.Dialer, timeout time.Duration) bool {
-	if _, ok := d.(proxy.Prober); !ok {
-		return true
-	}
-	pctx, cancel := context.WithTimeout(ctx, timeout)
-	start := time.Now()
-	err := proxy.Probe(pctx, d)
-	cancel()
-	if ctx.Err() != nil {
-		return false
-	}
-	was := h.last.Load().ok
-	st := &healthStatus{ok: true}
-	if err != nil {
-		st = &healthStatus{reason: fmt.Sprintf("upstream %v does not answer: %v", d, err)}
-	}
-	h.last.Store(st)
-	first := !h.probed
-	h.probed = true
-	switch {
-	case err == nil && (first || !was):
-		h.log.Info("proxy answers", "proxy", d, "took", time.Since(start).Round(time.Microsecond))
-	case err != nil && (first || was):
-		h.log.Warn("proxy does not answer: flows through it fail until it does", "proxy", d, "err", err)
-	}
-	return true
-}
-
-// run probes d every healthInterval until ctx ends.
-func (h *upstreamHealth) run(ctx context.Context, d proxy.Dialer, timeout time.Duration) {
-	if _, ok := d.(proxy.Prober); !ok {
-		return
-	}
-	timeout = min(timeout, healthInterval)
-	tick := time.NewTicker(healthInterval)
-	defer tick.Stop()
-	for h.probe(ctx, d, timeout) {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-	}
-}
-
 // startMetrics starts the --metrics listener on the running stack st; nil
 // without --metrics.
-func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Server, refused *refusals, capture *pcap.Switch, health *upstreamHealth, log *slog.Logger) (*apiServer, error) {
+func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Server, refused *refusals, capture *pcap.Switch, log *slog.Logger) (*apiServer, error) {
 	if opts.metricsAddr == "" {
 		return nil, nil
 	}
 	mode := "proxy"
-	if _, ok := up.dialer.(proxy.Direct); ok {
+	if up.live == nil {
 		mode = "direct"
 	}
 	return startAPI(apiConfig{
 		addr:  opts.metricsAddr,
 		pprof: opts.pprof,
 		metrics: metricsSources{
-			stack:    st.Stats,
-			dns:      resolver,
-			refused:  refused,
-			health:   health,
-			mode:     mode,
-			upstream: fmt.Sprint(up.dialer),
+			stack:   st.Stats,
+			dns:     resolver,
+			refused: refused,
+			live:    up.live,
+			mode:    mode,
 		},
-		dialer:  up.dialer,
-		timeout: opts.dialTimeout,
-		done:    st.Done(),
+		done: st.Done(),
 		mount: func(mux *http.ServeMux) {
 			// The live flow view (flows.go): GET /flows, DELETE /flows/ID.
 			flows := newFlowsHandler(st)
 			mux.Handle("/flows", flows)
 			mux.Handle("/flows/", flows)
+			mux.Handle("GET /upstreams", upstreamsHandler(up.live))
 			if capture != nil {
 				mux.Handle("/pcap", pcapHandler(capture, log))
 			}

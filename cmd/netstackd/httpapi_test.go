@@ -1,8 +1,8 @@
 package main
 
 import (
-	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"net"
@@ -58,21 +58,27 @@ func TestPprofNeedsMetrics(t *testing.T) {
 
 // startTestAPI serves the listener on a loopback port with the given
 // stack counters, and closes it in t.Cleanup.
-func startTestAPI(t *testing.T, pprof bool, stats stack.Stats, d proxy.Dialer, done <-chan struct{}) (*apiServer, *http.Client) {
+// live nil is direct mode.
+func startTestAPI(t *testing.T, pprof bool, stats stack.Stats, live *liveDialer, done <-chan struct{}) (*apiServer, *http.Client) {
 	t.Helper()
+	mode := "direct"
+	if live != nil {
+		mode = "proxy"
+	}
 	a, err := startAPI(apiConfig{
 		addr:  "127.0.0.1:0",
 		pprof: pprof,
 		metrics: metricsSources{
 			stack:   func() stack.Stats { return stats },
 			refused: &refusals{},
-			health:  newUpstreamHealth(d, nil),
-			mode:    "direct", upstream: "direct",
+			live:    live,
+			mode:    mode,
 		},
-		dialer:  d,
-		timeout: time.Second,
-		done:    done,
-		log:     slog.New(slog.DiscardHandler),
+		done: done,
+		log:  slog.New(slog.DiscardHandler),
+		mount: func(mux *http.ServeMux) {
+			mux.Handle("GET /upstreams", upstreamsHandler(live))
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -141,7 +147,7 @@ func TestAPIServes(t *testing.T) {
 	stats.Drops.BadChecksum = 9
 	stats.TUNReads, stats.TUNBatches = []uint64{100, 50}, []uint64{10, 25}
 	done := make(chan struct{})
-	a, c := startTestAPI(t, false, stats, proxy.Direct{}, done)
+	a, c := startTestAPI(t, false, stats, nil, done)
 	base := "http://" + a.Addr().String()
 
 	code, body := get(t, c, base+"/metrics")
@@ -163,7 +169,7 @@ func TestAPIServes(t *testing.T) {
 		{"netstackd_dropped_total", []string{"reason", "bad_checksum"}, 9},
 		{"netstackd_tun_packets_read_total", []string{"queue", "1"}, 50},
 		{"netstackd_tun_read_batches_total", []string{"queue", "0"}, 10},
-		{"netstackd_upstream_up", nil, 1},
+		{"netstackd_upstream_up", []string{"upstream", "direct"}, 1},
 	} {
 		m := sample(fams, want.name, want.labels...)
 		var got float64
@@ -201,15 +207,16 @@ func TestAPIServes(t *testing.T) {
 		t.Errorf("/healthz after the stack stopped: %d %q, want 503 saying why", code, body)
 	}
 
-	a2, _ := startTestAPI(t, true, stats, proxy.Direct{}, nil)
+	a2, _ := startTestAPI(t, true, stats, nil, nil)
 	if code, body := get(t, c, "http://"+a2.Addr().String()+"/debug/pprof/"); code != http.StatusOK || !strings.Contains(body, "goroutine") {
 		t.Errorf("/debug/pprof/ with --pprof: %d, want 200 listing profiles", code)
 	}
 }
 
-// TestHealthzProxy: with a proxy, /healthz follows the background probe: 503
-// before a proxy answers, 200 once it does; the handler itself dials
-// nothing.
+// TestHealthzProxy: with upstreams, /healthz follows their health checks:
+// 503 naming each upstream and its reason while none answers, 200 once one
+// does; the handler itself dials nothing. /upstreams and upstream_up show
+// each one's state.
 func TestHealthzProxy(t *testing.T) {
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
@@ -217,23 +224,66 @@ func TestHealthzProxy(t *testing.T) {
 	}
 	dead := ln.Addr().String()
 	ln.Close()
-	d := proxy.SOCKS5{Server: dead}
-	a, c := startTestAPI(t, false, stack.Stats{}, d, nil)
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	for {
-		code, body := get(t, c, "http://"+a.Addr().String()+"/healthz")
-		if code == http.StatusServiceUnavailable && strings.Contains(body, "does not answer") && strings.Contains(body, dead) {
-			break
+	alive, err := net.Listen("tcp4", "127.0.0.1:0") // HTTP CONNECT's probe is a connect
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer alive.Close()
+	g, err := proxy.NewGroup(proxy.GroupConfig{Members: []proxy.Upstream{
+		{Name: "a", Dialer: proxy.SOCKS5{Server: dead}},
+		{Name: "b", Dialer: proxy.SOCKS5{Server: dead}},
+	}, Interval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	live := newLiveDialer(g)
+	t.Cleanup(live.Close)
+	a, c := startTestAPI(t, false, stack.Stats{}, live, nil)
+	base := "http://" + a.Addr().String()
+	waitHealthz := func(want int, has ...string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		for {
+			code, body := get(t, c, base+"/healthz")
+			ok := code == want
+			for _, h := range has {
+				ok = ok && strings.Contains(body, h)
+			}
+			if ok {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("/healthz never %d with %q: last %d %q", want, has, code, body)
+			case <-time.After(20 * time.Millisecond):
+			}
 		}
-		if code == http.StatusOK {
-			t.Fatalf("/healthz 200 with a proxy that refuses connections")
+	}
+	waitHealthz(http.StatusServiceUnavailable, "no upstream is usable", "a (socks5://"+dead, "b (", "refused")
+
+	g2, err := proxy.NewGroup(proxy.GroupConfig{Members: []proxy.Upstream{
+		{Name: "a", Dialer: proxy.SOCKS5{Server: dead}},
+		{Name: "b", Dialer: proxy.HTTPConnect{Server: alive.Addr().String()}},
+	}, Interval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	live.swap(g2)
+	waitHealthz(http.StatusOK, "ok")
+	fams := parseMetrics(t, func() string { _, b := get(t, c, base+"/metrics"); return b }())
+	for name, want := range map[string]float64{"a": 0, "b": 1} {
+		if m := sample(fams, "netstackd_upstream_up", "upstream", name); m.GetGauge().GetValue() != want {
+			t.Errorf("upstream_up{upstream=%q} = %v, want %v", name, m.GetGauge().GetValue(), want)
 		}
-		select {
-		case <-ctx.Done():
-			t.Fatalf("/healthz never said the proxy does not answer: last %d %q", code, body)
-		case <-time.After(20 * time.Millisecond):
-		}
+	}
+	if m := sample(fams, "netstackd_flows_total", "protocol", "tcp", "upstream", "a,b"); m == nil {
+		t.Errorf("flows_total has no series with upstream=\"a,b\" after the swap")
+	}
+	_, body := get(t, c, base+"/upstreams")
+	var ups []upstreamJSON
+	if err := json.Unmarshal([]byte(body), &ups); err != nil || len(ups) != 2 || ups[0].State != "down" || ups[0].Error == "" || ups[1].State != "up" || ups[1].Name != "b" {
+		t.Errorf("/upstreams: %s (%v)", body, err)
 	}
 }
 
@@ -246,9 +296,9 @@ func BenchmarkScrape(b *testing.B) {
 		addr: "127.0.0.1:0",
 		metrics: metricsSources{
 			stack:   func() stack.Stats { return stats },
-			refused: &refusals{}, health: newUpstreamHealth(proxy.Direct{}, nil), mode: "direct", upstream: "direct",
+			refused: &refusals{}, mode: "direct",
 		},
-		dialer: proxy.Direct{}, log: slog.New(slog.DiscardHandler),
+		log: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -277,55 +327,12 @@ func BenchmarkCollect(b *testing.B) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newMetricsCollector(metricsSources{
 		stack:   func() stack.Stats { return stats },
-		refused: &refusals{}, health: newUpstreamHealth(proxy.Direct{}, nil), mode: "direct", upstream: "direct",
+		refused: &refusals{}, mode: "direct",
 	}))
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := reg.Gather(); err != nil {
 			b.Fatal(err)
 		}
-	}
-}
-
-// TestUpstreamHealthProbe: each probe keeps its verdict for /healthz, and
-// the log says so only when the verdict changes: answering at info, not
-// answering at warn, once each however many probes agree.
-func TestUpstreamHealthProbe(t *testing.T) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	var logs bytes.Buffer
-	d := proxy.HTTPConnect{Server: addr} // its probe is a connect
-	h := newUpstreamHealth(d, slog.New(slog.NewTextHandler(&logs, nil)))
-	if h.status().ok {
-		t.Fatal("healthy before any probe")
-	}
-	probe := func(wantOK bool) {
-		t.Helper()
-		if !h.probe(t.Context(), d, 2*time.Second) {
-			t.Fatal("probe stopped")
-		}
-		if st := h.status(); st.ok != wantOK {
-			t.Fatalf("status %+v, want ok %v", st, wantOK)
-		}
-	}
-	probe(true)
-	probe(true)
-	ln.Close()
-	probe(false)
-	probe(false)
-	if st := h.status(); !strings.Contains(st.reason, addr) {
-		t.Errorf("reason %q does not name the proxy", st.reason)
-	}
-	if ln, err = net.Listen("tcp4", addr); err != nil {
-		t.Skipf("relisten on %s: %v", addr, err)
-	}
-	defer ln.Close()
-	probe(true)
-	out := logs.String()
-	if a, w := strings.Count(out, "proxy answers"), strings.Count(out, "proxy does not answer"); a != 2 || w != 1 {
-		t.Errorf("%d answering and %d not-answering lines, want 2 and 1 (one per change):\n%s", a, w, out)
 	}
 }

@@ -64,7 +64,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	level.Set(opts.logLevel)
 	log := newLogger(stderr, opts.logFormat, level)
 	refused := &refusals{log: log}
-	up, err := newUpstream(context.Background(), opts, refused)
+	// Flows through an upstream that goes down are reset (upstreams.go);
+	// the stack is set once it runs.
+	resets := &flowReset{log: log}
+	up, err := newUpstream(context.Background(), opts, refused, resets.upstreamDown, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: --proxy: %v\n", err)
 		if errors.Is(err, errResolveProxy) {
@@ -72,13 +75,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return exitUsage
 	}
-	// The daemon's proxy can be replaced by a reload; host-wide mode's
-	// routes exclude the proxy server found at start, so there it stays.
-	var live *liveDialer
-	if !runMode && !opts.hostWide && isProxy(opts.proxyURL) {
-		_, carriesUDP := up.dialer.(proxy.PacketListener)
-		live = newLiveDialer(up.dialer)
-		up.dialer, up.noUDP = live, !carriesUDP
+	if up.live != nil {
+		// Its health checks run from here, whatever the mode, and log
+		// each upstream's state as it changes: a proxy that does not
+		// answer is said at start, not first learnt from a client's
+		// refused connection. A reload may replace the group; the one
+		// in use then is closed here, after the reloader has stopped.
+		defer up.live.Close()
 	}
 	dialer := up.dialer
 	for _, rec := range []struct {
@@ -130,21 +133,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 		stopTrim()
 		trimming.Wait()
 	}()
-	// A proxy that does not answer is said at start, not first learnt
-	// from a client's refused connection; it is not a reason to refuse to
-	// start, since it may come up later.
-	probeCtx, stopProbe := context.WithCancel(context.Background())
-	var probing sync.WaitGroup
-	// With --metrics the listener probes on an interval for /healthz;
-	// without, once here. Either way the same health logs what it finds.
-	health := newUpstreamHealth(dialer, log)
-	if opts.metricsAddr == "" {
-		probing.Go(func() { health.probe(probeCtx, dialer, opts.dialTimeout) })
-	}
-	defer func() {
-		stopProbe()
-		probing.Wait()
-	}()
 	opts.nofileSoft = sizeTables(opts, up, log)
 	dnsDialer := dialer
 	if _, ok := dialer.(proxy.Direct); ok {
@@ -175,7 +163,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		pubs.serve(st)
 		svc := &tunService{st: st, pubs: pubs, dns: resolver, refused: refused, log: log}
-		if svc.api, err = startMetrics(opts, up, st, resolver, refused, capture, health, log); err != nil {
+		resets.st.Store(st)
+		if svc.api, err = startMetrics(opts, up, st, resolver, refused, capture, log); err != nil {
 			svc.Stop()
 			return nil, err
 		}
@@ -199,7 +188,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stopHups()
 	reloadCtx, stopReloads := context.WithCancel(ctx)
 	var reloading sync.WaitGroup
-	rl := newReloader(args, opts, level, live, refused, log)
+	rl := newReloader(args, opts, level, up, resets.upstreamDown, log)
 	reloading.Go(func() { rl.run(reloadCtx, hups) })
 	defer func() {
 		stopReloads()
@@ -450,7 +439,7 @@ func serve(ctx context.Context, opts *options, excludes []netip.Prefix, serveTUN
 		routes = addrs
 	}
 	log.Info("ready", "tun", dev.Name(), "netns", opts.netns, "mtu", dev.MTU(), "offloads", dev.Offloads(),
-		"addrs", addrs, "routes", routes, "via", opts.proxyURL, "hostwide", opts.hostWide)
+		"addrs", addrs, "routes", routes, "via", upstreamNames(opts.proxies), "hostwide", opts.hostWide)
 	if err := notify("READY=1"); err != nil {
 		log.Warn("sd_notify", "err", err)
 	}

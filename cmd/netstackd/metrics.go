@@ -2,6 +2,7 @@ package main
 
 import (
 	"strconv"
+	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -16,12 +17,11 @@ import (
 
 // metricsSources are what the collector reads at each scrape.
 type metricsSources struct {
-	stack    func() stack.Stats
-	dns      *dns.Server // nil with --dns off
-	refused  *refusals
-	health   *upstreamHealth
-	mode     string // "direct" or "proxy"
-	upstream string // the proxy as its String says, without a password
+	stack   func() stack.Stats
+	dns     *dns.Server // nil with --dns off
+	refused *refusals
+	live    *liveDialer // the upstreams; nil when direct
+	mode    string      // "direct" or "proxy"
 }
 
 // metricsCollector is a prometheus.Collector over metricsSources.
@@ -34,29 +34,33 @@ type metricsCollector struct {
 	dnsQueries, dnsPoolUsed, dnsPoolSize    *prometheus.Desc
 	dnsPoolExhausted, dropped, tunPacketsIn *prometheus.Desc
 	tunBatches, connectSeconds              *prometheus.Desc
+	upstreamDials                           *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*metricsCollector)(nil)
 
 func newMetricsCollector(src metricsSources) *metricsCollector {
-	// mode and upstream are the same for every series of a run; as labels
-	// they let dashboards join runs and, later, several upstreams.
-	up := prometheus.Labels{"mode": src.mode, "upstream": src.upstream}
+	// mode is the same for every series of a run. upstream is, on the
+	// stack's series, the upstreams in use ("direct", or their names in
+	// order: "a,b"), read at each scrape so that it follows a reload; on
+	// the per-upstream series, one upstream's name.
+	up := prometheus.Labels{"mode": src.mode}
 	desc := func(name, help string, labels []string, constant prometheus.Labels) *prometheus.Desc {
 		return prometheus.NewDesc("netstackd_"+name, help, labels, constant)
 	}
 	return &metricsCollector{
 		src:              src,
-		flowsActive:      desc("flows_active", "Flows open now: TCP flows holding a slot (relayed, published or dialing), UDP associations.", []string{"protocol"}, up),
-		flowsTotal:       desc("flows_total", "Flows opened: TCP flows whose upstream was reached, UDP associations.", []string{"protocol"}, up),
-		flowsRejected:    desc("flows_rejected_total", "TCP flows reset without a dial: over --max-flows (over_limit), or to a destination netstackd refuses (refused).", []string{"protocol", "reason"}, up),
-		bytes:            desc("bytes_total", "Bytes relayed by outbound TCP flows once they have ended, toward the upstream (up) and toward the client (down).", []string{"protocol", "direction"}, up),
-		dialErrors:       desc("dial_errors_total", "Upstream dials that failed, by reason; each resets its flow.", []string{"reason"}, up),
-		dialSeconds:      desc("dial_duration_seconds", "How long successful upstream dials took (through a proxy: its handshake included).", nil, up),
-		connectSeconds:   desc("connect_duration_seconds", "How long relayed TCP flows took to open, from the client's SYN to both sides connected: the upstream dial and the client's handshake.", nil, up),
+		flowsActive:      desc("flows_active", "Flows open now: TCP flows holding a slot (relayed, published or dialing), UDP associations.", []string{"protocol", "upstream"}, up),
+		flowsTotal:       desc("flows_total", "Flows opened: TCP flows whose upstream was reached, UDP associations.", []string{"protocol", "upstream"}, up),
+		flowsRejected:    desc("flows_rejected_total", "TCP flows reset without a dial: over --max-flows (over_limit), or to a destination netstackd refuses (refused).", []string{"protocol", "reason", "upstream"}, up),
+		bytes:            desc("bytes_total", "Bytes relayed by outbound TCP flows once they have ended, toward the upstream (up) and toward the client (down).", []string{"protocol", "direction", "upstream"}, up),
+		dialErrors:       desc("dial_errors_total", "Upstream dials that failed, by reason; each resets its flow.", []string{"reason", "upstream"}, up),
+		dialSeconds:      desc("dial_duration_seconds", "How long successful upstream dials took (through a proxy: its handshake included).", []string{"upstream"}, up),
+		connectSeconds:   desc("connect_duration_seconds", "How long relayed TCP flows took to open, from the client's SYN to both sides connected: the upstream dial and the client's handshake.", []string{"upstream"}, up),
 		halfOpen:         desc("tcp_handshakes_half_open", "TCP handshakes waiting for the client's final ACK.", nil, nil),
 		refusedDst:       desc("refused_destinations_total", "Flows refused because their destination is netstackd's own (its addresses, host loopback in direct mode).", nil, nil),
-		upstreamUp:       desc("upstream_up", "1 if the upstream answered its last health check (always 1 when direct), else 0.", nil, up),
+		upstreamUp:       desc("upstream_up", "1 if the upstream answered its last health check (always 1 when direct), else 0; one series per upstream.", []string{"upstream"}, up),
+		upstreamDials:    desc("upstream_dials_total", "Connections and UDP associations asked of each upstream (the DNS forwarder's included), by result: ok, or error (a failure reaching the proxy moves the dial on to the next upstream).", []string{"upstream", "result"}, up),
 		dnsQueries:       desc("dns_queries_total", "DNS queries answered, by how: a fake address (fake), the direct resolver (direct), the upstream resolver or its cache (forwarded), netstackd itself (local: malformed, refused, empty, pool exhausted).", []string{"mode", "answer"}, nil),
 		dnsPoolUsed:      desc("dns_fake_ip_pool_used", "Names holding a fake address now.", []string{"family"}, nil),
 		dnsPoolSize:      desc("dns_fake_ip_pool_size", "Addresses the fake-IP range can give.", []string{"family"}, nil),
@@ -72,7 +76,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.flowsActive, c.flowsTotal, c.flowsRejected, c.bytes, c.dialErrors, c.dialSeconds,
 		c.halfOpen, c.refusedDst, c.upstreamUp, c.dnsQueries, c.dnsPoolUsed, c.dnsPoolSize,
-		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches, c.connectSeconds,
+		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches, c.connectSeconds, c.upstreamDials,
 	} {
 		ch <- d
 	}
@@ -87,26 +91,36 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
 	}
 	s := c.src.stack()
-	gauge(c.flowsActive, float64(s.TCPActive), "tcp")
-	gauge(c.flowsActive, float64(s.UDPActive), "udp")
-	counter(c.flowsTotal, s.TCPFlows, "tcp")
-	counter(c.flowsTotal, s.UDPFlows, "udp")
-	counter(c.flowsRejected, s.TCPLimited, "tcp", "over_limit")
-	counter(c.flowsRejected, s.TCPRefused, "tcp", "refused")
-	counter(c.bytes, s.BytesUp, "tcp", "up")
-	counter(c.bytes, s.BytesDown, "tcp", "down")
-	for r, n := range s.DialErrors {
-		counter(c.dialErrors, n, stack.DialReason(r).String())
+	states := c.src.live.states()
+	names := make([]string, len(states))
+	for i, u := range states {
+		names[i] = u.Name
+		upValue := 0.0
+		if u.State == "up" {
+			upValue = 1
+		}
+		gauge(c.upstreamUp, upValue, u.Name)
+		if c.src.live != nil { // direct dials are the stack's own series
+			counter(c.upstreamDials, u.Dials-u.DialErrors, u.Name, "ok")
+			counter(c.upstreamDials, u.DialErrors, u.Name, "error")
+		}
 	}
-	ch <- latencyHistogram(c.dialSeconds, s.DialLatency)
-	ch <- latencyHistogram(c.connectSeconds, s.ConnectLatency)
+	ups := strings.Join(names, ",")
+	gauge(c.flowsActive, float64(s.TCPActive), "tcp", ups)
+	gauge(c.flowsActive, float64(s.UDPActive), "udp", ups)
+	counter(c.flowsTotal, s.TCPFlows, "tcp", ups)
+	counter(c.flowsTotal, s.UDPFlows, "udp", ups)
+	counter(c.flowsRejected, s.TCPLimited, "tcp", "over_limit", ups)
+	counter(c.flowsRejected, s.TCPRefused, "tcp", "refused", ups)
+	counter(c.bytes, s.BytesUp, "tcp", "up", ups)
+	counter(c.bytes, s.BytesDown, "tcp", "down", ups)
+	for r, n := range s.DialErrors {
+		counter(c.dialErrors, n, stack.DialReason(r).String(), ups)
+	}
+	ch <- latencyHistogram(c.dialSeconds, s.DialLatency, ups)
+	ch <- latencyHistogram(c.connectSeconds, s.ConnectLatency, ups)
 	gauge(c.halfOpen, float64(s.HalfOpen))
 	counter(c.refusedDst, c.src.refused.count.Load())
-	upValue := 0.0
-	if c.src.health.status().ok {
-		upValue = 1
-	}
-	gauge(c.upstreamUp, upValue)
 	d := s.Drops
 	for _, r := range []struct {
 		reason string
@@ -147,12 +161,12 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 
 // latencyHistogram turns a stack histogram, whose buckets count apart, into
 // Prometheus's cumulative one.
-func latencyHistogram(d *prometheus.Desc, h stack.Histogram) prometheus.Metric {
+func latencyHistogram(d *prometheus.Desc, h stack.Histogram, labels ...string) prometheus.Metric {
 	buckets := make(map[float64]uint64, len(h.Counts))
 	var cum uint64
 	for i, n := range h.Counts {
 		cum += n
 		buckets[stack.DialLatencyBuckets[i].Seconds()] = cum
 	}
-	return prometheus.MustNewConstHistogram(d, cum+h.Over, h.Sum.Seconds(), buckets)
+	return prometheus.MustNewConstHistogram(d, cum+h.Over, h.Sum.Seconds(), buckets, labels...)
 }

@@ -63,7 +63,10 @@ func TestUpstreamRefuses(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			up, err := newUpstream(t.Context(), opts, &refusals{log: slog.New(slog.DiscardHandler)})
+			up, err := newUpstream(t.Context(), opts, &refusals{log: slog.New(slog.DiscardHandler)}, nil, nil)
+			if err == nil && up.live != nil {
+				t.Cleanup(up.live.Close)
+			}
 			if err != nil {
 				t.Fatal(err)
 			}

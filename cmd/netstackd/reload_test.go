@@ -21,12 +21,13 @@ func TestReloadKeepsReporting(t *testing.T) {
 	}
 	level := new(slog.LevelVar)
 	level.Set(opts.logLevel)
-	up, err := newUpstream(t.Context(), opts, &refusals{log: slog.New(slog.DiscardHandler)})
+	up, err := newUpstream(t.Context(), opts, &refusals{log: slog.New(slog.DiscardHandler)}, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	live := newLiveDialer(up.dialer)
-	r := newReloader(args, opts, level, live, &refusals{log: slog.New(slog.DiscardHandler)}, slog.New(slog.DiscardHandler))
+	live := up.live
+	t.Cleanup(live.Close)
+	r := newReloader(args, opts, level, up, nil, slog.New(slog.DiscardHandler))
 
 	if err := os.WriteFile(path, []byte("socks = \"127.0.0.1:1081\"\nlog-level = \"debug\"\nmtu = 1400\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -35,10 +36,10 @@ func TestReloadKeepsReporting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Contains(changed, "log-level") || !slices.Contains(changed, "socks") || !slices.Equal(kept, []string{"mtu"}) {
-		t.Fatalf("first reload: changed %v, kept %v; want log-level and socks changed, mtu kept", changed, kept)
+	if !slices.Contains(changed, "log-level") || !slices.Contains(changed, "proxy") || !slices.Equal(kept, []string{"mtu"}) {
+		t.Fatalf("first reload: changed %v, kept %v; want log-level and proxy changed, mtu kept", changed, kept)
 	}
-	if level.Level() != slog.LevelDebug || live.String() != "socks5://127.0.0.1:1081" {
+	if level.Level() != slog.LevelDebug || live.String() != "proxy1=socks5://127.0.0.1:1081" {
 		t.Fatalf("after the reload: level %v, proxy %s", level.Level(), live)
 	}
 	changed, kept, err = r.reload(t.Context())
@@ -48,8 +49,8 @@ func TestReloadKeepsReporting(t *testing.T) {
 	if len(changed) != 0 || !slices.Equal(kept, []string{"mtu"}) {
 		t.Fatalf("second reload of the same file: changed %v, kept %v; want nothing changed, mtu kept again", changed, kept)
 	}
-	if opts.logLevel != slog.LevelInfo || opts.proxyURL != "socks5://127.0.0.1:1080" {
-		t.Errorf("the reload wrote the running options: level %v, proxy %s", opts.logLevel, opts.proxyURL)
+	if opts.logLevel != slog.LevelInfo || ups(opts) != "proxy1=socks5://127.0.0.1:1080" {
+		t.Errorf("the reload wrote the running options: level %v, proxy %s", opts.logLevel, ups(opts))
 	}
 
 	if err := os.WriteFile(path, []byte("socks = ["), 0o600); err != nil {
@@ -58,7 +59,7 @@ func TestReloadKeepsReporting(t *testing.T) {
 	if _, _, err := r.reload(t.Context()); err == nil {
 		t.Fatal("a file that does not parse was accepted")
 	}
-	if live.String() != "socks5://127.0.0.1:1081" {
+	if live.String() != "proxy1=socks5://127.0.0.1:1081" {
 		t.Errorf("a refused reload changed the proxy to %s", live)
 	}
 }
