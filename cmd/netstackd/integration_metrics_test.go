@@ -124,7 +124,7 @@ func TestIntegrationMetrics(t *testing.T) {
 	startNetstackd(t, tp, "--proxy", "socks5://"+socks4.String(), "--dns-upstream", dnsUpstream.String(),
 		"--metrics", fmt.Sprint(metricsPort), "--pprof")
 	m := newMetricsClient(tp)
-	via := []string{"mode", "proxy", "upstream", "socks5://" + socks4.String()}
+	via := []string{"mode", "proxy", "upstream", "proxy1"}
 
 	before := m.scrape(t)
 	const flows = 5
@@ -210,7 +210,7 @@ func TestIntegrationMetrics(t *testing.T) {
 		t.Fatalf("/healthz after microsocks was killed: %d %q, want 503 naming the proxy (%v)", code, body, err)
 	}
 	t.Logf("/healthz said %q %v after microsocks was killed", strings.TrimSpace(body), time.Since(killed).Round(time.Millisecond))
-	if v := m.scrape(t).value("netstackd_upstream_up"); v != 0 {
+	if v := m.scrape(t).value("netstackd_upstream_up", via...); v != 0 {
 		t.Errorf("netstackd_upstream_up = %v with microsocks dead, want 0", v)
 	}
 }

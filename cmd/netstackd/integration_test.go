@@ -510,7 +510,8 @@ func testStop(t *testing.T, tp *netnstest.Topology, d *netnstest.Process, sig sy
 
 // TestIntegrationSocksRestart kills the SOCKS server under a running
 // netstackd: new flows are refused within refuseWithin; once the SOCKS
-// server is back, new flows work again without restarting netstackd. The
+// server is back, new flows work again, within the health-check interval,
+// without restarting netstackd. The
 // daemon is then ended with SIGINT, which must act as SIGTERM does.
 func TestIntegrationSocksRestart(t *testing.T) {
 	requireBinary(t)
@@ -535,6 +536,16 @@ func TestIntegrationSocksRestart(t *testing.T) {
 	})
 	tp.StartMicrosocks(t, socks4)
 	t.Run("back", func(t *testing.T) {
+		// Its health check, every 5s, finds it back; until then new
+		// flows are refused at once.
+		ctx := netnstest.TestContext(t, 5*time.Second+refuseWithin)
+		err := netnstest.Poll(ctx, 200*time.Millisecond, func() (bool, error) {
+			r := curl(t, tp, 10*time.Second, httpURL(netnstest.ServerIPv4, "/"))
+			return r.ExitCode == 0, nil
+		})
+		if err != nil {
+			t.Fatalf("GET never worked again after the SOCKS server came back: %v", err)
+		}
 		testGet(t, tp, netnstest.ServerIPv4)
 		testGet(t, tp, netnstest.ServerIPv6)
 	})
