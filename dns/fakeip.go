@@ -20,7 +20,7 @@ func (s *Server) answerFake(ctx context.Context, req *dns.Msg) *dns.Msg {
 		// The upstream answers it, through the dialer.
 		return s.forward(ctx, req)
 	}
-	if s.isDirect(name) {
+	if s.isDirect(name) || s.policy != nil && s.policy(name) == NameDirect {
 		return s.answerDirect(ctx, req, name)
 	}
 	switch q.Qtype {

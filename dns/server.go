@@ -63,6 +63,11 @@ type Config struct {
 	// DirectResolver resolves the direct names. nil means net.DefaultResolver,
 	// which queries from netstackd's own namespace, not through the proxy.
 	DirectResolver Resolver
+	// Policy, if set, says what the routing rules decide for a name alone
+	// (issue 17): a rejected name gets an empty answer at once, in every
+	// mode; in fake-ip mode a direct one gets its real addresses, as
+	// DirectSuffixes do. It is asked once per query and must be cheap.
+	Policy func(name string) NameAction
 	// Upstream is the resolver, "host:port" (a bare address means port 53),
 	// that remote mode forwards every query to and fake-ip mode forwards
 	// the query types it does not answer itself to. "" means the first
@@ -132,6 +137,7 @@ type Server struct {
 	pool     *pool // fake-ip mode only
 	fakeTTL  uint32
 	direct   []string
+	policy   func(name string) NameAction
 	resolver Resolver
 	upstream string
 	dialer   Dialer
@@ -210,6 +216,8 @@ func New(cfg Config) (*Server, error) {
 			s.resolver = net.DefaultResolver
 		}
 	}
+
+	s.policy = cfg.Policy
 
 	up, err := upstreamAddr(cfg.Upstream, resolvConfPath)
 	if err != nil {
@@ -346,11 +354,27 @@ func (s *Server) handle(ctx context.Context, req *dns.Msg) *dns.Msg {
 		// Zone transfers span many messages; we relay one exchange.
 		return reply(req, dns.RcodeRefused)
 	}
+	if s.policy != nil {
+		if name := normaliseName(req.Question[0].Name); name != "" && s.policy(name) == NameReject {
+			s.answered[answerRejected].Add(1)
+			return reply(req, dns.RcodeSuccess)
+		}
+	}
 	if s.mode == ModeFakeIP {
 		return s.answerFake(ctx, req)
 	}
 	return s.forward(ctx, req)
 }
+
+// NameAction is what the routing rules decide for a name alone
+// (Config.Policy).
+type NameAction uint8
+
+const (
+	NameDefault NameAction = iota // no rule decides by the name alone
+	NameDirect                    // its flows go direct: real addresses
+	NameReject                    // its flows are rejected or dropped: an empty answer
+)
 
 // reply starts a reply to req with the given rcode.
 func reply(req *dns.Msg, rcode int) *dns.Msg {

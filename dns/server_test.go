@@ -550,3 +550,59 @@ func TestRawReply(t *testing.T) {
 		t.Errorf("rawReply = %x", r)
 	}
 }
+
+// Issue 17: the routing rules' verdict on a name alone shapes its answer:
+// a rejected name gets an empty answer at once (no fake address handed
+// out, nothing forwarded), a direct one its real addresses from a real
+// resolver, any other its fake address.
+func TestPolicyShapesAnswers(t *testing.T) {
+	d := startDnsmasq(t, "--address=/direct.test/192.0.2.30", "--address=/blocked.test/192.0.2.31", "--address=/other.test/192.0.2.32")
+	res := &net.Resolver{
+		PreferGo: true,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var nd net.Dialer
+			return nd.DialContext(ctx, network, d.addr)
+		},
+	}
+	policy := func(name string) NameAction {
+		switch {
+		case strings.HasSuffix(name, "blocked.test"):
+			return NameReject
+		case name == "direct.test":
+			return NameDirect
+		}
+		return NameDefault
+	}
+	s := fakeServer(t, Config{DirectResolver: res, Policy: policy})
+	for _, tt := range []struct {
+		qname string
+		want  string // "" = empty NOERROR; "fake" = inside the fake range
+	}{
+		{"ads.blocked.test", ""},
+		{"direct.test", "192.0.2.30"},
+		{"other.test", "fake"},
+	} {
+		q := query(t, 7, tt.qname, dns.TypeA, 0)
+		m := parse(t, q, s.Answer(t.Context(), q, false))
+		if m.Rcode != dns.RcodeSuccess {
+			t.Fatalf("%s: rcode %s", tt.qname, dns.RcodeToString[m.Rcode])
+		}
+		switch tt.want {
+		case "":
+			if len(m.Answer) != 0 {
+				t.Errorf("%s: answers %v, want none", tt.qname, m.Answer)
+			}
+		case "fake":
+			if len(m.Answer) != 1 || !strings.Contains(m.Answer[0].String(), "\t198.19.") {
+				t.Errorf("%s: answers %v, want a fake address", tt.qname, m.Answer)
+			}
+		default:
+			if len(m.Answer) != 1 || !strings.HasSuffix(m.Answer[0].String(), "\t"+tt.want) {
+				t.Errorf("%s: answers %v, want %s", tt.qname, m.Answer, tt.want)
+			}
+		}
+	}
+	if st := s.Stats(); st.Rejected != 1 || st.Direct != 1 || st.Fake != 1 {
+		t.Fatalf("stats %+v, want one of each", st)
+	}
+}

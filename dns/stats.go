@@ -7,6 +7,7 @@ const (
 	answerFake      answerKind = iota // a fake address (fake-ip mode)
 	answerDirect                      // real addresses from the direct resolver (--dns-direct)
 	answerForwarded                   // forwarded to the upstream, or its cached answer
+	answerRejected                    // an empty answer for a name the rules reject (Config.Policy)
 	numAnswerKinds
 )
 
@@ -19,7 +20,10 @@ type Stats struct {
 	// itself: malformed queries, refused zone transfers, HTTPS and SVCB
 	// records left empty, families with no fake range, an exhausted pool.
 	Fake, Direct, Forwarded uint64
-	PoolExhausted           uint64 // fake A and AAAA queries answered SERVFAIL: no address free
+	// Rejected counts the queries for names the rules reject, answered
+	// empty.
+	Rejected      uint64
+	PoolExhausted uint64 // fake A and AAAA queries answered SERVFAIL: no address free
 	// FakeV4 and FakeV6 are the names each fake range holds now; their
 	// sizes are the addresses the ranges can give (0 without a range).
 	FakeV4, FakeV6         int
@@ -33,6 +37,7 @@ func (s *Server) Stats() Stats {
 		Fake:          s.answered[answerFake].Load(),
 		Direct:        s.answered[answerDirect].Load(),
 		Forwarded:     s.answered[answerForwarded].Load(),
+		Rejected:      s.answered[answerRejected].Load(),
 		PoolExhausted: s.poolExhausted.Load(),
 	}
 	if s.pool != nil {

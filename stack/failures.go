@@ -101,6 +101,10 @@ type Stats struct {
 	DialLatency, ConnectLatency Histogram
 	HalfOpen                    int64 // handshakes waiting for the client's final ACK now
 	Drops                       Drops
+	// Rejected and Dropped count the flows Config.Route rejected and
+	// dropped (TCP, UDP associations, echo requests); Sniffed those whose
+	// name was found in their first bytes.
+	Rejected, Dropped, Sniffed uint64
 	// TUNReads counts the packets read from each queue of the device,
 	// TUNBatches the reads that returned them: TUNReads[q]/TUNBatches[q]
 	// is queue q's mean batch.
@@ -122,6 +126,9 @@ func (st *Stack) Stats() Stats {
 		Drops:          st.drops(),
 		TUNReads:       st.link.QueueReads(),
 		TUNBatches:     st.link.QueueBatches(),
+		Rejected:       st.rejected.Load(),
+		Dropped:        st.dropped.Load(),
+		Sniffed:        st.sniffed.Load(),
 	}
 	for i := range s.DialErrors {
 		s.DialErrors[i] = st.dialErrors[i].Load()

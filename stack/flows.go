@@ -34,6 +34,13 @@ type FlowInfo struct {
 	Up, Down uint64
 	// Age is how long the flow has been open.
 	Age time.Duration
+	// Via names the upstream the flow went through (Decision.Via, or a
+	// failover group's member), Rule the rule that routed it; empty
+	// when it took the default upstream unnamed.
+	Via, Rule string
+	// NameFrom says where Name came from: NameFromFakeIP or
+	// NameFromSniffed; empty with no name.
+	NameFrom string
 	// State is "open", "idle" (nothing moving; TCP: both directions
 	// parked), "half-closed" (TCP: one side sent FIN), "closing" (TCP:
 	// reset or given up), "opening" or "failed" (UDP: its upstream socket
@@ -56,10 +63,15 @@ func (st *Stack) Flows(max int) []FlowInfo {
 		out = append(out, st.tcpFlowInfo(f))
 	}
 	for _, f := range udp {
-		out = append(out, FlowInfo{
-			ID: f.ID, Proto: "udp", Client: f.Client, Destination: f.Dst, Name: st.fakeName(f.Dst.Addr()),
-			Up: f.Up, Down: f.Down, Age: f.Age, State: f.State,
-		})
+		in := FlowInfo{
+			ID: f.ID, Proto: "udp", Client: f.Client, Destination: f.Dst, Name: f.Name, NameFrom: f.NameFrom,
+			Via: f.Via, Rule: f.Rule, Up: f.Up, Down: f.Down, Age: f.Age, State: f.State,
+		}
+		if in.Name == "" {
+			in.Name = st.fakeName(f.Dst.Addr())
+			in.NameFrom = nameFrom(in.Name, NameFromFakeIP)
+		}
+		out = append(out, in)
 	}
 	for _, f := range inUDP {
 		out = append(out, FlowInfo{
@@ -90,7 +102,13 @@ func (st *Stack) tcpFlowInfo(f tcprelay.FlowInfo) FlowInfo {
 	if !f.Inbound {
 		// A flow to a fake address holds its name (Names.Hold) while it
 		// lives: looking it up costs the flow nothing until asked.
-		in.Name = st.fakeName(f.Dst.Addr())
+		if rt := f.Route; rt != nil {
+			in.Via, in.Rule, in.Name, in.NameFrom = rt.Via, rt.Rule, rt.Name, rt.NameFrom
+		}
+		if in.Name == "" {
+			in.Name = st.fakeName(f.Dst.Addr())
+			in.NameFrom = nameFrom(in.Name, NameFromFakeIP)
+		}
 		if f.Upstream != nil {
 			in.Upstream = f.Upstream.String()
 		}
@@ -120,4 +138,12 @@ func (st *Stack) CloseFlow(id uint64) bool {
 		return true
 	}
 	return st.inUDP.Abort(id)
+}
+
+// nameFrom is from when name is set, else "".
+func nameFrom(name, from string) string {
+	if name == "" {
+		return ""
+	}
+	return from
 }

@@ -57,21 +57,25 @@ func (st *Stack) refused(dst netip.Addr) bool {
 // upstreamAddress returns the address to dial for dst: "name:port" for a
 // mapped fake address, with a release function to call when the flow ends.
 // A refused dst is an error.
-func (st *Stack) upstreamAddress(dst netip.AddrPort) (string, func(), error) {
+func (st *Stack) upstreamAddress(dst netip.AddrPort) (address, name string, release func(), err error) {
 	names := st.cfg.Names
 	if names == nil || !names.IsFake(dst.Addr()) {
 		if st.refused(dst.Addr()) {
-			return "", nil, errRefusedDst{dst.Addr()}
+			return "", "", nil, errRefusedDst{dst.Addr()}
 		}
-		return dst.String(), func() {}, nil
+		return dst.String(), "", func() {}, nil
 	}
-	release := names.Hold(dst.Addr())
+	release = names.Hold(dst.Addr())
 	name, ok := names.Resolve(dst.Addr())
 	if !ok {
 		release()
-		return "", nil, errUnmappedFake{dst.Addr()}
+		return "", "", nil, errUnmappedFake{dst.Addr()}
 	}
-	return net.JoinHostPort(name, strconv.Itoa(int(dst.Port()))), release, nil
+	return hostPort(name, dst.Port()), name, release, nil
+}
+
+func hostPort(host string, port uint16) string {
+	return net.JoinHostPort(host, strconv.Itoa(int(port)))
 }
 
 // fakeNames is the stack's Names as the UDP NAT consumes them; nil when
@@ -88,5 +92,6 @@ type natNames struct{ st *Stack }
 func (n natNames) IsFake(addr netip.Addr) bool { return n.st.cfg.Names.IsFake(addr) }
 
 func (n natNames) Lookup(dst netip.AddrPort) (string, func(), error) {
-	return n.st.upstreamAddress(dst)
+	address, _, release, err := n.st.upstreamAddress(dst)
+	return address, release, err
 }

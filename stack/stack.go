@@ -128,6 +128,15 @@ type Config struct {
 	// interception; TCP and UDP to a fake address go by Names instead, so
 	// Refuse may list the fake ranges whole.
 	Refuse func(netip.Addr) bool
+	// Route, if set, decides each new outbound flow: which upstream it
+	// takes, or whether it is rejected or dropped (route.go). Without it
+	// every flow goes to Dialer and UDP.
+	Route func(Flow) Decision
+	// SniffTimeout bounds the wait for a client's first bytes when a
+	// Decision asks for its name (Sniff): a protocol where the server
+	// speaks first (SSH, SMTP) is routed without a name once it passes.
+	// 0 means 300ms.
+	SniffTimeout time.Duration
 	// Gateway4 and Gateway6 are addresses the stack owns on the TUN's link,
 	// from which connections to published ports (ServeInbound) come. Zero
 	// disables inbound connections of that family.
@@ -189,6 +198,9 @@ func (c *Config) setDefaults() {
 	if c.HalfCloseIdle <= 0 {
 		c.HalfCloseIdle = 2 * time.Minute
 	}
+	if c.SniffTimeout <= 0 {
+		c.SniffTimeout = defaultSniffTimeout
+	}
 	if c.parkAfter <= 0 {
 		c.parkAfter = 2 * time.Second
 	}
@@ -248,6 +260,11 @@ type Stack struct {
 	logDialFailed [NumDialReasons]ratelog.Limiter
 
 	tcpOpened, tcpRefused, tcpLimited atomic.Uint64
+	// routes are the live view's shared routes; rejected and dropped
+	// count flows Config.Route refused, sniffed those whose name was
+	// found in their first bytes (route.go, sniff.go).
+	routes                     routes
+	rejected, dropped, sniffed atomic.Uint64
 	// For Stats (stats.go): bytes of ended flows, dial failures by
 	// reason, dial latencies, and from SYN to relayed flow.
 	bytesUp, bytesDown          atomic.Uint64
@@ -341,6 +358,7 @@ func New(cfg Config) (*Stack, error) {
 			Dialer: cfg.UDP, Writer: st.link, Names: st.fakeNames(),
 			Timeout: cfg.UDPTimeout, Max: cfg.MaxUDPFlows, DialTimeout: cfg.DialTimeout,
 			EvictIdle: max(cfg.udpEvictIdle, 0),
+			Route:     st.udpRoute(),
 			Log:       st.log, NextFlowID: st.nextFlowID,
 		})
 	}

@@ -93,7 +93,7 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		st.serveDNSStream(h, client, dst, log)
 		return
 	}
-	address, release, err := st.upstreamAddress(dst)
+	address, name, release, err := st.upstreamAddress(dst)
 	if err != nil {
 		st.tcpRefused.Add(1)
 		var own errRefusedDst
@@ -111,12 +111,34 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 			release()
 		}
 	}()
-	var wq waiter.Queue
-	open := st.dialThenAccept
-	if st.cfg.AcceptFirst {
-		open = st.acceptWhileDialing
+	f := Flow{Proto: "tcp", Client: client, Dst: dst, Name: name}
+	if name != "" {
+		f.NameFrom = NameFromFakeIP
 	}
-	upstream, ep, err := open(h, &wq, address)
+	d := st.decide(f)
+	if st.refuseByRoute(h, f, d, log) {
+		return
+	}
+	var (
+		wq       waiter.Queue
+		conn     *tcprelay.Conn
+		upstream net.Conn
+		via      string
+		first    []byte // what sniffing read from the client, owed to the upstream
+	)
+	if d.Sniff {
+		conn, upstream, via, first, f, d, address, err = st.openSniffing(h, &wq, f, d, address, log)
+	} else {
+		open := st.dialThenAccept
+		if st.cfg.AcceptFirst {
+			open = st.acceptWhileDialing
+		}
+		var ep tcpip.Endpoint
+		upstream, via, ep, err = open(h, &wq, st.dialer(d), address)
+		if err == nil {
+			conn = tcprelay.NewConn(ep, &wq, dst, client)
+		}
+	}
 	if err != nil {
 		switch {
 		case ratelog.IsFDExhaustion(err):
@@ -129,26 +151,65 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		}
 		return
 	}
-	ep.SocketOptions().SetKeepAlive(true)
-	conn := tcprelay.NewConn(ep, &wq, dst, client)
+	conn.SetKeepAlive()
+	if len(first) > 0 {
+		// A fresh socket's send buffer takes the few kilobytes sniffing
+		// read at once.
+		if _, err := upstream.Write(first); err != nil {
+			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", fmt.Errorf("send the client's first bytes: %w", err))
+			conn.Abort()
+			tcprelay.ResetConn(upstream)
+			return
+		}
+	}
+	if via == "" {
+		via = d.Via
+	}
+	tag := tcprelay.Tag{ID: log.seq, Route: st.routes.of(via, d.Rule)}
+	if f.NameFrom == NameFromSniffed {
+		tag.Route = &tcprelay.Route{Via: via, Rule: d.Rule, Name: f.Name, NameFrom: f.NameFrom}
+	}
 
 	st.connectLatency.observe(time.Since(start))
 	st.tcpOpened.Add(1)
-	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr())
+	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr(), "via", via, "rule", d.Rule, "name", f.Name, "name_from", f.NameFrom)
 	handedOff = true
-	st.relay.Relay(conn, upstream, tcprelay.Tag{ID: log.seq}, func(res tcprelay.Result) {
+	st.relay.Relay(conn, upstream, tag, func(res tcprelay.Result) {
 		st.bytesUp.Add(uint64(max(res.Up, 0)))
 		st.bytesDown.Add(uint64(max(res.Down, 0)))
 		// One line says the whole flow: where it went, how much each
 		// way, how long, and how it ended.
 		if l := log.logger(slog.LevelDebug); l != nil {
-			attrs := append(res.LogAttrs(), slog.String("address", address))
+			attrs := append(res.LogAttrs(), slog.String("address", address), slog.String("via", via), slog.String("rule", d.Rule))
+			if f.Name != "" {
+				attrs = append(attrs, slog.String("name", f.Name), slog.String("name_from", f.NameFrom))
+			}
 			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", attrs...)
 		}
 		release()
 		<-st.flowSlots
 		st.flows.Done()
 	})
+}
+
+// refuseByRoute carries out a decision to reject or drop a flow before
+// its handshake, and reports whether it did.
+func (st *Stack) refuseByRoute(h *handshake, f Flow, d Decision, log flowLogger) bool {
+	switch d.Action {
+	case Reject:
+		st.rejected.Add(1)
+		log.log(slog.LevelDebug, "flow rejected", "rule", d.Rule, "name", f.Name)
+		h.complete(true)
+		return true
+	case Drop:
+		// Not even a reset: the client retransmits its SYN, and each
+		// retransmission is dropped again.
+		st.dropped.Add(1)
+		log.log(slog.LevelDebug, "flow dropped", "rule", d.Rule, "name", f.Name)
+		h.complete(false)
+		return true
+	}
+	return false
 }
 
 // warnHalfOpen says, at most once per period, that clients are leaving
@@ -173,11 +234,11 @@ func (st *Stack) warnHalfOpen() {
 // handshake, so that a refused or unreachable upstream reaches the client
 // as a reset in reply to its SYN, as if the far end had refused it. It
 // completes the handshake's request.
-func (st *Stack) dialThenAccept(h *handshake, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
-	upstream, err := st.dialUpstream(st.ctx, address)
+func (st *Stack) dialThenAccept(h *handshake, wq *waiter.Queue, d Dialer, address string) (net.Conn, string, tcpip.Endpoint, error) {
+	upstream, via, err := st.dialUpstream(st.ctx, d, address)
 	if err != nil {
 		h.complete(true)
-		return nil, nil, err
+		return nil, "", nil, err
 	}
 	ep, err := h.accept(wq)
 	if err != nil {
@@ -186,10 +247,10 @@ func (st *Stack) dialThenAccept(h *handshake, wq *waiter.Queue, address string) 
 		// connection opened on a stranger's behalf stays open.
 		h.failAccept(err)
 		tcprelay.ResetConn(upstream)
-		return nil, nil, err
+		return nil, "", nil, err
 	}
 	h.complete(false)
-	return upstream, ep, nil
+	return upstream, via, ep, nil
 }
 
 // acceptWhileDialing completes the client's handshake while the upstream is
@@ -198,9 +259,10 @@ func (st *Stack) dialThenAccept(h *handshake, wq *waiter.Queue, address string) 
 // endpoint's receive buffer; an upstream that cannot be reached resets the
 // established connection instead of refusing the SYN. It completes the
 // handshake's request.
-func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, address string) (net.Conn, tcpip.Endpoint, error) {
+func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, d Dialer, address string) (net.Conn, string, tcpip.Endpoint, error) {
 	type dialResult struct {
 		conn net.Conn
+		via  string
 		err  error
 	}
 	// Every return below first receives from dialed, so this goroutine is
@@ -212,42 +274,51 @@ func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, address stri
 	defer cancel()
 	dialed := make(chan dialResult, 1)
 	go func() {
-		c, err := st.dialUpstream(ctx, address)
-		dialed <- dialResult{c, err}
+		c, via, err := st.dialUpstream(ctx, d, address)
+		dialed <- dialResult{c, via, err}
 	}()
 	ep, err := h.accept(wq)
 	if err != nil {
 		h.failAccept(err)
 		cancel() // the client is gone: stop dialing for it
-		if d := <-dialed; d.err == nil {
-			tcprelay.ResetConn(d.conn)
+		if r := <-dialed; r.err == nil {
+			tcprelay.ResetConn(r.conn)
 		}
-		return nil, nil, err
+		return nil, "", nil, err
 	}
 	h.complete(false)
-	d := <-dialed
-	if d.err != nil {
+	r := <-dialed
+	if r.err != nil {
 		ep.Abort()
-		return nil, nil, d.err
+		return nil, "", nil, r.err
 	}
-	return d.conn, ep, nil
+	return r.conn, r.via, ep, nil
 }
 
-func (st *Stack) dialUpstream(parent context.Context, address string) (net.Conn, error) {
+// dialUpstream dials address with d, bounded by DialTimeout, and returns
+// the upstream's name when d gives one (UpstreamDialer).
+func (st *Stack) dialUpstream(parent context.Context, d Dialer, address string) (net.Conn, string, error) {
 	ctx, cancel := context.WithTimeout(parent, st.cfg.DialTimeout)
 	defer cancel()
 	start := time.Now()
-	c, err := st.cfg.Dialer.DialContext(ctx, "tcp", address)
-	if err == nil {
-		st.dialLatency.observe(time.Since(start))
+	var (
+		c   net.Conn
+		via string
+		err error
+	)
+	if ud, ok := d.(UpstreamDialer); ok {
+		c, via, err = ud.DialUpstream(ctx, "tcp", address)
+	} else {
+		c, err = d.DialContext(ctx, "tcp", address)
 	}
 	if err != nil {
 		if parent.Err() == nil { // not given up by Close or the client
 			st.dialFailed(address, err)
 		}
-		return nil, fmt.Errorf("dial upstream %s: %w", address, err)
+		return nil, "", fmt.Errorf("dial upstream %s: %w", address, err)
 	}
-	return c, nil
+	st.dialLatency.observe(time.Since(start))
+	return c, via, nil
 }
 
 // flowLogger logs a TCP flow's lines with its attributes. It builds the

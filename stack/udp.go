@@ -65,6 +65,9 @@ func (st *Stack) handlePacket(pkt []byte) bool {
 			return true
 		}
 		src, dst, msg, ok := packet.ParseEcho(pkt)
+		if ok && st.cfg.Route != nil && st.refuseEcho(src, dst) {
+			return true
+		}
 		return ok && st.ping.Echo(src, dst, msg)
 	}
 	return false

@@ -143,6 +143,10 @@ func (c *Conn) CloseRead() error {
 	return nil
 }
 
+// SetKeepAlive makes the endpoint probe a silent client, so that a flow
+// whose client vanished ends.
+func (c *Conn) SetKeepAlive() { c.ep.SocketOptions().SetKeepAlive(true) }
+
 // Abort sends a RST to the client and releases the endpoint. It and Close
 // release the endpoint once between them.
 func (c *Conn) Abort() {

@@ -184,6 +184,19 @@ type Tag struct {
 	// Inbound marks a published flow: its Conn is the connection into the
 	// TUN and its upstream the outside client.
 	Inbound bool
+	// Route says how an outbound flow was routed; nil for one that took
+	// the default upstream unnamed. Flows routed alike share one.
+	Route *Route
+}
+
+// Route is how a flow was routed, as the live view shows it.
+type Route struct {
+	Via  string // the upstream's name
+	Rule string // the rule that decided
+	// Name is the name the flow was routed by when the stack found it
+	// itself (NameFrom says how); a fake address's name is looked up
+	// when asked instead.
+	Name, NameFrom string
 }
 
 // relayFlow is one relayed flow: its two sides and both directions, in one

@@ -22,6 +22,9 @@ type FlowInfo struct {
 	// "failed" when it could not be (datagrams are refused for a while),
 	// "idle" after idleAfter of silence, else "open".
 	State string
+	// Via, Rule, Name and NameFrom say how it was routed (Route), once
+	// it is.
+	Via, Rule, Name, NameFrom string
 }
 
 // Flows appends every association to dst and returns it.
@@ -36,6 +39,10 @@ func (t *Table) Flows(dst []FlowInfo) []FlowInfo {
 			Up:  a.up.Load(), Down: a.down.Load(),
 			State: a.state(now),
 		})
+		if a.routed() {
+			f := &dst[len(dst)-1]
+			f.Via, f.Rule, f.Name, f.NameFrom = a.route.Via, a.route.Rule, a.route.Name, a.route.NameFrom
+		}
 	}
 	return dst
 }
@@ -46,8 +53,13 @@ func (a *udpAssoc) state(now int64) string {
 	default:
 		return "opening"
 	}
-	// failed is written before ready is closed.
-	if a.failed {
+	// failed and the route are written before ready is closed.
+	switch {
+	case a.dropping:
+		return "dropped"
+	case a.failed && a.route.Reject:
+		return "rejected"
+	case a.failed:
 		return "failed"
 	}
 	if now-a.last.Load() >= int64(idleAfter) {

@@ -68,6 +68,10 @@ type Config struct {
 	// NextFlowID numbers the associations in logs, with the stack's other
 	// flows.
 	NextFlowID func() uint64
+	// Route, if set, decides where each new association goes, from its
+	// first destination and datagrams (route.go); nil sends every one
+	// to Dialer.
+	Route func(ctx context.Context, o *Opening) Route
 	// EvictIdle is how long the least recently active association must
 	// have been silent for a new one to evict it when the table is full;
 	// a younger one stays and the new source's datagrams are dropped.
@@ -167,6 +171,11 @@ type udpAssoc struct {
 	rc      syscall.RawConn // udpConn's, for batched I/O
 	family  int             // udpConn's address family
 	failed  bool
+	// route is how the association was routed, and dropping whether its
+	// datagrams are dropped without a word; both written before ready is
+	// closed.
+	route    Route
+	dropping bool
 
 	// Guarded by t.tx.mu: this association's datagrams in the send queue,
 	// and whether its socket refused UDP GSO.
@@ -178,7 +187,8 @@ type udpAssoc struct {
 
 	mu      sync.Mutex
 	pending []pendingDatagram
-	quote   []byte // the start of the client's first packet, for ICMP errors
+	more    chan struct{} // a datagram joined pending (Opening.Datagram)
+	quote   []byte        // the start of the client's first packet, for ICMP errors
 }
 
 type pendingDatagram struct {
@@ -255,6 +265,7 @@ func (t *Table) lookup(client, dst netip.AddrPort) (a *udpAssoc, created, full b
 		id:       id,
 		firstDst: dst,
 		ready:    make(chan struct{}),
+		more:     make(chan struct{}, 1),
 		log:      t.log.With("flow", id, "proto", "udp", "src", client),
 	}
 	a.ctx, a.cancel = context.WithCancel(t.ctx)
@@ -366,8 +377,15 @@ func (a *udpAssoc) send(dst netip.AddrPort, payload []byte, batched bool) {
 				return
 			}
 			a.pending = append(a.pending, pendingDatagram{dst: dst, payload: append([]byte(nil), payload...)})
+			select {
+			case a.more <- struct{}{}:
+			default:
+			}
 			return
 		}
+	}
+	if a.dropping {
+		return
 	}
 	if a.failed {
 		bp := udpBufs.Get().(*[]byte)
@@ -425,12 +443,13 @@ func (a *udpAssoc) run() {
 	defer a.t.remove(a)
 	defer a.cancel()
 	ctx, cancel := context.WithTimeout(a.ctx, a.t.cfg.DialTimeout)
-	conn, err := a.t.cfg.Dialer.ListenPacket(ctx, "udp", "")
+	conn, err := a.open(ctx)
 	cancel()
 
 	var udpConn *net.UDPConn
 	if err == nil {
 		udpConn = kernelSocket(conn)
+		a.log.Debug("udp association routed", "via", a.route.Via, "rule", a.route.Rule, "name", a.route.Name, "name_from", a.route.NameFrom)
 	}
 	a.mu.Lock()
 	pending := a.pending
@@ -453,9 +472,12 @@ func (a *udpAssoc) run() {
 	a.mu.Unlock()
 
 	if err != nil {
-		if ratelog.IsFDExhaustion(err) {
+		switch {
+		case errors.Is(err, errRejected):
+			a.log.Debug("udp association refused", "reject", !a.dropping, "rule", a.route.Rule, "name", a.route.Name)
+		case ratelog.IsFDExhaustion(err):
 			a.t.warnFDs.Warn(a.log, "out of file descriptors: udp association refused", "err", err)
-		} else {
+		default:
 			a.t.warnFailed.Warn(a.log, "udp association failed: datagrams from this source are refused", "err", err)
 		}
 		for _, d := range pending {

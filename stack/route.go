@@ -1,0 +1,188 @@
+package stack
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"sync"
+
+	"github.com/netstackd/netstackd/stack/internal/tcprelay"
+	"github.com/netstackd/netstackd/stack/internal/udpnat"
+)
+
+// Routing (issue 17): each new outbound flow may be sent to its own
+// upstream, rejected or dropped, by Config.Route. The stack asks once per
+// flow (a TCP SYN, a UDP association's first datagrams, an echo request)
+// and never per packet of a flow.
+
+// Action is what a route does with a new flow.
+type Action uint8
+
+const (
+	// Relay carries the flow to Decision.Dialer (TCP) or Decision.UDP.
+	Relay Action = iota
+	// Reject refuses it out loud: a TCP reset in reply to the SYN, ICMP
+	// port unreachable for UDP, no reply to an echo request.
+	Reject
+	// Drop ignores it: the client's packets go nowhere and it times out.
+	Drop
+)
+
+func (a Action) String() string {
+	switch a {
+	case Reject:
+		return "reject"
+	case Drop:
+		return "drop"
+	}
+	return "relay"
+}
+
+// Where a flow's name came from (Flow.NameFrom).
+const (
+	NameFromFakeIP  = "fake-ip" // the client connected to a fake address from our DNS
+	NameFromSniffed = "sniffed" // read from the client's first bytes: TLS SNI, HTTP Host, QUIC Initial
+)
+
+// Flow is a new outbound flow as Config.Route sees it.
+type Flow struct {
+	Proto       string // "tcp", "udp" or "icmp"
+	Client, Dst netip.AddrPort
+	// Name is the name Dst stands for, "" when none is known; NameFrom
+	// says how it is known.
+	Name, NameFrom string
+}
+
+// Decision is Config.Route's answer for one flow.
+type Decision struct {
+	Action Action
+	// Dialer and UDP reach the flow's far end when it is relayed; nil
+	// means Config.Dialer and Config.UDP.
+	Dialer Dialer
+	UDP    UDPDialer
+	// Via names the upstream for the live view and the logs. A dialer
+	// that names the upstream it used (UpstreamDialer, a failover group)
+	// says it instead.
+	Via string
+	// Rule names the rule that decided, for the same.
+	Rule string
+	// Sniff asks the stack to find the flow's name in what the client
+	// sends first (TLS SNI, an HTTP Host header, a QUIC Initial) and ask
+	// again with it: the decision depends on a name the stack does not
+	// know. TCP then completes the client's handshake before the
+	// upstream is dialed. Ignored when Flow.Name is already set.
+	Sniff bool
+	// DialName dials a sniffed name rather than the address the client
+	// connected to, so that a proxy resolves it.
+	DialName bool
+}
+
+// UpstreamDialer is a Dialer that says which of its upstreams carried a
+// conn, as a failover group does: the flow shows that name.
+type UpstreamDialer interface {
+	DialUpstream(ctx context.Context, network, address string) (conn net.Conn, upstream string, err error)
+}
+
+// UpstreamListener is a UDPDialer that says which of its upstreams
+// carries an association.
+type UpstreamListener = udpnat.UpstreamListener
+
+// decide asks Config.Route about f; without one every flow is relayed to
+// the Config's dialers.
+func (st *Stack) decide(f Flow) Decision {
+	if st.cfg.Route == nil {
+		return Decision{}
+	}
+	d := st.cfg.Route(f)
+	if f.Name != "" {
+		d.Sniff = false
+	}
+	return d
+}
+
+// dialer is the TCP dialer a decision names.
+func (st *Stack) dialer(d Decision) Dialer {
+	if d.Dialer != nil {
+		return d.Dialer
+	}
+	return st.cfg.Dialer
+}
+
+// routes interns the live view's routes: flows routed alike (same
+// upstream, same rule, no name of their own) share one, so a flow holds a
+// pointer, not its own copy.
+type routes struct {
+	mu sync.Mutex
+	m  map[tcprelay.Route]*tcprelay.Route
+}
+
+// maxInterned bounds the interned routes; beyond it each flow gets its own
+// (upstreams and rules are few; the bound only guards against a Route
+// callback inventing names).
+const maxInterned = 4096
+
+// of returns the shared route for via and rule, nil when both are empty.
+func (r *routes) of(via, rule string) *tcprelay.Route {
+	if via == "" && rule == "" {
+		return nil
+	}
+	key := tcprelay.Route{Via: via, Rule: rule}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if rt, ok := r.m[key]; ok {
+		return rt
+	}
+	rt := &key
+	if r.m == nil {
+		r.m = make(map[tcprelay.Route]*tcprelay.Route)
+	}
+	if len(r.m) < maxInterned {
+		r.m[key] = rt
+	}
+	return rt
+}
+
+// CloseFlowsVia resets every live TCP flow and ends every UDP association
+// that went through the upstream named via (Decision.Via, or the name an
+// UpstreamDialer gave), and returns how many it ended: netstackd ends the
+// flows of an upstream that died, which would otherwise hang on a socket
+// that may never hear from it again.
+func (st *Stack) CloseFlowsVia(via string) int {
+	if via == "" {
+		return 0
+	}
+	n := 0
+	for _, f := range st.relay.Flows(nil) {
+		if f.Route != nil && f.Route.Via == via && st.relay.Abort(f.ID) {
+			n++
+		}
+	}
+	if st.udp != nil {
+		n += st.udp.AbortVia(via)
+	}
+	return n
+}
+
+// udpRoute is the UDP NAT's Config.Route: nil without Config.Route.
+func (st *Stack) udpRoute() func(context.Context, *udpnat.Opening) udpnat.Route {
+	if st.cfg.Route == nil {
+		return nil
+	}
+	return st.routeAssociation
+}
+
+// refuseEcho reports whether Config.Route rejects or drops an echo
+// request: either way it gets no reply. Each request is asked about, as
+// each is its own exchange.
+func (st *Stack) refuseEcho(src, dst netip.Addr) bool {
+	d := st.decide(Flow{Proto: "icmp", Client: netip.AddrPortFrom(src, 0), Dst: netip.AddrPortFrom(dst, 0)})
+	switch d.Action {
+	case Reject:
+		st.rejected.Add(1)
+	case Drop:
+		st.dropped.Add(1)
+	default:
+		return false
+	}
+	return true
+}

@@ -1,0 +1,192 @@
+package stack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/netstackd/netstackd/stack/internal/sniff"
+	"github.com/netstackd/netstackd/stack/internal/tcprelay"
+	"github.com/netstackd/netstackd/stack/internal/udpnat"
+)
+
+// Sniffing (issue 17): when a flow's route depends on a name the stack
+// does not know (the client resolved it itself, or has the address built
+// in), the stack completes the client's handshake, reads what it sends
+// first, and takes the name from a TLS ClientHello or an HTTP request. It
+// costs the flow the wait for those bytes before the upstream is dialed:
+// one client round trip more than dial-first, and, for a protocol where
+// the server speaks first, SniffTimeout.
+
+const (
+	defaultSniffTimeout = 300 * time.Millisecond
+	// maxSniff bounds what is read for a name: a ClientHello with a
+	// post-quantum key share is about 1.8 KB, an HTTP request head rarely
+	// more than a few.
+	maxSniff = 16 << 10
+)
+
+// openSniffing accepts the client, reads its first bytes for a name, asks
+// Config.Route again with it and dials what that decides. It returns the
+// client's conn, the upstream, the upstream's name, the bytes read (owed
+// to the upstream), and the flow, decision and address it settled on. On
+// an error the client has been reset and the request completed.
+func (st *Stack) openSniffing(h *handshake, wq *waiter.Queue, f Flow, d Decision, address string, log flowLogger) (
+	conn *tcprelay.Conn, upstream net.Conn, via string, first []byte, _ Flow, _ Decision, _ string, err error) {
+	ep, err := h.accept(wq)
+	if err != nil {
+		h.failAccept(err)
+		return nil, nil, "", nil, f, d, address, err
+	}
+	h.complete(false)
+	conn = tcprelay.NewConn(ep, wq, f.Dst, f.Client)
+	name, first, err := st.sniffStream(conn)
+	if err != nil {
+		conn.Abort()
+		return nil, nil, "", nil, f, d, address, fmt.Errorf("read the client's first bytes: %w", err)
+	}
+	if name != "" {
+		st.sniffed.Add(1)
+		f.Name, f.NameFrom = name, NameFromSniffed
+		d = st.decide(f)
+		if d.DialName {
+			address = hostPort(name, f.Dst.Port())
+		}
+	}
+	switch d.Action {
+	case Reject, Drop:
+		// The handshake is done: a reset is all that is left to say.
+		if d.Action == Reject {
+			st.rejected.Add(1)
+		} else {
+			st.dropped.Add(1)
+		}
+		log.log(slog.LevelDebug, "flow "+d.Action.String()+"ed", "rule", d.Rule, "name", f.Name, "name_from", f.NameFrom)
+		conn.Abort()
+		return nil, nil, "", nil, f, d, address, fmt.Errorf("%s by rule %s", d.Action, d.Rule)
+	}
+	upstream, via, err = st.dialUpstream(st.ctx, st.dialer(d), address)
+	if err != nil {
+		conn.Abort()
+		return nil, nil, "", nil, f, d, address, err
+	}
+	return conn, upstream, via, first, f, d, address, nil
+}
+
+// sniffStream reads the client's first bytes until they give a name, show
+// there is none, or SniffTimeout passes; it returns the name ("" for none)
+// and every byte read.
+func (st *Stack) sniffStream(conn *tcprelay.Conn) (string, []byte, error) {
+	_ = conn.SetReadDeadline(time.Now().Add(st.cfg.SniffTimeout))
+	defer conn.SetReadDeadline(time.Time{})
+	buf := make([]byte, 0, 2048)
+	for len(buf) < maxSniff {
+		if len(buf) == cap(buf) {
+			buf = append(buf, make([]byte, min(cap(buf), maxSniff-len(buf)))...)[:len(buf)]
+		}
+		n, err := conn.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if name, done := sniffName(buf); done {
+			return name, buf, nil
+		}
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return "", buf, nil // the server speaks first, or a slow client
+			}
+			if errors.Is(err, io.EOF) {
+				// The client sent all it had and half-closed: relay
+				// that, the FIN follows from the conn.
+				return "", buf, nil
+			}
+			return "", buf, err
+		}
+	}
+	return "", buf, nil
+}
+
+// sniffName looks for a name in a stream's first bytes; done is false
+// while more bytes could still give one.
+func sniffName(b []byte) (name string, done bool) {
+	if len(b) == 0 {
+		return "", false
+	}
+	var err error
+	if b[0] == 0x16 { // a TLS handshake record
+		name, err = sniff.TLS(b)
+	} else {
+		name, err = sniff.HTTP(b)
+	}
+	if errors.Is(err, sniff.ErrMore) {
+		return "", false
+	}
+	if err != nil {
+		return "", true
+	}
+	return name, true
+}
+
+// routeAssociation is the UDP NAT's Config.Route: Config.Route asked about a new
+// association's first destination, and when it asks for a name, again
+// with the one its first datagrams carry in a QUIC Initial.
+func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat.Route {
+	f := Flow{Proto: "udp", Client: o.Client, Dst: o.Dst}
+	if name := st.fakeName(o.Dst.Addr()); name != "" {
+		f.Name, f.NameFrom = name, NameFromFakeIP
+	}
+	d := st.decide(f)
+	if d.Sniff {
+		if name := st.sniffDatagrams(ctx, o); name != "" {
+			st.sniffed.Add(1)
+			f.Name, f.NameFrom = name, NameFromSniffed
+			d = st.decide(f)
+		}
+	}
+	rt := udpnat.Route{Dialer: d.UDP, Via: d.Via, Rule: d.Rule}
+	if f.NameFrom == NameFromSniffed {
+		rt.Name, rt.NameFrom = f.Name, f.NameFrom
+	}
+	switch d.Action {
+	case Reject:
+		st.rejected.Add(1)
+		rt.Reject = true
+	case Drop:
+		st.dropped.Add(1)
+		rt.Drop = true
+	}
+	return rt
+}
+
+// sniffDatagrams reads a QUIC client's Initial packets among the first
+// datagrams of an association for the name in its ClientHello, waiting at
+// most SniffTimeout for them.
+func (st *Stack) sniffDatagrams(ctx context.Context, o *udpnat.Opening) string {
+	ctx, cancel := context.WithTimeout(ctx, st.cfg.SniffTimeout)
+	defer cancel()
+	var hello sniff.QUICHello
+	for i := 0; i < maxSniffDatagrams; i++ {
+		payload, ok := o.Datagram(ctx, i)
+		if !ok {
+			return ""
+		}
+		name, err := hello.Feed(payload)
+		if errors.Is(err, sniff.ErrMore) {
+			continue
+		}
+		if err != nil {
+			return ""
+		}
+		return name
+	}
+	return ""
+}
+
+// maxSniffDatagrams bounds the datagrams read for a QUIC ClientHello: one
+// or two carry it, a few more allow for loss and reordering.
+const maxSniffDatagrams = 4
