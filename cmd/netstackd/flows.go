@@ -44,7 +44,10 @@ type flowJSON struct {
 	// Name is the name the destination stands for (fake-IP DNS).
 	Name string `json:"name,omitempty"`
 	// Upstream is the far socket's peer: the destination, or the proxy.
-	Upstream   string  `json:"upstream,omitempty"`
+	Upstream string `json:"upstream,omitempty"`
+	// Via is the name of the upstream (--proxy NAME=) the flow went
+	// through; empty when direct.
+	Via        string  `json:"via,omitempty"`
 	UpBytes    uint64  `json:"up_bytes"`   // from the client
 	DownBytes  uint64  `json:"down_bytes"` // to the client
 	AgeSeconds float64 `json:"age_seconds"`
@@ -58,7 +61,7 @@ func toFlowJSON(f stack.FlowInfo) flowJSON {
 	}
 	return flowJSON{
 		ID: f.ID, Proto: f.Proto, Direction: dir,
-		Client: f.Client.String(), Destination: f.Destination.String(), Name: f.Name, Upstream: f.Upstream,
+		Client: f.Client.String(), Destination: f.Destination.String(), Name: f.Name, Upstream: f.Upstream, Via: f.Via,
 		UpBytes: f.Up, DownBytes: f.Down, AgeSeconds: f.Age.Seconds(), State: f.State,
 	}
 }
@@ -175,6 +178,17 @@ func runFlows(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "netstackd flows: %v\n", err)
 		return exitFail
 	}
+	// The upstreams first, when the daemon serves them (an older one
+	// does not: 404).
+	if ups, err := fetchUpstreams(ctx, client, strings.TrimSuffix(base, "/flows")+"/upstreams"); err != nil {
+		fmt.Fprintf(stderr, "netstackd flows: %v\n", err)
+		return exitFail
+	} else if ups != nil {
+		if err := printUpstreams(stdout, ups); err != nil {
+			fmt.Fprintf(stderr, "netstackd flows: %v\n", err)
+			return exitFail
+		}
+	}
 	if err := printFlows(stdout, flows); err != nil {
 		fmt.Fprintf(stderr, "netstackd flows: %v\n", err)
 		return exitFail
@@ -242,6 +256,52 @@ func statusText(resp *http.Response) string {
 	return resp.Status
 }
 
+// fetchUpstreams reads GET /upstreams; nil, nil when the daemon has none.
+func fetchUpstreams(ctx context.Context, c *http.Client, u string) ([]upstreamJSON, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("get upstreams: %w", err)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("get upstreams: %w", err)
+	}
+	defer resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		return nil, nil
+	default:
+		return nil, fmt.Errorf("get %s: %s", u, statusText(resp))
+	}
+	var ups []upstreamJSON
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&ups); err != nil {
+		return nil, fmt.Errorf("read upstreams from %s: %w", u, err)
+	}
+	return ups, nil
+}
+
+// printUpstreams writes the upstreams as a table, and a blank line.
+func printUpstreams(w io.Writer, ups []upstreamJSON) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "UPSTREAM\tSTATE\tSINCE\tFLOWS\tURL\tERROR")
+	for _, u := range ups {
+		since, errText := u.Since, u.Error
+		if since == "" {
+			since = "-"
+		}
+		if errText == "" {
+			errText = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", u.Name, u.State, since, u.FlowsActive, u.URL, errText)
+	}
+	fmt.Fprintln(tw)
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write table: %w", err)
+	}
+	return nil
+}
+
 // printFlows writes flows as a table for a person.
 func printFlows(w io.Writer, flows []flowJSON) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -256,7 +316,12 @@ func printFlows(w io.Writer, flows []flowJSON) error {
 			dst = f.Name + " (" + f.Destination + ")"
 		}
 		upstream := f.Upstream
-		if upstream == "" {
+		switch {
+		case f.Via != "" && upstream != "":
+			upstream = f.Via + "=" + upstream
+		case f.Via != "":
+			upstream = f.Via
+		case upstream == "":
 			upstream = "-"
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.ID, proto, f.Client, dst, upstream,

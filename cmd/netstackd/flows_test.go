@@ -336,16 +336,16 @@ func TestFlowsCommandErrors(t *testing.T) {
 func TestPrintFlows(t *testing.T) {
 	flows := []flowJSON{
 		{ID: 7, Proto: "tcp", Direction: "outbound", Client: "10.0.0.2:51000", Destination: "198.18.0.5:443",
-			Name: "example.test", Upstream: "127.0.0.1:1080", UpBytes: 1234, DownBytes: 5 << 20, AgeSeconds: 75.4, State: "idle"},
+			Name: "example.test", Upstream: "127.0.0.1:1080", Via: "a", UpBytes: 1234, DownBytes: 5 << 20, AgeSeconds: 75.4, State: "idle"},
 		{ID: 12, Proto: "udp", Direction: "outbound", Client: "10.0.0.2:5353", Destination: "192.0.2.1:53",
-			UpBytes: 40, DownBytes: 0, AgeSeconds: 0.2, State: "open"},
+			UpBytes: 40, DownBytes: 0, AgeSeconds: 0.2, State: "open", Via: "b"},
 		{ID: 130, Proto: "tcp", Direction: "inbound", Client: "203.0.113.9:40000", Destination: "10.0.0.2:80",
 			UpBytes: 3 << 30, DownBytes: 1023, AgeSeconds: 3723, State: "half-closed"},
 	}
-	want := `ID   PROTO   CLIENT             DESTINATION                    UPSTREAM        UP       DOWN     AGE     STATE
-7    tcp     10.0.0.2:51000     example.test (198.18.0.5:443)  127.0.0.1:1080  1.2 KiB  5.0 MiB  1m15s   idle
-12   udp     10.0.0.2:5353      192.0.2.1:53                   -               40 B     0 B      0s      open
-130  tcp-in  203.0.113.9:40000  10.0.0.2:80                    -               3.0 GiB  1023 B   1h2m3s  half-closed
+	want := `ID   PROTO   CLIENT             DESTINATION                    UPSTREAM          UP       DOWN     AGE     STATE
+7    tcp     10.0.0.2:51000     example.test (198.18.0.5:443)  a=127.0.0.1:1080  1.2 KiB  5.0 MiB  1m15s   idle
+12   udp     10.0.0.2:5353      192.0.2.1:53                   b                 40 B     0 B      0s      open
+130  tcp-in  203.0.113.9:40000  10.0.0.2:80                    -                 3.0 GiB  1023 B   1h2m3s  half-closed
 `
 	var out bytes.Buffer
 	if err := printFlows(&out, flows); err != nil {

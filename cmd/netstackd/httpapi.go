@@ -168,7 +168,7 @@ func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Se
 			flows := newFlowsHandler(st)
 			mux.Handle("/flows", flows)
 			mux.Handle("/flows/", flows)
-			mux.Handle("GET /upstreams", upstreamsHandler(up.live))
+			mux.Handle("GET /upstreams", upstreamsHandler(up.live, st.Flows))
 			if capture != nil {
 				mux.Handle("/pcap", pcapHandler(capture, log))
 			}

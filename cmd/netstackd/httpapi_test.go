@@ -77,7 +77,7 @@ func startTestAPI(t *testing.T, pprof bool, stats stack.Stats, live *liveDialer,
 		done: done,
 		log:  slog.New(slog.DiscardHandler),
 		mount: func(mux *http.ServeMux) {
-			mux.Handle("GET /upstreams", upstreamsHandler(live))
+			mux.Handle("GET /upstreams", upstreamsHandler(live, nil))
 		},
 	})
 	if err != nil {

@@ -174,8 +174,9 @@ func (f *flowReset) upstreamDown(name string) {
 	if st == nil {
 		return
 	}
-	// TODO(merge): st.CloseFlowsVia(name) once stack has it.
-	_ = name
+	if n := st.CloseFlowsVia(name); n > 0 {
+		f.log.Warn("flows through a dead upstream reset", "upstream", name, "flows", n)
+	}
 }
 
 // upstreamNames are the upstreams' names, in order: "direct", or "a,b".
@@ -217,16 +218,33 @@ type upstreamJSON struct {
 	Since      string `json:"since,omitempty"`
 	Dials      uint64 `json:"dials"`
 	DialErrors uint64 `json:"dial_errors"`
+	// FlowsActive counts the live flows through it (their "via").
+	FlowsActive int `json:"flows_active"`
 }
 
 // upstreamsHandler serves GET /upstreams: the upstreams in order of
-// preference with their health.
-func upstreamsHandler(live *liveDialer) http.Handler {
+// preference with their health and live flows. flows (the stack's Flows)
+// may be nil: no flows are counted.
+func upstreamsHandler(live *liveDialer, flows func(max int) []stack.FlowInfo) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		states := live.states()
+		active := map[string]int{}
+		if flows != nil {
+			// Every flow, not a page of them: the counts must be
+			// whole. An operator's request pays for it; a scrape
+			// does not (upstream_dials_total is counted as it goes).
+			for _, f := range flows(0) {
+				if !f.Inbound {
+					active[f.Via]++
+				}
+			}
+		}
 		out := make([]upstreamJSON, len(states))
 		for i, s := range states {
-			out[i] = upstreamJSON{Name: s.Name, URL: s.URL, State: s.State, Error: s.Err, Dials: s.Dials, DialErrors: s.DialErrors}
+			out[i] = upstreamJSON{Name: s.Name, URL: s.URL, State: s.State, Error: s.Err, Dials: s.Dials, DialErrors: s.DialErrors, FlowsActive: active[s.Name]}
+			if live == nil {
+				out[i].FlowsActive = active[""] // direct flows name no upstream
+			}
 			if !s.Since.IsZero() {
 				out[i].Since = s.Since.UTC().Format(time.RFC3339)
 			}
