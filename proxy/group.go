@@ -96,7 +96,7 @@ type member struct {
 	mu     sync.Mutex
 	state  int32 // guarded by mu; read without it through cur
 	cur    atomic.Int32
-	err    string
+	err    error // why it is down
 	since  time.Time
 
 	dials, dialErrors atomic.Uint64
@@ -237,11 +237,7 @@ func (g *Group) setState(i int, state int32, err error) {
 	old := m.state
 	m.state = state
 	m.cur.Store(state)
-	if err != nil {
-		m.err = err.Error()
-	} else {
-		m.err = ""
-	}
+	m.err = err
 	if old != state {
 		m.since = time.Now()
 	}
@@ -250,10 +246,10 @@ func (g *Group) setState(i int, state int32, err error) {
 		return
 	}
 	if state == stateUp {
-		g.log.Info("upstream answers", "upstream", m.Name, "url", m.URL)
+		g.log.Info("proxy answers", "upstream", m.Name, "proxy", m.URL)
 		return
 	}
-	g.log.Warn("upstream does not answer: new flows go to the next one, flows through it are reset", "upstream", m.Name, "url", m.URL, "err", err)
+	g.log.Warn("proxy does not answer: new flows go to the next upstream, flows through it are reset", "upstream", m.Name, "proxy", m.URL, "err", err)
 	for _, next := range g.members[i+1:] {
 		select {
 		case next.kick <- struct{}{}:
@@ -317,7 +313,7 @@ func (g *Group) CarriesUDP() bool {
 // the destination through a member whose server could not be reached, so
 // moving on to the next member is safe.
 func (g *Group) each(ctx context.Context, udp bool, dial func(*member) error) (string, error) {
-	var skipped []string
+	var down []error
 	for i, m := range g.members {
 		if udp {
 			if _, ok := m.Dialer.(PacketListener); !ok {
@@ -325,7 +321,7 @@ func (g *Group) each(ctx context.Context, udp bool, dial func(*member) error) (s
 			}
 		}
 		if m.cur.Load() == stateDown {
-			skipped = append(skipped, m.Name+": "+m.reason())
+			down = append(down, fmt.Errorf("%s: down: %w", m.Name, m.reason()))
 			continue
 		}
 		m.dials.Add(1)
@@ -338,19 +334,34 @@ func (g *Group) each(ctx context.Context, udp bool, dial func(*member) error) (s
 			return m.Name, fmt.Errorf("upstream %s: %w", m.Name, err)
 		}
 		g.setState(i, stateDown, err)
-		skipped = append(skipped, m.Name+": "+err.Error())
+		down = append(down, fmt.Errorf("%s: %w", m.Name, err))
 	}
-	if len(skipped) == 0 {
+	if len(down) == 0 {
 		return "", fmt.Errorf("%w: no member carries udp: %w", ErrNoUpstream, errors.ErrUnsupported)
 	}
-	return "", fmt.Errorf("%w (%s)", ErrNoUpstream, strings.Join(skipped, "; "))
+	return "", &noUpstreamError{down}
 }
 
-func (m *member) reason() string {
+func (m *member) reason() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return "down: " + m.err
+	return m.err
 }
+
+// noUpstreamError is ErrNoUpstream with each member's reason, which it
+// also unwraps to: a caller sorting dial errors (refused, timed out) sees
+// why the proxies failed.
+type noUpstreamError struct{ errs []error }
+
+func (e *noUpstreamError) Error() string {
+	s := make([]string, len(e.errs))
+	for i, err := range e.errs {
+		s[i] = err.Error()
+	}
+	return ErrNoUpstream.Error() + " (" + strings.Join(s, "; ") + ")"
+}
+
+func (e *noUpstreamError) Unwrap() []error { return append([]error{ErrNoUpstream}, e.errs...) }
 
 // Usable reports whether some member is up, and else why each is not.
 // A member not checked yet counts as not usable: nothing has answered.
@@ -374,8 +385,11 @@ func (g *Group) States() []MemberState {
 	out := make([]MemberState, len(g.members))
 	for i, m := range g.members {
 		m.mu.Lock()
-		out[i] = MemberState{Name: m.Name, URL: m.URL, State: stateNames[m.state], Err: m.err, Since: m.since,
+		out[i] = MemberState{Name: m.Name, URL: m.URL, State: stateNames[m.state], Since: m.since,
 			Dials: m.dials.Load(), DialErrors: m.dialErrors.Load()}
+		if m.err != nil {
+			out[i].Err = m.err.Error()
+		}
 		m.mu.Unlock()
 	}
 	return out

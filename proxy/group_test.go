@@ -182,7 +182,7 @@ func TestGroupFailover(t *testing.T) {
 	}
 	time.Sleep(3 * groupInterval) // more probes that agree: no more lines
 	out := logs.String()
-	if up, down := strings.Count(out, `msg="upstream answers" upstream=a `), strings.Count(out, "level=WARN msg=\"upstream does not answer"); up != 2 || down != 1 {
+	if up, down := strings.Count(out, `msg="proxy answers" upstream=a `), strings.Count(out, "level=WARN msg=\"proxy does not answer"); up != 2 || down != 1 {
 		t.Errorf("%d answering and %d not-answering lines for a, want 2 and 1 (one per change):\n%s", up, down, out)
 	}
 }
@@ -202,8 +202,8 @@ func TestGroupAllDown(t *testing.T) {
 		start := time.Now()
 		_, _, err := g.DialUpstream(t.Context(), "tcp", dst)
 		took := time.Since(start)
-		if !errors.Is(err, ErrNoUpstream) {
-			t.Fatalf("dial %d: %v, want ErrNoUpstream", i, err)
+		if !errors.Is(err, ErrNoUpstream) || !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("dial %d: %v, want ErrNoUpstream, and ECONNREFUSED from the members", i, err)
 		}
 		if took > 500*time.Millisecond {
 			t.Errorf("dial %d took %s: not at once", i, took)

@@ -370,3 +370,24 @@ func TestHumanBytes(t *testing.T) {
 		}
 	}
 }
+
+// TestPrintUpstreams: the upstreams' table netstackd flows prints above
+// the flows.
+func TestPrintUpstreams(t *testing.T) {
+	ups := []upstreamJSON{
+		{Name: "a", URL: "socks5://127.0.0.1:1080", State: "down", Error: "connection refused", Since: "2026-12-04T16:02:11Z"},
+		{Name: "b", URL: "http://10.0.0.2:3128", State: "up", Since: "2026-12-04T16:02:11Z", FlowsActive: 3},
+	}
+	want := `UPSTREAM  STATE  SINCE                 FLOWS  URL                      ERROR
+a         down   2026-12-04T16:02:11Z  0      socks5://127.0.0.1:1080  connection refused
+b         up     2026-12-04T16:02:11Z  3      http://10.0.0.2:3128     -
+
+`
+	var out bytes.Buffer
+	if err := printUpstreams(&out, ups); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != want {
+		t.Errorf("table:\n%q\nwant:\n%q", out.String(), want)
+	}
+}

@@ -48,11 +48,11 @@ func TestIntegrationProxyDown(t *testing.T) {
 	if r := curl(t, tp, 10*time.Second, httpURL(netnstest.ServerIPv4, "/")); r.ExitCode == 0 {
 		t.Fatalf("curl through a proxy that is down succeeded: %s", r)
 	}
-	if log := d.Log(); !strings.Contains(log, `level=INFO msg="upstream refused: resetting flows to it"`) || !strings.Contains(log, "via socks5 "+socks4.String()) {
+	if log := d.Log(); !strings.Contains(log, `level=INFO msg="upstream refused: resetting flows to it"`) || !strings.Contains(log, "socks5 "+socks4.String()) {
 		t.Errorf("no info line saying the flow's upstream refused, naming the proxy:\n%s", log)
 	}
 	tp.StartMicrosocks(t, socks4)
-	testGet(t, tp, netnstest.ServerIPv4)
+	waitProxyBack(t, d, 1)
 	// The exit says what the run did in one line.
 	testStop(t, tp, d, syscall.SIGTERM)
 	var summary string

@@ -536,16 +536,7 @@ func TestIntegrationSocksRestart(t *testing.T) {
 	})
 	tp.StartMicrosocks(t, socks4)
 	t.Run("back", func(t *testing.T) {
-		// Its health check, every 5s, finds it back; until then new
-		// flows are refused at once.
-		ctx := netnstest.TestContext(t, 5*time.Second+refuseWithin)
-		err := netnstest.Poll(ctx, 200*time.Millisecond, func() (bool, error) {
-			r := curl(t, tp, 10*time.Second, httpURL(netnstest.ServerIPv4, "/"))
-			return r.ExitCode == 0, nil
-		})
-		if err != nil {
-			t.Fatalf("GET never worked again after the SOCKS server came back: %v", err)
-		}
+		waitProxyBack(t, d, 2) // at start, and now
 		testGet(t, tp, netnstest.ServerIPv4)
 		testGet(t, tp, netnstest.ServerIPv6)
 	})
@@ -555,6 +546,20 @@ func TestIntegrationSocksRestart(t *testing.T) {
 	default:
 	}
 	t.Run("sigint", func(t *testing.T) { testStop(t, tp, d, syscall.SIGINT) })
+}
+
+// waitProxyBack waits until d's health check has found the proxy back, its
+// n-th "proxy answers" line: until then new flows are refused at once. The
+// check runs every 5s.
+func waitProxyBack(t *testing.T, d *netnstest.Process, n int) {
+	t.Helper()
+	ctx := netnstest.TestContext(t, 5*time.Second+refuseWithin)
+	err := netnstest.Poll(ctx, 50*time.Millisecond, func() (bool, error) {
+		return strings.Count(d.Log(), `msg="proxy answers"`) >= n, nil
+	})
+	if err != nil {
+		t.Fatalf("the proxy's health check never found it back: %v\n%s", err, d.Log())
+	}
 }
 
 // TestIntegrationBadFlags: a usage error exits with status 2 and one line on
