@@ -208,23 +208,38 @@ func flowsURL(addr string) (string, error) {
 }
 
 func fetchFlows(ctx context.Context, c *http.Client, base string, limit int) ([]flowJSON, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"?max="+strconv.Itoa(limit), nil)
-	if err != nil {
+	var flows []flowJSON
+	if err := getJSON(ctx, c, base+"?max="+strconv.Itoa(limit), 64<<20, &flows); err != nil {
 		return nil, fmt.Errorf("get flows: %w", err)
+	}
+	return flows, nil
+}
+
+// errNotFound is getJSON's error for a 404.
+var errNotFound = errors.New("not found")
+
+// getJSON decodes the answer to GET u, at most limit bytes, into out.
+func getJSON(ctx context.Context, c *http.Client, u string, limit int64, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return err
 	}
 	resp, err := c.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("get flows (is netstackd running with --metrics?): %w", err)
+		return fmt.Errorf("is netstackd running with --metrics? %w", err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("get %s: %s", base, statusText(resp))
+	switch resp.StatusCode {
+	case http.StatusOK:
+	case http.StatusNotFound:
+		return fmt.Errorf("%s: %w", u, errNotFound)
+	default:
+		return fmt.Errorf("%s: %s", u, statusText(resp))
 	}
-	var flows []flowJSON
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&flows); err != nil {
-		return nil, fmt.Errorf("read flows from %s: %w", base, err)
+	if err := json.NewDecoder(io.LimitReader(resp.Body, limit)).Decode(out); err != nil {
+		return fmt.Errorf("read %s: %w", u, err)
 	}
-	return flows, nil
+	return nil
 }
 
 func closeFlow(ctx context.Context, c *http.Client, base string, id uint64) error {
@@ -256,27 +271,15 @@ func statusText(resp *http.Response) string {
 	return resp.Status
 }
 
-// fetchUpstreams reads GET /upstreams; nil, nil when the daemon has none.
+// fetchUpstreams reads GET /upstreams; nil, nil from a daemon without it.
 func fetchUpstreams(ctx context.Context, c *http.Client, u string) ([]upstreamJSON, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, fmt.Errorf("get upstreams: %w", err)
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("get upstreams: %w", err)
-	}
-	defer resp.Body.Close()
-	switch resp.StatusCode {
-	case http.StatusOK:
-	case http.StatusNotFound:
-		return nil, nil
-	default:
-		return nil, fmt.Errorf("get %s: %s", u, statusText(resp))
-	}
 	var ups []upstreamJSON
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&ups); err != nil {
-		return nil, fmt.Errorf("read upstreams from %s: %w", u, err)
+	err := getJSON(ctx, c, u, 1<<20, &ups)
+	if errors.Is(err, errNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("get upstreams: %w", err)
 	}
 	return ups, nil
 }

@@ -3,7 +3,6 @@ package main_test
 // Issue 16: several upstreams with failover, against two real microsocks.
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -100,19 +99,7 @@ func TestIntegrationFailover(t *testing.T) {
 
 	t.Run("hung-upstream-resets-its-flows", func(t *testing.T) {
 		ctx := netnstest.TestContext(t, 60*time.Second)
-		dl := tp.Client.Command(ctx, "curl", "-sS", "-g", "--max-time", "50", "--limit-rate", "256K", "-o", "/dev/null",
-			httpURL(netnstest.ServerIPv4, fmt.Sprintf("/bytes?n=%d", 100<<20)))
-		var curlErr bytes.Buffer
-		dl.Stderr = &curlErr
-		if err := dl.Start(); err != nil {
-			t.Fatalf("start curl: %v", err)
-		}
-		curlDone := make(chan error, 1)
-		go func() { curlDone <- dl.Wait() }()
-		t.Cleanup(func() {
-			dl.Process.Kill()
-			<-curlDone
-		})
+		dl := startSlowDownload(t, tp)
 		// Bytes flowing through a, not only connected.
 		err := netnstest.Poll(ctx, 50*time.Millisecond, func() (bool, error) {
 			_, body := m.get(t, "/flows")
@@ -130,19 +117,9 @@ func TestIntegrationFailover(t *testing.T) {
 		if err := a.Signal(syscall.SIGSTOP); err != nil {
 			t.Fatalf("stop %s: %v", a, err)
 		}
-		stopped := time.Now()
 		bound := healthInterval + 2*time.Second + 3*time.Second // interval, probe timeout (--dial-timeout), slack
-		select {
-		case err := <-curlDone:
-			curlDone <- err
-			// curl: (56) Recv failure: Connection reset by peer
-			if err == nil || !strings.Contains(curlErr.String(), "reset") {
-				t.Fatalf("curl after a hung: %v: %s", err, curlErr.String())
-			}
-			t.Logf("download through a reset %v after a was stopped: %s", time.Since(stopped).Round(time.Millisecond), strings.TrimSpace(curlErr.String()))
-		case <-time.After(bound):
-			t.Fatalf("download through a still running %v after a was stopped", bound)
-		}
+		took := dl.waitReset(t, "a was stopped", bound)
+		t.Logf("download through a reset %v after a was stopped: %s", took.Round(time.Millisecond), strings.TrimSpace(dl.stderr.String()))
 		if s := states()["a"]; s.State != "down" || s.Error == "" {
 			t.Errorf("a after its health check failed: %+v, want down with a reason", s)
 		}
@@ -192,5 +169,19 @@ func TestIntegrationFailover(t *testing.T) {
 		if v := s.value("netstackd_upstream_up", "upstream", n); v != 0 {
 			t.Errorf("upstream_up{upstream=%q} = %v with it dead, want 0", n, v)
 		}
+	}
+}
+
+// waitProxyBack waits until d's health check has found the proxy back, its
+// n-th "proxy answers" line: until then new flows are refused at once. The
+// check runs every 5s.
+func waitProxyBack(t *testing.T, d *netnstest.Process, n int) {
+	t.Helper()
+	ctx := netnstest.TestContext(t, 5*time.Second+refuseWithin)
+	err := netnstest.Poll(ctx, 50*time.Millisecond, func() (bool, error) {
+		return strings.Count(d.Log(), `msg="proxy answers"`) >= n, nil
+	})
+	if err != nil {
+		t.Fatalf("the proxy's health check never found it back: %v\n%s", err, d.Log())
 	}
 }

@@ -67,21 +67,8 @@ func TestIntegrationFlows(t *testing.T) {
 		return flows
 	}
 
-	// A download far longer than the test, at 256 KiB/s.
 	ctx := netnstest.TestContext(t, 90*time.Second)
-	dl := tp.Client.Command(ctx, "curl", "-sS", "-g", "--max-time", "60", "--limit-rate", "256K", "-o", "/dev/null",
-		httpURL(netnstest.ServerIPv4, fmt.Sprintf("/bytes?n=%d", 100<<20)))
-	var curlErr bytes.Buffer
-	dl.Stderr = &curlErr
-	if err := dl.Start(); err != nil {
-		t.Fatalf("start curl: %v", err)
-	}
-	curlDone := make(chan error, 1)
-	go func() { curlDone <- dl.Wait() }()
-	t.Cleanup(func() {
-		dl.Process.Kill()
-		<-curlDone
-	})
+	dl := startSlowDownload(t, tp)
 
 	server := serverAddr(netnstest.ServerIPv4, netnstest.HTTPPort)
 	find := func() (liveFlow, bool) {
@@ -129,17 +116,53 @@ func TestIntegrationFlows(t *testing.T) {
 	if resp.StatusCode != http.StatusNoContent {
 		t.Fatalf("DELETE /flows/%s: %s", id, resp.Status)
 	}
-	select {
-	case err := <-curlDone:
-		curlDone <- err // for the cleanup
-		// curl: (56) Recv failure: Connection reset by peer
-		if err == nil || !strings.Contains(curlErr.String(), "reset") {
-			t.Fatalf("curl after DELETE: %v: %s", err, curlErr.String())
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("curl still downloading 15s after DELETE")
-	}
+	dl.waitReset(t, "DELETE", 15*time.Second)
 	if _, ok := find(); ok {
 		t.Error("the reset download is still listed")
 	}
+}
+
+// slowDownload is curl fetching 100 MiB at 256 KiB/s in tp's client
+// namespace: far longer than a test, so that only a reset ends it early.
+type slowDownload struct {
+	done   chan error // curl's exit
+	stderr bytes.Buffer
+}
+
+// startSlowDownload starts the download; it is killed when the test ends.
+func startSlowDownload(t *testing.T, tp *netnstest.Topology) *slowDownload {
+	t.Helper()
+	ctx := netnstest.TestContext(t, 90*time.Second)
+	cmd := tp.Client.Command(ctx, "curl", "-sS", "-g", "--max-time", "60", "--limit-rate", "256K", "-o", "/dev/null",
+		httpURL(netnstest.ServerIPv4, fmt.Sprintf("/bytes?n=%d", 100<<20)))
+	d := &slowDownload{done: make(chan error, 1)}
+	cmd.Stderr = &d.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start curl: %v", err)
+	}
+	go func() { d.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		err := <-d.done
+		d.done <- err
+	})
+	return d
+}
+
+// waitReset waits up to bound, after what (the cause), for curl to end
+// saying its connection was reset (curl: (56) Recv failure: Connection
+// reset by peer), and returns how long that took.
+func (d *slowDownload) waitReset(t *testing.T, what string, bound time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	select {
+	case err := <-d.done:
+		d.done <- err // for the cleanup
+		if err == nil || !strings.Contains(d.stderr.String(), "reset") {
+			t.Fatalf("curl after %s: %v: %s", what, err, d.stderr.String())
+		}
+	case <-time.After(bound):
+		t.Fatalf("curl still downloading %v after %s", bound, what)
+	}
+	return time.Since(start)
 }

@@ -509,10 +509,9 @@ func testStop(t *testing.T, tp *netnstest.Topology, d *netnstest.Process, sig sy
 }
 
 // TestIntegrationSocksRestart kills the SOCKS server under a running
-// netstackd: new flows are refused within refuseWithin; once the SOCKS
-// server is back, new flows work again, within the health-check interval,
-// without restarting netstackd. The
-// daemon is then ended with SIGINT, which must act as SIGTERM does.
+// netstackd: new flows are refused within refuseWithin; once its health
+// check finds the server back, new flows work again without restarting
+// netstackd. It is then ended with SIGINT, which must act as SIGTERM does.
 func TestIntegrationSocksRestart(t *testing.T) {
 	requireBinary(t)
 	tp := netnstest.New(t)
@@ -546,20 +545,6 @@ func TestIntegrationSocksRestart(t *testing.T) {
 	default:
 	}
 	t.Run("sigint", func(t *testing.T) { testStop(t, tp, d, syscall.SIGINT) })
-}
-
-// waitProxyBack waits until d's health check has found the proxy back, its
-// n-th "proxy answers" line: until then new flows are refused at once. The
-// check runs every 5s.
-func waitProxyBack(t *testing.T, d *netnstest.Process, n int) {
-	t.Helper()
-	ctx := netnstest.TestContext(t, 5*time.Second+refuseWithin)
-	err := netnstest.Poll(ctx, 50*time.Millisecond, func() (bool, error) {
-		return strings.Count(d.Log(), `msg="proxy answers"`) >= n, nil
-	})
-	if err != nil {
-		t.Fatalf("the proxy's health check never found it back: %v\n%s", err, d.Log())
-	}
 }
 
 // TestIntegrationBadFlags: a usage error exits with status 2 and one line on
