@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -259,5 +260,42 @@ func TestNewGroupNames(t *testing.T) {
 		if _, err := NewGroup(GroupConfig{Members: ms}); err == nil {
 			t.Errorf("NewGroup(%v): no error", ms)
 		}
+	}
+}
+
+// TestGroupBackoff: a dead member behind one that is up is checked with
+// backoff (Interval doubling to MaxBackoff); once the member before it goes
+// down it is checked at once, and then every Interval.
+func TestGroupBackoff(t *testing.T) {
+	alive := listen(t, "tcp4", "127.0.0.1:0") // HTTP CONNECT's probe is a connect
+	serve(t, alive, func(c net.Conn) {})
+	// b accepts and hangs up: every probe of it fails, and is counted.
+	var probes atomic.Int32
+	hangup := listen(t, "tcp4", "127.0.0.1:0")
+	serve(t, hangup, func(c net.Conn) { probes.Add(1) })
+	const interval = 50 * time.Millisecond
+	g, err := NewGroup(GroupConfig{Members: []Upstream{
+		{Name: "a", Dialer: HTTPConnect{Server: alive.Addr().String()}},
+		{Name: "b", Dialer: SOCKS5{Server: hangup.Addr().String()}},
+	}, Interval: interval, MaxBackoff: 8 * interval})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.Start()
+	t.Cleanup(g.Close)
+	waitState(t, g, "a", "up", 5*time.Second)
+	waitState(t, g, "b", "down", 5*time.Second)
+	// In 30 intervals: probes at 0, 2, 6, 14, 22, 30 intervals with
+	// backoff; 30 without.
+	time.Sleep(30 * interval)
+	if n := probes.Load(); n > 8 {
+		t.Errorf("b probed %d times in %v with a up: no backoff", n, 30*interval)
+	}
+	alive.Close()
+	waitState(t, g, "a", "down", 5*time.Second)
+	before := probes.Load()
+	time.Sleep(10 * interval)
+	if n := probes.Load() - before; n < 6 {
+		t.Errorf("b probed %d times in %v once a was down, want about 10: backoff kept though it is needed now", n, 10*interval)
 	}
 }

@@ -80,3 +80,29 @@ func FuzzParseMetricsAddr(f *testing.F) {
 		}
 	})
 }
+
+// FuzzProxySpec: any --proxy value is refused, or gives a name that is
+// valid (or none) and not "direct", and a non-empty URL; written back as
+// --print-config writes it, named, it parses to the same upstream.
+func FuzzProxySpec(f *testing.F) {
+	for _, s := range []string{"socks5://h:1", "a=socks5://h:1", "fast-1=http://u:p=q@h:3", "direct=socks5://h:1", "A=x", "a=", "=x", "a:b=c", " a = b", "proxy1=socks4://u@h:1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		p, err := parseProxySpec(v)
+		if err != nil {
+			return
+		}
+		if p.url == "" || p.name == directName || p.name != "" && !proxyNameRE.MatchString(p.name) {
+			t.Fatalf("%q accepted as %+v", v, p)
+		}
+		named := p
+		if named.name == "" {
+			named.name = "proxy1"
+		}
+		back, err := parseProxySpec(proxyStrings([]proxySpec{named})[0])
+		if err != nil || back != named {
+			t.Fatalf("%q -> %+v writes back as %q, which parses to %+v, %v", v, p, proxyStrings([]proxySpec{named})[0], back, err)
+		}
+	})
+}
