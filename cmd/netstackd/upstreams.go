@@ -174,6 +174,11 @@ func (f *flowReset) upstreamDown(name string) {
 	if st == nil {
 		return
 	}
+	select {
+	case <-st.Done(): // stopped: its flows are gone, and the checks go on until exit
+		return
+	default:
+	}
 	if n := st.CloseFlowsVia(name); n > 0 {
 		f.log.Warn("flows through a dead upstream reset", "upstream", name, "flows", n)
 	}
