@@ -160,6 +160,11 @@ func TestIntegrationFailover(t *testing.T) {
 		}
 		t.Logf("curl %d with every upstream down: exit %d after %v", i, r.ExitCode, r.Elapsed.Round(time.Millisecond))
 	}
+	// UDP: the association fails at once, and its datagrams get ICMP
+	// port unreachable.
+	start = time.Now()
+	udpRefused(t, tp.Client, netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.UDPEchoPort))
+	t.Logf("udp with every upstream down: refused after %v", time.Since(start).Round(time.Millisecond))
 	code, body := m.get(t, "/healthz")
 	if code != http.StatusServiceUnavailable || !strings.Contains(body, "a (socks5://"+addrA.String()) || !strings.Contains(body, "b (socks5://"+addrB.String()) {
 		t.Errorf("/healthz with every upstream down: %d %q, want 503 naming a and b", code, body)
