@@ -17,12 +17,11 @@ import (
 // SIGHUP makes the daemon read its command line and --config file again
 // and apply what can change while flows run: the log level and the
 // upstreams (a new group replaces the old: new flows use it, flows already
-// open keep their conns). What cannot
-// change without a restart (the TUN, its addresses and routes, the DNS
-// mode, the limits the tables were sized with) is reported and kept. A file
-// that does not parse, or a proxy URL that is not valid, is refused with
-// the reason and nothing changes. `run` passes SIGHUP to its program
-// instead.
+// open keep their conns). What cannot change without a restart (the TUN,
+// its addresses and routes, the DNS settings, the limits the tables were
+// sized with) is reported and kept. A file that does not parse, or a proxy
+// URL that is not valid, is refused with the reason and nothing changes.
+// `run` passes SIGHUP to its program instead.
 
 // reloader applies a new configuration on SIGHUP.
 type reloader struct {
