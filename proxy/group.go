@@ -330,10 +330,15 @@ func (g *Group) each(ctx context.Context, udp bool, dial func(*member) error) (s
 			return m.Name, nil
 		}
 		m.dialErrors.Add(1)
-		if !m.probes || ctx.Err() != nil || !errors.As(err, new(*serverError)) {
+		// The caller giving up (Canceled) says nothing of the proxy; a
+		// connect to it that outlasted the dial's deadline does.
+		if !m.probes || errors.Is(ctx.Err(), context.Canceled) || !errors.As(err, new(*serverError)) {
 			return m.Name, fmt.Errorf("upstream %s: %w", m.Name, err)
 		}
 		g.setState(i, stateDown, err)
+		if ctx.Err() != nil { // no time left to try the next one
+			return m.Name, fmt.Errorf("upstream %s: %w", m.Name, err)
+		}
 		down = append(down, fmt.Errorf("%s: %w", m.Name, err))
 	}
 	if len(down) == 0 {

@@ -299,3 +299,64 @@ func TestGroupBackoff(t *testing.T) {
 		t.Errorf("b probed %d times in %v once a was down, want about 10: backoff kept though it is needed now", n, 10*interval)
 	}
 }
+
+// TestGroupConnectTimeout: a proxy server that does not accept within the
+// dial's deadline is marked down; a dial the caller cancels marks nothing.
+func TestGroupConnectTimeout(t *testing.T) {
+	server := fullBacklog(t)
+	// Not started: no check changes a's state behind the test's back.
+	g, err := NewGroup(GroupConfig{Members: []Upstream{
+		{Name: "a", Dialer: SOCKS5{Server: server}},
+		{Name: "b", Dialer: Direct{}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, _, err := g.DialUpstream(ctx, "tcp", "127.0.0.1:1"); err == nil {
+		t.Fatal("dial with a cancelled context succeeded")
+	}
+	if s := g.States()[0]; s.State != "unknown" {
+		t.Fatalf("a after a cancelled dial: %+v, want still unknown", s)
+	}
+	ctx, cancel = context.WithTimeout(t.Context(), 200*time.Millisecond)
+	defer cancel()
+	if _, name, err := g.DialUpstream(ctx, "tcp", "127.0.0.1:1"); err == nil || name != "a" {
+		t.Fatalf("dial through a server that does not accept: via %q, %v", name, err)
+	}
+	if s := g.States()[0]; s.State != "down" {
+		t.Fatalf("a after a connect that timed out: %+v, want down", s)
+	}
+}
+
+// fullBacklog is a loopback listener (backlog 0) whose accept queue the
+// test fills and nobody empties: the kernel drops further SYNs, so a
+// connect to it hangs, as to a server behind a black hole.
+func fullBacklog(t *testing.T) string {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(sa.(*syscall.SockaddrInet4).Port))
+	for range 16 {
+		c, err := net.DialTimeout("tcp4", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr // this one hung: the queue is full
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	t.Fatalf("the accept queue of %s never filled", addr)
+	return ""
+}
