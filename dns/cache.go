@@ -97,6 +97,14 @@ func (c *cache) put(k cacheKey, msg *dns.Msg, ttl time.Duration, now time.Time) 
 	}
 }
 
+// clear forgets every entry.
+func (c *cache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.lru.Init()
+	clear(c.entries)
+}
+
 // len returns the number of entries, expired ones included.
 func (c *cache) len() int {
 	c.mu.Lock()

@@ -25,7 +25,7 @@ func (s *Server) forward(ctx context.Context, req *dns.Msg) *dns.Msg {
 			s.log.Debug("dns query abandoned", "name", q.Name, "err", err)
 		} else {
 			s.warnUpstream.Warn(s.log, "dns upstream failed, answering SERVFAIL",
-				"upstream", s.upstream, "name", q.Name, "err", err)
+				"upstream", s.Upstream(), "name", q.Name, "err", err)
 		}
 		return reply(req, dns.RcodeServerFailure)
 	}
@@ -73,9 +73,10 @@ func (s *Server) exchange(ctx context.Context, q dns.Question, checkingDisabled 
 		return nil, fmt.Errorf("pack query for %s: %w", q.Name, err)
 	}
 
-	c, err := s.dialer.DialContext(ctx, "tcp", s.upstream)
+	upstream := s.Upstream()
+	c, err := s.dialer.DialContext(ctx, "tcp", upstream)
 	if err != nil {
-		return nil, fmt.Errorf("dial dns upstream %s: %w", s.upstream, err)
+		return nil, fmt.Errorf("dial dns upstream %s: %w", upstream, err)
 	}
 	defer c.Close()
 	if dl, ok := ctx.Deadline(); ok {
@@ -87,20 +88,20 @@ func (s *Server) exchange(ctx context.Context, q dns.Question, checkingDisabled 
 	defer stop()
 
 	if err := writeFrame(c, b); err != nil {
-		return nil, fmt.Errorf("send query to dns upstream %s: %w", s.upstream, err)
+		return nil, fmt.Errorf("send query to dns upstream %s: %w", upstream, err)
 	}
 	rb, err := readFrame(c)
 	if err != nil {
-		return nil, fmt.Errorf("read reply from dns upstream %s: %w", s.upstream, err)
+		return nil, fmt.Errorf("read reply from dns upstream %s: %w", upstream, err)
 	}
 	r := new(dns.Msg)
 	if err := r.Unpack(rb); err != nil {
-		return nil, fmt.Errorf("parse reply from dns upstream %s: %w", s.upstream, err)
+		return nil, fmt.Errorf("parse reply from dns upstream %s: %w", upstream, err)
 	}
 	if r.Id != m.Id || !r.Response || len(r.Question) != 1 ||
 		!strings.EqualFold(r.Question[0].Name, q.Name) ||
 		r.Question[0].Qtype != q.Qtype || r.Question[0].Qclass != q.Qclass {
-		return nil, fmt.Errorf("reply from dns upstream %s does not match the query for %s", s.upstream, q.Name)
+		return nil, fmt.Errorf("reply from dns upstream %s does not match the query for %s", upstream, q.Name)
 	}
 	return r, nil
 }

@@ -472,3 +472,36 @@ func TestServeStreamEnds(t *testing.T) {
 		})
 	}
 }
+
+// TestSetUpstream: after SetUpstream the next query goes to the new
+// resolver, and nothing cached from the old one is answered; a bad
+// upstream is refused and changes nothing.
+func TestSetUpstream(t *testing.T) {
+	old := startDnsmasq(t, "--address=/moved.test/192.0.2.10")
+	next := startDnsmasq(t, "--address=/moved.test/192.0.2.20")
+	s, _ := remoteServer(t, old.addr, nil)
+	ask := func(id uint16) string {
+		t.Helper()
+		q := query(t, id, "moved.test", dns.TypeA, 0)
+		m := parse(t, q, s.Answer(t.Context(), q, false))
+		if len(m.Answer) != 1 {
+			t.Fatalf("answer %v", m)
+		}
+		return m.Answer[0].(*dns.A).A.String()
+	}
+	if got := ask(1); got != "192.0.2.10" {
+		t.Fatalf("from the first upstream: %s", got)
+	}
+	if err := s.SetUpstream("nonsense:port:x"); err == nil || s.Upstream() != old.addr {
+		t.Fatalf("SetUpstream(bad): %v, upstream now %s", err, s.Upstream())
+	}
+	if got := ask(2); got != "192.0.2.10" {
+		t.Fatalf("after a refused SetUpstream: %s, want the first upstream's (cached)", got)
+	}
+	if err := s.SetUpstream(next.addr); err != nil || s.Upstream() != next.addr {
+		t.Fatalf("SetUpstream(%s): %v, upstream now %s", next.addr, err, s.Upstream())
+	}
+	if got := ask(3); got != "192.0.2.20" {
+		t.Errorf("after SetUpstream: %s, want the new upstream's 192.0.2.20 (not the old cached answer)", got)
+	}
+}

@@ -139,7 +139,7 @@ type Server struct {
 	direct   []string
 	policy   func(name string) NameAction
 	resolver Resolver
-	upstream string
+	upstream atomic.Pointer[string] // "host:port"; SetUpstream replaces it
 	dialer   Dialer
 	cache    *cache
 	sem      chan struct{} // forwarded queries in flight
@@ -223,7 +223,7 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.upstream = up
+	s.upstream.Store(&up)
 	s.dialer = cfg.Dialer
 	if s.dialer == nil {
 		s.dialer = &net.Dialer{}
@@ -238,9 +238,27 @@ func New(cfg Config) (*Server, error) {
 	s.cache = newCache(size)
 	s.sem = make(chan struct{}, maxUpstreamInFlight)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	s.log.Info("dns server", "mode", s.mode.String(), "upstream", s.upstream)
+	s.log.Info("dns server", "mode", s.mode.String(), "upstream", up)
 	return s, nil
 }
+
+// SetUpstream makes the forwarder ask upstream (as Config.Upstream: ""
+// reads the first nameserver of /etc/resolv.conf again) from the next
+// query on, and forgets the answers cached from the old one; a query in
+// flight finishes with the old. A bad upstream changes nothing.
+func (s *Server) SetUpstream(upstream string) error {
+	up, err := upstreamAddr(upstream, resolvConfPath)
+	if err != nil {
+		return err
+	}
+	s.upstream.Store(&up)
+	s.cache.clear()
+	s.log.Info("dns upstream changed", "upstream", up)
+	return nil
+}
+
+// Upstream is the resolver forwarded queries go to, "host:port".
+func (s *Server) Upstream() string { return *s.upstream.Load() }
 
 // upstreamAddr validates the configured upstream, or reads the first
 // nameserver from resolvConf when it is empty.

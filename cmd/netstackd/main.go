@@ -188,7 +188,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stopHups()
 	reloadCtx, stopReloads := context.WithCancel(ctx)
 	var reloading sync.WaitGroup
-	rl := newReloader(args, opts, level, up, resets.upstreamDown, log)
+	rl := newReloader(args, opts, level, up, resets.upstreamDown, resolver, log)
 	reloading.Go(func() { rl.run(reloadCtx, hups) })
 	defer func() {
 		stopReloads()

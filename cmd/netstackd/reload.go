@@ -11,15 +11,17 @@ import (
 	"slices"
 	"syscall"
 
+	"github.com/netstackd/netstackd/dns"
 	"github.com/netstackd/netstackd/proxy"
 )
 
 // SIGHUP makes the daemon read its command line and --config file again
-// and apply what can change while flows run: the log level and the
+// and apply what can change while flows run: the log level, the
 // upstreams (a new group replaces the old: new flows use it, flows already
-// open keep their conns). What cannot change without a restart (the TUN,
-// its addresses and routes, the DNS settings, the limits the tables were
-// sized with) is reported and kept. A file that does not parse, or a proxy
+// open keep their conns) and the DNS upstream (--dns-upstream). What
+// cannot change without a restart (the TUN, its addresses and routes, the
+// other DNS settings, the limits the tables were sized with) is reported
+// and kept. A file that does not parse, or a proxy
 // URL that is not valid, is refused with the reason and nothing changes.
 // `run` passes SIGHUP to its program instead.
 
@@ -37,11 +39,14 @@ type reloader struct {
 	live   *liveDialer
 	direct proxy.Direct
 	onDown func(string)
-	log    *slog.Logger
+	// resolver's upstream (--dns-upstream) a reload changes; nil with
+	// --dns off.
+	resolver *dns.Server
+	log      *slog.Logger
 }
 
-func newReloader(args []string, opts *options, level *slog.LevelVar, up *upstream, onDown func(string), log *slog.Logger) *reloader {
-	r := &reloader{args: args, running: maps.Clone(opts.effective), level: level, direct: up.direct, onDown: onDown, log: log}
+func newReloader(args []string, opts *options, level *slog.LevelVar, up *upstream, onDown func(string), resolver *dns.Server, log *slog.Logger) *reloader {
+	r := &reloader{args: args, running: maps.Clone(opts.effective), level: level, direct: up.direct, onDown: onDown, resolver: resolver, log: log}
 	if !opts.hostWide {
 		r.live = up.live
 	}
@@ -82,8 +87,18 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 				}
 			}
 			changed = append(changed, k)
+		case k == "dns-upstream" && r.resolver != nil:
+			changed = append(changed, k)
 		default:
 			kept = append(kept, k)
+		}
+	}
+	// The one change that may still fail goes first: a refused reload
+	// changes nothing (the group built above is not started yet).
+	if slices.Contains(changed, "dns-upstream") {
+		if err := r.resolver.SetUpstream(next.dnsUpstream); err != nil {
+			r.log.Error("reload refused: the configuration in effect stays", "err", fmt.Errorf("--dns-upstream: %w", err))
+			return nil, nil, err
 		}
 	}
 	if slices.Contains(changed, "log-level") {

@@ -27,7 +27,7 @@ func TestReloadKeepsReporting(t *testing.T) {
 	}
 	live := up.live
 	t.Cleanup(live.Close)
-	r := newReloader(args, opts, level, up, nil, slog.New(slog.DiscardHandler))
+	r := newReloader(args, opts, level, up, nil, nil, slog.New(slog.DiscardHandler))
 
 	if err := os.WriteFile(path, []byte("socks = \"127.0.0.1:1081\"\nlog-level = \"debug\"\nmtu = 1400\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -61,5 +61,37 @@ func TestReloadKeepsReporting(t *testing.T) {
 	}
 	if live.String() != "proxy1=socks5://127.0.0.1:1081" {
 		t.Errorf("a refused reload changed the proxy to %s", live)
+	}
+}
+
+// TestReloadDNSUpstream: a changed --dns-upstream is applied to the
+// resolver at once; the DNS mode is kept.
+func TestReloadDNSUpstream(t *testing.T) {
+	path := writeFile(t, "dns-upstream = \"127.0.0.1:5301\"\n")
+	args := []string{"--config", path}
+	opts, err := parseFlags(args, false, &strings.Builder{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	discard := slog.New(slog.DiscardHandler)
+	up, err := newUpstream(t.Context(), opts, &refusals{log: discard}, nil, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resolver, err := newDNS(opts, up.direct, nil, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resolver.Close()
+	r := newReloader(args, opts, new(slog.LevelVar), up, nil, resolver, discard)
+	if err := os.WriteFile(path, []byte("dns-upstream = \"127.0.0.1:5302\"\ndns = \"fake-ip\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changed, kept, err := r.reload(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(changed, []string{"dns-upstream"}) || !slices.Contains(kept, "dns") || resolver.Upstream() != "127.0.0.1:5302" {
+		t.Errorf("changed %v, kept %v, resolver upstream %s; want dns-upstream changed to 127.0.0.1:5302 and dns kept", changed, kept, resolver.Upstream())
 	}
 }
