@@ -36,7 +36,7 @@ func (a answer) all() []byte {
 // with everything read so far after each, until it answers other than
 // ErrMore, the peer stops sending, or MaxStream bytes are in. Every answer
 // before the last must be ErrMore: that is what a prefix gives.
-func readUntilAnswer(t *testing.T, c net.Conn, chunk int, sniff sniffer) answer {
+func readUntilAnswer(t testing.TB, c net.Conn, chunk int, sniff sniffer) answer {
 	t.Helper()
 	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
 		t.Fatal(err)
@@ -64,7 +64,7 @@ func readUntilAnswer(t *testing.T, c net.Conn, chunk int, sniff sniffer) answer 
 // goTLSHello runs a crypto/tls client over a net.Pipe and returns what it
 // sent until sniff answered, read in reads of at most chunk bytes (a pipe
 // cuts a write at the reader's buffer, as TCP may).
-func goTLSHello(t *testing.T, cfg *tls.Config, chunk int, sniff sniffer) answer {
+func goTLSHello(t testing.TB, cfg *tls.Config, chunk int, sniff sniffer) answer {
 	t.Helper()
 	client, server := net.Pipe()
 	var wg sync.WaitGroup

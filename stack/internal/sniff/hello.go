@@ -4,13 +4,13 @@ import "fmt"
 
 // TLS record layer (RFC 8446 §5.1) and the ClientHello (§4.1.2).
 const (
-	recordHandshake   = 0x16
-	recordHeaderLen   = 5
-	maxRecordLen      = 1 << 14 // TLSPlaintext.length
-	handshakeHello    = 1
-	handshakeHeaderLn = 4
-	extServerName     = 0
-	serverNameHost    = 0
+	recordHandshake    = 0x16
+	recordHeaderLen    = 5
+	maxRecordLen       = 1 << 14 // TLSPlaintext.length
+	handshakeHello     = 1
+	handshakeHeaderLen = 4
+	extServerName      = 0
+	serverNameHost     = 0
 	// maxRecords bounds how many records the hello may be cut into. Real
 	// clients use one; some censorship-evasion tools cut the hello into a
 	// few small records on purpose, which must still be sniffed.
@@ -79,7 +79,7 @@ func helloFromRecords(b []byte) ([]byte, error) {
 			joined = append(joined, frag...)
 			have = joined
 		}
-		if need == 0 && len(have) >= handshakeHeaderLn {
+		if need == 0 && len(have) >= handshakeHeaderLen {
 			l, err := helloLen(have)
 			if err != nil {
 				return nil, err
@@ -101,7 +101,7 @@ func helloLen(b []byte) (int, error) {
 	if b[0] != handshakeHello {
 		return 0, errNotHello
 	}
-	n := handshakeHeaderLn + (int(b[1])<<16 | int(b[2])<<8 | int(b[3]))
+	n := handshakeHeaderLen + (int(b[1])<<16 | int(b[2])<<8 | int(b[3]))
 	if n > MaxHello {
 		return 0, errHelloLarge
 	}
@@ -113,7 +113,7 @@ func helloLen(b []byte) (int, error) {
 // whole message is checked for structure, not only up to the name, so that
 // bytes that merely look like a hello are refused.
 func helloName(msg []byte) (string, error) {
-	r := reader{b: msg[handshakeHeaderLn:]}
+	r := reader{b: msg[handshakeHeaderLen:]}
 	r.skip(2 + 32)                  // legacy_version, random
 	if s := r.vec8(); len(s) > 32 { // legacy_session_id
 		return "", errHelloBad

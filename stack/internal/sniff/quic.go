@@ -13,9 +13,9 @@ import (
 // quicVersion is what differs between the QUIC versions whose Initial
 // packets we can open: RFC 9001 §5.2 and §5.4 for v1, RFC 9369 §3 for v2.
 type quicVersion struct {
-	id                      uint32
-	salt                    []byte
-	keyLabel, ivLabel, hpLb string
+	id                         uint32
+	salt                       []byte
+	keyLabel, ivLabel, hpLabel string
 	// initial and retry are the long-header packet type bits (RFC 9000
 	// §17.2; RFC 9369 §3.2 permutes them).
 	initial, retry byte
@@ -25,13 +25,13 @@ var quicVersions = [...]quicVersion{
 	{
 		id:       0x00000001,
 		salt:     []byte{0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8, 0x0c, 0xad, 0xcc, 0xbb, 0x7f, 0x0a},
-		keyLabel: "quic key", ivLabel: "quic iv", hpLb: "quic hp",
+		keyLabel: "quic key", ivLabel: "quic iv", hpLabel: "quic hp",
 		initial: 0, retry: 3,
 	},
 	{
 		id:       0x6b3343cf,
 		salt:     []byte{0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe, 0x6e, 0x26, 0x9d, 0xcb, 0xf9, 0xbd, 0x2e, 0xd9},
-		keyLabel: "quicv2 key", ivLabel: "quicv2 iv", hpLb: "quicv2 hp",
+		keyLabel: "quicv2 key", ivLabel: "quicv2 iv", hpLabel: "quicv2 hp",
 		initial: 1, retry: 0,
 	},
 }
@@ -135,7 +135,7 @@ func (q *QUIC) hello() (string, error) {
 		return "", ErrMore
 	}
 	have := q.spans[0].end
-	if have < handshakeHeaderLn {
+	if have < handshakeHeaderLen {
 		return "", ErrMore
 	}
 	need, err := helloLen(q.crypto)
@@ -300,7 +300,7 @@ func deriveKeys(v *quicVersion, dcid []byte) (*initialKeys, error) {
 	client, err1 := expandLabel(initial, "client in", sha256.Size)
 	key, err2 := expandLabel(client, v.keyLabel, 16)
 	iv, err3 := expandLabel(client, v.ivLabel, 12)
-	hp, err4 := expandLabel(client, v.hpLb, 16)
+	hp, err4 := expandLabel(client, v.hpLabel, 16)
 	for _, err := range []error{err1, err2, err3, err4} {
 		if err != nil {
 			return nil, fmt.Errorf("quic initial keys: %w", err)

@@ -128,7 +128,7 @@ func sealInitial(t testing.TB, v *quicVersion, dcid []byte, pn uint32, payload [
 // quicFirstFlight dials 127.0.0.1 with golang.org/x/net/quic, a real QUIC
 // client, at a UDP socket that never answers, and returns the datagrams it
 // sent until the sniffer answered, with the answer.
-func quicFirstFlight(t *testing.T, serverName string) ([][]byte, string, error) {
+func quicFirstFlight(t testing.TB, serverName string) ([][]byte, string, error) {
 	t.Helper()
 	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
@@ -210,7 +210,7 @@ func TestQUICClientNoName(t *testing.T) {
 
 // realQUICHello returns the ClientHello a real QUIC client sent, as the
 // CRYPTO stream carried it.
-func realQUICHello(t *testing.T, serverName string) []byte {
+func realQUICHello(t testing.TB, serverName string) []byte {
 	t.Helper()
 	grams, _, err := quicFirstFlight(t, serverName)
 	if err != nil {

@@ -56,13 +56,7 @@ func TestTLSRecordsSplit(t *testing.T) {
 	hello := goTLSHello(t, &tls.Config{ServerName: "split.x.test"}, 4096, TLS).all()
 	msg := hello[recordHeaderLen:]
 	for _, size := range []int{1, 2, 3, 5, 100, 517, len(msg) - 1} {
-		var b []byte
-		for rest := msg; len(rest) > 0; {
-			n := min(size, len(rest))
-			b = append(b, recordHandshake, 3, 1, byte(n>>8), byte(n))
-			b = append(b, rest[:n]...)
-			rest = rest[n:]
-		}
+		b := splitRecords(hello, size)
 		name, err := TLS(b)
 		records := (len(msg) + size - 1) / size
 		if records > maxRecords {
@@ -76,6 +70,19 @@ func TestTLSRecordsSplit(t *testing.T) {
 		}
 		checkPrefixes(t, TLS, b, "split.x.test")
 	}
+}
+
+// splitRecords re-frames the hello in a one-record stream into records of
+// at most size bytes.
+func splitRecords(stream []byte, size int) []byte {
+	var b []byte
+	for rest := stream[recordHeaderLen:]; len(rest) > 0; {
+		n := min(size, len(rest))
+		b = append(b, recordHandshake, 3, 1, byte(n>>8), byte(n))
+		b = append(b, rest[:n]...)
+		rest = rest[n:]
+	}
+	return b
 }
 
 // checkPrefixes checks that every prefix of b gives ErrMore or want.
