@@ -246,8 +246,15 @@ func (q *QUIC) initial(v *quicVersion, hdr, pkt []byte) error {
 	}
 	var mask [16]byte
 	k.hp.Encrypt(mask[:], pkt[pnOff+4:pnOff+4+16])
+	// Scratch grows to exactly what a datagram needs, never by append's
+	// rounding: what a flow holds stays within its largest datagram.
+	if cap(q.header) < pnOff+4 {
+		q.header = make([]byte, 0, pnOff+4)
+	}
+	if n := len(pkt) - pnOff; cap(q.plain) < n {
+		q.plain = make([]byte, 0, n)
+	}
 	h := append(q.header[:0], pkt[:pnOff+4]...)
-	q.header = h
 	h[0] ^= mask[0] & 0x0f
 	if h[0]&0x0c != 0 { // reserved bits, zero once unprotected (RFC 9000 §17.2)
 		return errQUICAuth
