@@ -67,7 +67,7 @@ var (
 	errQUICFrame    = fmt.Errorf("%w: frame not allowed in a client initial", ErrNotThis)
 	errQUICCrypto   = fmt.Errorf("%w: crypto data beyond %d bytes or in more than %d pieces", ErrNotThis, MaxHello, maxCryptoSpans)
 	errQUICTooMany  = fmt.Errorf("%w: no clienthello in %d datagrams", ErrNotThis, MaxDatagrams)
-	errQUICNotFirst = fmt.Errorf("%w: datagram without a client initial packet", ErrNotThis)
+	errQUICNotFirst = fmt.Errorf("%w: datagram does not start with a client initial packet", ErrNotThis)
 )
 
 // QUIC takes the server_name from the ClientHello a QUIC client sends in
@@ -149,37 +149,54 @@ func (q *QUIC) hello() (string, error) {
 }
 
 // datagram opens the Initial packets coalesced in one datagram (RFC 9000
-// §12.2) and takes in their frames. 0-RTT packets after them are stepped
-// over; a short-header packet or padding ends the datagram. A datagram
-// with no Initial is refused: a client's first flight puts one in every
-// datagram (a 0-RTT-only datagram there would need resumption and early
-// data too large to coalesce, and is given up on).
+// §12.2) and takes in their frames. The first packet must be a client
+// Initial that opens: a client's first flight starts every datagram with
+// one, since coalesced packets go in order of encryption level. What
+// follows it is read as RFC 9000 §12.2 lets a receiver: further Initials
+// with the same Destination Connection ID are opened, 0-RTT packets
+// stepped over, and anything else (a short header, padding, a packet that
+// is malformed, does not open or names another connection) ends the
+// datagram without spoiling what came before.
 func (q *QUIC) datagram(d []byte) error {
 	if len(d) < minInitialDatagram {
 		return errQUICShort
 	}
-	initials := 0
-	for len(d) > 0 && d[0]&0x80 != 0 {
+	if d[0]&0x80 == 0 { // a short header, or not QUIC at all
+		return errQUICNotFirst
+	}
+	var dcid []byte
+	for first := true; len(d) > 0 && d[0]&0x80 != 0; first = false {
 		v, typ, hdr, pkt, err := longHeader(d)
-		if err != nil {
+		if err != nil && first {
 			return err
 		}
+		if err != nil {
+			return nil
+		}
 		d = d[len(pkt):]
-		if typ != v.initial && typ != (v.initial+1)&3 {
-			// A client never sends Retry; Handshake packets come only
-			// after the server answered, which has not happened yet.
+		if typ != v.initial && first {
+			// 0-RTT comes after an Initial; Handshake only once the
+			// server answered, which it has not; a client sends no Retry.
 			return errQUICNotFirst
 		}
 		if typ != v.initial {
 			continue
 		}
-		initials++
-		if err := q.initial(v, hdr, pkt); err != nil {
+		id := hdr[6 : 6+int(hdr[5])]
+		if !first && !bytes.Equal(id, dcid) {
+			return nil
+		}
+		dcid = id
+		plain, err := q.open(v, hdr, pkt)
+		if err != nil && first {
 			return err
 		}
-	}
-	if initials == 0 {
-		return errQUICNotFirst
+		if err != nil {
+			return nil
+		}
+		if err := q.frames(plain); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -230,19 +247,20 @@ func longHeader(d []byte) (v *quicVersion, typ byte, hdr, pkt []byte, err error)
 	return v, typ, d[:end], d[:end+int(n)], nil
 }
 
-// initial opens one Initial packet (RFC 9001 §5.4 and §5.3) and takes in
-// its frames. hdr is the header up to the packet number, pkt the packet.
-func (q *QUIC) initial(v *quicVersion, hdr, pkt []byte) error {
+// open removes the protection of one Initial packet (RFC 9001 §5.4 and
+// §5.3) and returns its payload, in scratch space reused by the next call.
+// hdr is the header up to the packet number, pkt the packet.
+func (q *QUIC) open(v *quicVersion, hdr, pkt []byte) ([]byte, error) {
 	dcid := hdr[6 : 6+int(hdr[5])]
 	k, err := q.keysFor(v, dcid)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// The sample starts four bytes into the packet number field, whatever
 	// its length (RFC 9001 §5.4.2); a packet too short for it is invalid.
 	pnOff := len(hdr)
 	if len(pkt) < pnOff+4+16 {
-		return errQUICPacket
+		return nil, errQUICPacket
 	}
 	var mask [16]byte
 	k.hp.Encrypt(mask[:], pkt[pnOff+4:pnOff+4+16])
@@ -257,7 +275,7 @@ func (q *QUIC) initial(v *quicVersion, hdr, pkt []byte) error {
 	h := append(q.header[:0], pkt[:pnOff+4]...)
 	h[0] ^= mask[0] & 0x0f
 	if h[0]&0x0c != 0 { // reserved bits, zero once unprotected (RFC 9000 §17.2)
-		return errQUICAuth
+		return nil, errQUICAuth
 	}
 	pnLen := int(h[0]&3) + 1
 	var pn uint64
@@ -274,10 +292,10 @@ func (q *QUIC) initial(v *quicVersion, hdr, pkt []byte) error {
 	}
 	plain, err := k.aead.Open(q.plain[:0], nonce[:], pkt[pnOff+pnLen:], h)
 	if err != nil {
-		return errQUICAuth
+		return nil, errQUICAuth
 	}
 	q.plain = plain
-	return q.frames(plain)
+	return plain, nil
 }
 
 // keysFor returns the client Initial keys for dcid, deriving them the

@@ -364,3 +364,43 @@ func TestQUICNotInitial(t *testing.T) {
 		}
 	})
 }
+
+// TestQUICCoalescedTail checks what may follow the first Initial of a
+// datagram: what RFC 9000 §12.2 lets a receiver ignore is ignored, while
+// an authenticated Initial of the same connection is held to the rules.
+func TestQUICCoalescedTail(t *testing.T) {
+	v1 := rfcPacket(t, "rfc9001-a2-client-initial.hex")
+	stream := append([]byte{0x08, 0, 1, 'x'}, make([]byte, 40)...) // a STREAM frame: never in an Initial
+	otherDCID := []byte{9, 9, 9, 9, 9, 9, 9, 9}
+	zeroRTT := []byte{0xd0, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0x41, 0}
+	for _, tc := range []struct {
+		name string
+		tail []byte
+		err  error
+	}{
+		{"garbage-with-long-header-bit", bytes.Repeat([]byte{0xff}, 40), nil},
+		{"short-header", []byte{0x40, 1, 2, 3}, nil},
+		{"zero-rtt", append(zeroRTT, make([]byte, 0x100)...), nil},
+		{"initial-of-another-connection", sealInitial(t, &quicVersions[0], otherDCID, 3, stream), nil},
+		{"initial-that-does-not-open", func() []byte {
+			p := sealInitial(t, &quicVersions[0], rfcDCID, 3, stream)
+			p[len(p)-1] ^= 1
+			return p
+		}(), nil},
+		{"initial-with-stream-frame", sealInitial(t, &quicVersions[0], rfcDCID, 3, stream), ErrNotThis},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var q QUIC
+			name, err := q.Feed(append(bytes.Clone(v1), tc.tail...))
+			if tc.err != nil {
+				if !errors.Is(err, tc.err) {
+					t.Fatalf("Feed = %q, %v; want %v", name, err, tc.err)
+				}
+				return
+			}
+			if err != nil || name != "example.com" {
+				t.Fatalf("Feed = %q, %v; want example.com", name, err)
+			}
+		})
+	}
+}
