@@ -53,6 +53,7 @@ const (
 // Proto names where a name came from, for logs and rules.
 type Proto uint8
 
+// The protocols names are sniffed from; ProtoNone when none was tried.
 const (
 	ProtoNone Proto = iota
 	ProtoTLS
@@ -60,6 +61,8 @@ const (
 	ProtoQUIC
 )
 
+// String returns the protocol's name as logs and metrics show it: "tls",
+// "http", "quic" or "none".
 func (p Proto) String() string {
 	switch p {
 	case ProtoTLS:
