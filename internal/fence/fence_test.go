@@ -67,6 +67,11 @@ var rules = []rule{
 		module + "/stack/internal/gverr",
 		module + "/stack/internal/frag",
 	}},
+	// Names from a flow's first bytes (TLS, HTTP, QUIC Initials): pure
+	// parsing on the standard library alone, so that the stack can run it
+	// on any flow and the fuzzers reach all of it. Its tests may use
+	// golang.org/x/net/quic as a real client; the fence sees no test files.
+	{pkg: module + "/stack/internal/sniff"},
 	// The standard library and its own codecs: not even golang.org/x.
 	{pkg: module + "/proxy/...", allow: []string{
 		module + "/proxy",
@@ -264,6 +269,8 @@ func TestRules(t *testing.T) {
 		{"internal gverr", m + "/stack/internal/udpnat", m + "/stack/internal/gverr", true},
 		{"internal sibling", m + "/stack/internal/link", m + "/stack/internal/udpnat", false},
 		{"internal parent", m + "/stack/internal/tcprelay", m + "/stack", false},
+		{"sniff stdlib only", m + "/stack/internal/sniff", m + "/stack/internal/packet", false},
+		{"sniff x/net", m + "/stack/internal/sniff", "golang.org/x/net/quic", false},
 		{"proxy codec", m + "/proxy", m + "/proxy/socks5", true},
 		{"proxy subpackage", m + "/proxy/socks5", m + "/proxy/socks4", true},
 		{"proxy x/sys", m + "/proxy", "golang.org/x/sys/unix", false},
