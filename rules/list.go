@@ -4,12 +4,16 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 )
+
+// maxListSize bounds a list file: 256 MiB is millions of lines.
+const maxListSize = 256 << 20
 
 // list is a list file, read: a list: matcher holds when any line does.
 // Lines are filed in tries of their own, so a list of 100,000 names costs
@@ -29,9 +33,19 @@ type list struct {
 // keyword:, regex: or cidr: entry; blank lines and lines starting with '#'
 // are skipped. Errors name the file and the line.
 func loadList(path string) (*list, error) {
-	data, err := os.ReadFile(path)
+	fd, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("read list: %w", err)
+	}
+	defer fd.Close()
+	// A bound, so that a path naming a device (/dev/zero) fails rather
+	// than holding a reload for ever.
+	data, err := io.ReadAll(io.LimitReader(fd, maxListSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read list: %w", err)
+	}
+	if len(data) > maxListSize {
+		return nil, fmt.Errorf("list %s is larger than %d MiB", path, maxListSize>>20)
 	}
 	l := &list{path: path, names: names{}}
 	sc := bufio.NewScanner(bytes.NewReader(data))
