@@ -235,3 +235,39 @@ func FuzzMatch(f *testing.F) {
 		}
 	})
 }
+
+// TestTrieDense holds the prefix tries to a linear scan where prefixes
+// crowd: thousands of v4 and v6 prefixes over a few bits of space, nested
+// and overlapping, so that branch nodes, nodes placed above others and the
+// lowest-id cut are all exercised.
+func TestTrieDense(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	randAddr := func() netip.Addr {
+		if r.IntN(2) == 0 {
+			return netip.AddrFrom4([4]byte{10, 0, byte(r.IntN(16)), byte(r.IntN(256))})
+		}
+		var b [16]byte
+		b[0], b[1], b[14], b[15] = 0x20, 0x01, byte(r.IntN(16)), byte(r.IntN(256))
+		return netip.AddrFrom16(b)
+	}
+	var texts []string
+	for range 3000 {
+		a := randAddr()
+		p := netip.PrefixFrom(a, a.BitLen()-r.IntN(14)).Masked()
+		texts = append(texts, "cidr:"+p.String()+"="+pick(r, poolActions))
+	}
+	s := compile(t, Options{}, texts...)
+	for range 20000 {
+		f := &Flow{Proto: TCP, Dst: netip.AddrPortFrom(randAddr(), 1)}
+		want := -1
+		for i := range s.rules {
+			if s.rules[i].m[0].prefix.Contains(f.Dst.Addr()) {
+				want = i
+				break
+			}
+		}
+		if got, _ := s.Match(f); got != want {
+			t.Fatalf("Match(%s) = rule %d, linear scan says %d", f.Dst, got+1, want+1)
+		}
+	}
+}

@@ -232,7 +232,7 @@ func (x *index) first(s *Set, f *Flow, name string, limit int, o *owner) int {
 			t = &x.v4
 		}
 		a := keyOf(dst)
-		for nd := t.root; nd != nil && nd.holds(a); nd = nd.next(a) {
+		for nd := t.root; nd != nil && nd.low < best && nd.holds(a); nd = nd.next(a) {
 			best = s.scan(nd.ids, best, f, name, x.mode, o)
 		}
 	}

@@ -56,8 +56,13 @@ func (k key) mask(n int) key {
 // last. The lookup of an address visits at most one node per distinct
 // prefix length on its path, and with n prefixes about log2(n) nodes.
 type pnode struct {
-	key   key
-	bits  int
+	key  key
+	bits int32
+	// low is the lowest id filed at this node or below it: a lookup
+	// that has a match below low stops walking, as nothing further down
+	// the path could come first. Ids arrive in increasing order, so only
+	// a new node has to work it out.
+	low   int32
 	child [2]*pnode
 	// ids are what is filed under exactly this prefix (rule indices or
 	// list lines), in increasing order; nil on a node that only branches.
@@ -75,26 +80,26 @@ func (t *ptrie) add(k key, n int, id int32) {
 	for {
 		nd := *p
 		if nd == nil {
-			*p = &pnode{key: k, bits: n, ids: []int32{id}}
+			*p = &pnode{key: k, bits: int32(n), low: id, ids: []int32{id}}
 			return
 		}
-		c := min(common(nd.key, k), nd.bits, n)
+		c := min(common(nd.key, k), int(nd.bits), n)
 		switch {
-		case c == nd.bits && c == n:
+		case c == int(nd.bits) && c == n:
 			if l := len(nd.ids); l == 0 || nd.ids[l-1] != id {
 				nd.ids = append(nd.ids, id)
 			}
 			return
-		case c == nd.bits: // nd holds k/n: go down
+		case c == int(nd.bits): // nd holds k/n: go down
 			p = &nd.child[k.bit(c)]
 		case c == n: // k/n holds nd: the new node goes above it
-			nn := &pnode{key: k, bits: n, ids: []int32{id}}
+			nn := &pnode{key: k, bits: int32(n), low: min(id, nd.low), ids: []int32{id}}
 			nn.child[nd.key.bit(c)] = nd
 			*p = nn
 			return
 		default: // they part at bit c: a branch node at c joins them
-			br := &pnode{key: k.mask(c), bits: c}
-			br.child[k.bit(c)] = &pnode{key: k, bits: n, ids: []int32{id}}
+			br := &pnode{key: k.mask(c), bits: int32(c), low: min(id, nd.low)}
+			br.child[k.bit(c)] = &pnode{key: k, bits: int32(n), low: id, ids: []int32{id}}
 			br.child[nd.key.bit(c)] = nd
 			*p = br
 			return
@@ -108,11 +113,11 @@ func (nd *pnode) next(a key) *pnode {
 	if nd.bits >= 128 {
 		return nil
 	}
-	return nd.child[a.bit(nd.bits)]
+	return nd.child[a.bit(int(nd.bits))]
 }
 
 // holds reports whether nd's prefix holds a.
-func (nd *pnode) holds(a key) bool { return common(nd.key, a) >= nd.bits }
+func (nd *pnode) holds(a key) bool { return common(nd.key, a) >= int(nd.bits) }
 
 // contains reports whether some prefix in t holds a.
 func (t *ptrie) contains(a key) bool {
