@@ -119,6 +119,16 @@ type matcher struct {
 	list   *list          // list, once Compile has read the file
 }
 
+// kindOf returns the kind spelled s, or 0.
+func kindOf(s string) mkind {
+	for k, name := range kindNames {
+		if name == s && name != "" {
+			return mkind(k)
+		}
+	}
+	return 0
+}
+
 // isName reports whether the matcher looks at the flow's name.
 func (m *matcher) isName() bool {
 	switch m.kind {
@@ -321,35 +331,28 @@ func parseMatcher(part string) (matcher, error) {
 	if !ok {
 		return matcher{}, fmt.Errorf("MATCH %q has no ':' (want KIND:VALUE, as cidr:10.0.0.0/8)", part)
 	}
-	switch k {
-	case "cidr", "src":
+	kind := kindOf(k)
+	switch kind {
+	case mCIDR, mSrc:
 		p, err := parsePrefix(v)
 		if err != nil {
 			return matcher{}, fmt.Errorf("%s: %w", k, err)
 		}
-		kind := mCIDR
-		if k == "src" {
-			kind = mSrc
-		}
 		return matcher{kind: kind, prefix: p}, nil
-	case "domain", "suffix":
+	case mDomain, mSuffix:
 		n, err := parseDomain(v)
 		if err != nil {
 			return matcher{}, fmt.Errorf("%s: %w", k, err)
 		}
-		kind := mDomain
-		if k == "suffix" {
-			kind = mSuffix
-		}
 		return matcher{kind: kind, s: n}, nil
-	case "keyword":
+	case mKeyword:
 		if v == "" || strings.IndexFunc(v, func(c rune) bool {
 			return c > 0x7f || !isAlnum(byte(c)) && c != '-' && c != '_' && c != '.'
 		}) >= 0 {
 			return matcher{}, fmt.Errorf("keyword %q: want a non-empty word of letters, digits, '-', '_', '.'", v)
 		}
 		return matcher{kind: mKeyword, s: strings.ToLower(v)}, nil
-	case "regex":
+	case mRegex:
 		if v == "" {
 			return matcher{}, errors.New("regex: empty expression")
 		}
@@ -358,13 +361,13 @@ func parseMatcher(part string) (matcher, error) {
 			return matcher{}, fmt.Errorf("regex %q: %w", v, err)
 		}
 		return matcher{kind: mRegex, s: v, re: re}, nil
-	case "port":
+	case mPort:
 		lo, hi, err := parsePorts(v)
 		if err != nil {
 			return matcher{}, err
 		}
 		return matcher{kind: mPort, lo: lo, hi: hi}, nil
-	case "net":
+	case mNet:
 		var p Proto
 		switch v {
 		case "tcp":
@@ -377,18 +380,18 @@ func parseMatcher(part string) (matcher, error) {
 			return matcher{}, fmt.Errorf("net %q: want tcp, udp or icmp", v)
 		}
 		return matcher{kind: mNet, proto: p}, nil
-	case "uid":
+	case mUID:
 		n, err := strconv.ParseUint(v, 10, 32)
 		if err != nil || n == 1<<32-1 { // (uid_t)-1 is "no user" to the kernel
 			return matcher{}, fmt.Errorf("uid %q: want a number 0-4294967294", v)
 		}
 		return matcher{kind: mUID, uid: uint32(n)}, nil
-	case "exe":
+	case mExe:
 		if !strings.HasPrefix(v, "/") {
 			return matcher{}, fmt.Errorf("exe %q: want an absolute path", v)
 		}
 		return matcher{kind: mExe, s: v}, nil
-	case "list":
+	case mList:
 		if v == "" {
 			return matcher{}, errors.New("list: empty path")
 		}
