@@ -65,6 +65,8 @@ func (a Action) String() string {
 // Proto is a flow's transport protocol, as net: names it.
 type Proto uint8
 
+// The protocols a flow can have; the zero Proto is none of them, and no
+// net: matcher holds it.
 const (
 	TCP Proto = iota + 1
 	UDP

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -343,5 +344,27 @@ func TestMatchAllocs(t *testing.T) {
 	f.Owner = func() (uint32, string, bool) { return 5, "/bin/x", true }
 	if n := testing.AllocsPerRun(100, func() { s.Match(f); s.NeedsName(f) }); n != 0 {
 		t.Errorf("Match and NeedsName allocate %v times a flow", n)
+	}
+}
+
+// TestConcurrentMatch: a Set serves many goroutines at once (run with
+// -race), and the counts add up.
+func TestConcurrentMatch(t *testing.T) {
+	s := compile(t, Options{}, "port:443=proxy", "suffix:example.com=direct")
+	const workers, each = 4, 1000
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			f := tcp("203.0.113.1:443", "a.example.com")
+			for range each {
+				s.Match(f)
+				s.NeedsName(f)
+				s.MatchName(f.Name)
+			}
+		})
+	}
+	wg.Wait()
+	if got := s.Counts(); got[0] != workers*each || got[1] != 0 {
+		t.Errorf("Counts = %v, want [%d 0]", got, workers*each)
 	}
 }
