@@ -3,6 +3,8 @@ package rules
 import (
 	"math/rand/v2"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -55,6 +57,13 @@ var (
 	poolPorts    = []string{"80", "443", "8000-8080", "1-1024"}
 	poolSrcs     = []string{"10.0.0.0/8", "172.16.0.0/12", "fd00::/8"}
 	poolActions  = []string{"direct", "proxy", "proxy:a", "reject", "drop"}
+	// poolLists are the list files rules may name: names only, addresses
+	// only, and both.
+	poolLists = map[string][]string{
+		"names": {"a.example", "keyword:zz", "domain:org"},
+		"addrs": {"10.1.2.0/24", "2001:db8::1", "cidr:192.0.2.0/25"},
+		"mixed": {"domain:example", "192.0.2.128/25", `regex:^b\.`, "::ffff:10.9.9.9"},
+	}
 
 	poolDsts = []string{"10.1.2.3", "10.1.2.4", "10.9.9.9", "192.0.2.5", "192.0.2.200", "::ffff:10.1.2.3",
 		"2001:db8::1", "2001:db8:1::5", "2001:db9::1"}
@@ -71,7 +80,7 @@ func randomRule(r *rand.Rand) string {
 	var parts []string
 	regex := ""
 	for range 1 + r.IntN(3) {
-		switch r.IntN(11) {
+		switch r.IntN(12) {
 		case 0, 1:
 			parts = append(parts, "cidr:"+pick(r, poolPrefixes))
 		case 2:
@@ -90,6 +99,8 @@ func randomRule(r *rand.Rand) string {
 			parts = append(parts, "src:"+pick(r, poolSrcs))
 		case 10:
 			parts = append(parts, pick(r, []string{"uid:0", "uid:1000", "exe:/bin/a"}))
+		case 11:
+			parts = append(parts, "list:"+pick(r, []string{"names", "addrs", "mixed"}))
 		}
 	}
 	if regex != "" {
@@ -141,6 +152,14 @@ func naiveHolds(m *matcher, f *Flow, skip func(*matcher) bool) bool {
 		return name != "" && strings.Contains(name, m.s)
 	case mRegex:
 		return name != "" && m.re.MatchString(name)
+	case mList:
+		for _, line := range poolLists[filepath.Base(m.s)] {
+			lm := naiveLine(line)
+			if naiveHolds(&lm, f, skip) {
+				return true
+			}
+		}
+		return false
 	case mUID, mExe:
 		if f.Owner == nil {
 			return false
@@ -149,6 +168,22 @@ func naiveHolds(m *matcher, f *Flow, skip func(*matcher) bool) bool {
 		return ok && (m.kind == mUID && uid == m.uid || m.kind == mExe && exe == m.s)
 	}
 	panic("naiveHolds: kind not generated")
+}
+
+// naiveLine reads a list line as docs/rules.md says: KIND:VALUE, or a
+// bare address or prefix, or a bare name meaning a suffix.
+func naiveLine(line string) matcher {
+	if k, _, _ := strings.Cut(line, ":"); k == "domain" || k == "suffix" || k == "keyword" || k == "regex" || k == "cidr" {
+		m, err := parseMatcher(line)
+		if err != nil {
+			panic(err)
+		}
+		return m
+	}
+	if p, err := parsePrefix(line); err == nil {
+		return matcher{kind: mCIDR, prefix: p}
+	}
+	return matcher{kind: mSuffix, s: line}
 }
 
 func naiveRuleHolds(r *Rule, f *Flow, skip func(*matcher) bool) bool {
@@ -169,6 +204,12 @@ func FuzzMatch(f *testing.F) {
 	for i := range 20 {
 		f.Add(uint64(i), uint8(10+i*7))
 	}
+	dir := f.TempDir()
+	for name, lines := range poolLists {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+			f.Fatal(err)
+		}
+	}
 	f.Fuzz(func(t *testing.T, seed uint64, n uint8) {
 		r := rand.New(rand.NewPCG(seed, 17))
 		texts := make([]string, 1+int(n)%80)
@@ -179,7 +220,7 @@ func FuzzMatch(f *testing.F) {
 		if err != nil {
 			t.Fatalf("random rule: %v", err)
 		}
-		s, err := Compile(rs, Options{})
+		s, err := Compile(rs, Options{Dir: dir})
 		if err != nil {
 			t.Fatal(err)
 		}
