@@ -30,7 +30,8 @@ type Options struct {
 }
 
 // Set is a compiled list of rules, safe for concurrent use. A reload
-// compiles a new Set (reading the list files again) and swaps it in.
+// compiles a new Set (reading the list files again) and swaps it in. A
+// nil *Set has no rules: every flow takes the default upstream.
 type Set struct {
 	rules  []Rule
 	counts []atomic.Uint64
@@ -130,35 +131,54 @@ func (s *Set) build(md mode, keep func(*Rule) bool) index {
 }
 
 // pick returns the matcher to file r under for lookups in mode md, or nil:
-// a destination prefix, else a name, else a single port. Any one will do,
-// as a candidate is checked in full; these are the selective ones.
+// a destination prefix, else a name, else a short prefix, else a single
+// port. Any one will do, as a candidate is checked in full; this order
+// puts each rule where the fewest flows will find it. A prefix shorter
+// than /8 (cidr:0.0.0.0/0,suffix:x) is on the path of most flows.
 func (r *Rule) pick(md mode) *matcher {
-	var name, port *matcher
+	var name, short, port *matcher
 	for i := range r.m {
 		m := &r.m[i]
 		switch {
 		case m.kind == mCIDR && md != modeNameOnly:
-			return m
+			if m.prefix.Bits() >= 8 {
+				return m
+			}
+			if short == nil {
+				short = m
+			}
 		case (m.kind == mDomain || m.kind == mSuffix) && md != modeNoName && name == nil:
 			name = m
 		case m.kind == mPort && m.lo == m.hi && md != modeNameOnly && port == nil:
 			port = m
 		}
 	}
-	if name != nil {
+	switch {
+	case name != nil:
 		return name
+	case short != nil:
+		return short
 	}
 	return port
 }
 
 // Len returns the number of rules.
-func (s *Set) Len() int { return len(s.rules) }
+func (s *Set) Len() int {
+	if s == nil {
+		return 0
+	}
+	return len(s.rules)
+}
 
 // Rule returns the rule at index i. The caller must not change it.
 func (s *Set) Rule(i int) *Rule { return &s.rules[i] }
 
-// Counts returns how many flows each rule has matched, by index.
+// Counts returns how many flows each rule has matched, by index. A new Set
+// (a reload) counts from zero.
 func (s *Set) Counts() []uint64 {
+	if s == nil {
+		return nil
+	}
 	c := make([]uint64, len(s.counts))
 	for i := range s.counts {
 		c[i] = s.counts[i].Load()
@@ -167,15 +187,18 @@ func (s *Set) Counts() []uint64 {
 }
 
 // HasNameRules reports whether some rule looks at names.
-func (s *Set) HasNameRules() bool { return s.hasName }
+func (s *Set) HasNameRules() bool { return s != nil && s.hasName }
 
 // HasOwnerRules reports whether some rule looks at the owner (uid:, exe:).
-func (s *Set) HasOwnerRules() bool { return s.hasOwner }
+func (s *Set) HasOwnerRules() bool { return s != nil && s.hasOwner }
 
 // Match returns the first rule that f matches and its index, or -1 and nil
 // when none does (the flow takes the default upstream). It counts the
 // match. It does not allocate unless f.Name has upper-case letters.
 func (s *Set) Match(f *Flow) (int, *Rule) {
+	if s == nil {
+		return -1, nil
+	}
 	var o owner
 	i := s.main.first(s, f, normName(f.Name), len(s.rules), &o)
 	if i < 0 {
@@ -191,7 +214,7 @@ func (s *Set) Match(f *Flow) (int, *Rule) {
 // first rule f matches without one. The stack sniffs a flow's first bytes
 // only then.
 func (s *Set) NeedsName(f *Flow) bool {
-	if !s.hasName {
+	if !s.HasNameRules() {
 		return false
 	}
 	var o owner
@@ -211,7 +234,7 @@ func (s *Set) NeedsName(f *Flow) bool {
 // It counts nothing.
 func (s *Set) MatchName(name string) (Action, bool) {
 	name = normName(name)
-	if name == "" {
+	if s == nil || name == "" {
 		return Action{}, false
 	}
 	var o owner

@@ -368,3 +368,19 @@ func TestConcurrentMatch(t *testing.T) {
 		t.Errorf("Counts = %v, want [%d 0]", got, workers*each)
 	}
 }
+
+// TestNilSet: a nil *Set has no rules, so the stack needs no special case
+// when none are configured.
+func TestNilSet(t *testing.T) {
+	var s *Set
+	f := tcp("203.0.113.1:443", "a.example")
+	if i, r := s.Match(f); i != -1 || r != nil {
+		t.Errorf("Match = %d %v", i, r)
+	}
+	if s.NeedsName(f) || s.HasNameRules() || s.HasOwnerRules() || s.Len() != 0 || s.Counts() != nil {
+		t.Error("a nil Set claims rules")
+	}
+	if _, ok := s.MatchName("a.example"); ok {
+		t.Error("a nil Set decides a name")
+	}
+}
