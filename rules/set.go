@@ -261,7 +261,7 @@ func (x *index) first(s *Set, f *Flow, name string, limit int, o *owner) int {
 	}
 	if name != "" && x.mode != modeNoName {
 		for n := name; ; {
-			if e := x.names[n]; e != nil {
+			if e, ok := x.names[n]; ok {
 				if n == name {
 					best = s.scan(e.exact, best, f, name, x.mode, o)
 				}

@@ -141,8 +141,10 @@ func addPrefix(v4, v6 *ptrie, p netip.Prefix, id int32) {
 // names maps a name, exact or as a suffix, to ids. Keys are whole names;
 // a lookup tries the name and then each parent (a.b.c, b.c, c), cutting
 // only at dots, so suffix:example.com never holds badexample.com. It is a
-// trie by labels whose nodes are found by hashing their path.
-type names map[string]*nameIDs
+// trie by labels whose nodes are found by hashing their path. The ids are
+// held in the map's slots, not behind a pointer: one memory access less a
+// label.
+type names map[string]nameIDs
 
 type nameIDs struct {
 	exact  []int32 // domain: the name itself
@@ -151,10 +153,6 @@ type nameIDs struct {
 
 func (m names) add(name string, suffix bool, id int32) {
 	e := m[name]
-	if e == nil {
-		e = &nameIDs{}
-		m[name] = e
-	}
 	l := &e.exact
 	if suffix {
 		l = &e.suffix
@@ -162,6 +160,7 @@ func (m names) add(name string, suffix bool, id int32) {
 	if n := len(*l); n == 0 || (*l)[n-1] != id {
 		*l = append(*l, id)
 	}
+	m[name] = e
 }
 
 // contains reports whether name (normalized, not empty) is filed or is
@@ -169,7 +168,7 @@ func (m names) add(name string, suffix bool, id int32) {
 func (m names) contains(name string) bool {
 	s := name
 	for {
-		if e := m[s]; e != nil && (len(e.suffix) > 0 || s == name && len(e.exact) > 0) {
+		if e := m[s]; len(e.suffix) > 0 || s == name && len(e.exact) > 0 {
 			return true
 		}
 		i := indexDot(s)
