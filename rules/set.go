@@ -16,9 +16,10 @@ type Flow struct {
 	// pool, DNS or sniffing. Case and a trailing dot do not matter.
 	Name string
 	// Owner looks up the local process that owns the flow (host-wide
-	// mode). It is called at most once per Match, and only when a rule
-	// with uid: or exe: is a candidate; nil, or ok false, means unknown,
-	// and then no uid: or exe: matcher holds.
+	// mode). Match and NeedsName call it at most once each, and only
+	// when a rule with uid: or exe: is a candidate for the flow; a caller
+	// that asks both may cache its answer. nil, or ok false, means
+	// unknown, and then no uid: or exe: matcher holds.
 	Owner func() (uid uint32, exe string, ok bool)
 }
 
