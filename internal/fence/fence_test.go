@@ -99,6 +99,9 @@ var rules = []rule{
 	{pkg: module + "/internal/ratelog"},
 	// --pcap: records a device's packets; knows the device interface only.
 	{pkg: module + "/internal/pcap", allow: []string{module + "/internal/device"}},
+	// The rule engine is pure: the standard library only, so stack, dns
+	// and cmd can all consult it without importing one another.
+	{pkg: module + "/rules"},
 }
 
 // matches reports whether the import path path matches pattern, an exact
@@ -287,6 +290,8 @@ func TestRules(t *testing.T) {
 		{"harness cmd", m + "/internal/netnstest", m + "/cmd/netstackd", false},
 		{"harness tundev", m + "/internal/netnstest", m + "/tundev", false},
 		{"fence", m + "/internal/fence", m + "/tundev", false},
+		{"rules stdlib only", m + "/rules", "golang.org/x/net/idna", false},
+		{"rules stack", m + "/rules", m + "/stack", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, found := ruleFor(rules, tc.pkg)
