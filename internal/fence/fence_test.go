@@ -94,6 +94,9 @@ var rules = []rule{
 	{pkg: module + "/internal/ratelog"},
 	// --pcap: records a device's packets; knows the device interface only.
 	{pkg: module + "/internal/pcap", allow: []string{module + "/internal/device"}},
+	// The local process behind a flow (host-wide uid:/exe: rules): sock_diag
+	// by hand over x/sys/unix, and /proc.
+	{pkg: module + "/internal/sockowner", allow: []string{"golang.org/x/sys"}},
 }
 
 // matches reports whether the import path path matches pattern, an exact
@@ -280,6 +283,8 @@ func TestRules(t *testing.T) {
 		{"harness cmd", m + "/internal/netnstest", m + "/cmd/netstackd", false},
 		{"harness tundev", m + "/internal/netnstest", m + "/tundev", false},
 		{"fence", m + "/internal/fence", m + "/tundev", false},
+		{"sockowner x/sys", m + "/internal/sockowner", "golang.org/x/sys/unix", true},
+		{"sockowner stack", m + "/internal/sockowner", m + "/stack", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, found := ruleFor(rules, tc.pkg)
