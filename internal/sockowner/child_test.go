@@ -161,6 +161,12 @@ func runChild() error {
 	if err := syscall.Setuid(uid); err != nil {
 		return fmt.Errorf("setuid: %w", err)
 	}
+	// A process that changed its uid is not dumpable, so its /proc
+	// directory stays root's; after an exec, as with setpriv or login, it
+	// would be the user's. Look like the latter, as a user's program does.
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("set dumpable: %w", err)
+	}
 	target, err := netip.ParseAddrPort(os.Getenv(childTargetEnv))
 	if err != nil {
 		return fmt.Errorf("target: %w", err)

@@ -21,7 +21,7 @@ const (
 	// cacheTTL is how long an inode's process is looked at first. One
 	// socket is often looked up many times in a row (a UDP socket that is
 	// not connected sends to many destinations, each a flow); a hit is
-	// checked with one readlink, so a stale entry costs only that.
+	// checked with one stat, so a stale entry costs only that.
 	cacheTTL = 2 * time.Second
 	// cacheMax bounds the inodes remembered; past it, expired ones go,
 	// and if none had expired, all.
@@ -40,6 +40,12 @@ const procRoot = "/proc"
 // lock.
 type procCache struct {
 	self int
+	// sockDev is the device of sockfs, where every socket's inode is: a
+	// descriptor is the socket when stat(2) through /proc/PID/fd/N gives
+	// this device and the socket's inode. stat costs half a readlink of
+	// the same file (4.4 µs and 9.9 µs here), which would also format
+	// "socket:[INODE]".
+	sockDev uint64
 
 	mu      sync.Mutex // guards byInode and recent
 	byInode map[uint32]cacheEntry
@@ -54,17 +60,19 @@ type cacheEntry struct {
 	at      time.Time
 }
 
-// scanBuf is one scan's room for directory entries and link targets.
+// scanBuf is one scan's room.
 type scanBuf struct {
 	dirents [8 << 10]byte
-	link    [64]byte // "socket:[4294967295]" fits with room to spare
-	target  []byte   // socket:[INODE] being looked for
-	pids    []int    // a batch of /proc's numeric entries
+	ino     uint32 // the socket's inode, being looked for
+	st      unix.Stat_t
+	first   []int // processes of the socket's uid: scanned first
+	rest    []int // and then the others
 }
 
-func newProcCache() procCache {
+func newProcCache(sockDev uint64) procCache {
 	return procCache{
 		self:    os.Getpid(),
+		sockDev: sockDev,
 		byInode: make(map[uint32]cacheEntry),
 		bufs:    sync.Pool{New: func() any { return new(scanBuf) }},
 	}
@@ -72,13 +80,13 @@ func newProcCache() procCache {
 
 // find returns a process holding the socket with inode ino and its
 // executable. It checks the cached answer, then the recent owners, then
-// every process in /proc order, this one last (the daemon holds a
-// descriptor per flow, and its own sockets never reach its TUN). It stops
-// when ctx ends.
-func (c *procCache) find(ctx context.Context, ino uint32) (pid int, exe string, err error) {
+// the processes running as uid, the socket's owner, then the others, this
+// one last (the daemon holds a descriptor per flow, and its own sockets
+// never reach its TUN). It stops when ctx ends.
+func (c *procCache) find(ctx context.Context, ino, uid uint32) (pid int, exe string, err error) {
 	b := c.bufs.Get().(*scanBuf)
 	defer c.bufs.Put(b)
-	b.target = append(strconv.AppendUint(append(b.target[:0], "socket:["...), uint64(ino), 10), ']')
+	b.ino = ino
 
 	c.mu.Lock()
 	e, hit := c.byInode[ino]
@@ -89,14 +97,15 @@ func (c *procCache) find(ctx context.Context, ino uint32) (pid int, exe string, 
 		return c.found(ino, e.pid, e.fd)
 	}
 	for _, p := range recent {
-		if fd, ok := c.scanPID(b, p); ok {
+		fd, ok, err := c.scanPID(ctx, b, p)
+		if err != nil {
+			return 0, "", err
+		}
+		if ok {
 			return c.found(ino, p, fd)
 		}
 	}
-	if err := ctx.Err(); err != nil {
-		return 0, "", err
-	}
-	pid, fd, err := c.scanAll(ctx, b, recent)
+	pid, fd, err := c.scanAll(ctx, b, recent, uid)
 	if err != nil {
 		return 0, "", err
 	}
@@ -133,16 +142,19 @@ func (c *procCache) found(ino uint32, pid, fd int) (int, string, error) {
 }
 
 // scanAll looks through every process but those in skip, which were
-// scanned already, and this one, which goes last.
-func (c *procCache) scanAll(ctx context.Context, b *scanBuf, skip []int) (pid, fd int, err error) {
+// scanned already, and this one, which goes last. Processes whose /proc
+// directory uid owns go first: stat(2) of /proc/PID (1.4 µs here) gives the
+// euid of a process that is dumpable, and most flows come from a process
+// running as the user that made its socket. It is an order, not a filter:
+// a socket passed on, or made before a setuid, is still found after.
+func (c *procCache) scanAll(ctx context.Context, b *scanBuf, skip []int, uid uint32) (pid, fd int, err error) {
 	dir, err := unix.Open(procRoot, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0, 0, fmt.Errorf("open %s: %w", procRoot, err)
 	}
 	defer unix.Close(dir)
+	b.first, b.rest = b.first[:0], b.rest[:0]
 	for {
-		// A batch of pids at a time: b.dirents is reused by scanPID.
-		b.pids = b.pids[:0]
 		n, err := unix.Getdents(dir, b.dirents[:])
 		if err != nil {
 			return 0, 0, fmt.Errorf("read %s: %w", procRoot, err)
@@ -150,66 +162,89 @@ func (c *procCache) scanAll(ctx context.Context, b *scanBuf, skip []int) (pid, f
 		if n == 0 {
 			break
 		}
-		eachName(b.dirents[:n], func(name []byte) {
-			if p, ok := atoi(name); ok && p != c.self && !slices.Contains(skip, p) {
-				b.pids = append(b.pids, p)
+		eachName(b.dirents[:n], func(name []byte) bool {
+			p, ok := atoi(name)
+			if !ok || p == c.self || slices.Contains(skip, p) {
+				return true
 			}
+			if unix.Fstatat(dir, string(name), &b.st, 0) == nil && b.st.Uid == uid {
+				b.first = append(b.first, p)
+			} else {
+				b.rest = append(b.rest, p)
+			}
+			return ctxErr(ctx) == nil
 		})
-		for _, p := range b.pids {
-			if err := ctx.Err(); err != nil {
+		if err := ctxErr(ctx); err != nil {
+			return 0, 0, err
+		}
+	}
+	for _, list := range [][]int{b.first, b.rest, {c.self}} {
+		for _, p := range list {
+			fd, ok, err := c.scanPID(ctx, b, p)
+			if err != nil {
 				return 0, 0, err
 			}
-			if fd, ok := c.scanPID(b, p); ok {
+			if ok {
 				return p, fd, nil
 			}
 		}
 	}
-	if fd, ok := c.scanPID(b, c.self); ok {
-		return c.self, fd, nil
-	}
 	return 0, 0, errNoProc
 }
 
-// scanPID reports the descriptor of pid whose link is b.target. A process
-// that is gone or hidden from us holds nothing.
-func (c *procCache) scanPID(b *scanBuf, pid int) (fd int, ok bool) {
+// ctxEvery is how many descriptors scanPID stats between looks at its
+// context: a process may hold thousands, and a stat costs microseconds.
+const ctxEvery = 32
+
+// scanPID reports the descriptor of pid that is the socket b.ino, or ctx's
+// error once it ends. A process that is gone or hidden from us holds
+// nothing.
+func (c *procCache) scanPID(ctx context.Context, b *scanBuf, pid int) (fd int, ok bool, err error) {
+	if err := ctxErr(ctx); err != nil {
+		return 0, false, err
+	}
 	dir, err := unix.Open(procRoot+"/"+strconv.Itoa(pid)+"/fd", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return 0, false
+		return 0, false, nil
 	}
 	defer unix.Close(dir)
+	seen := 0
 	for !ok {
 		n, err := unix.Getdents(dir, b.dirents[:])
 		if err != nil || n == 0 {
-			return 0, false
+			return 0, false, nil
 		}
-		eachName(b.dirents[:n], func(name []byte) {
-			if ok {
-				return
-			}
+		eachName(b.dirents[:n], func(name []byte) bool {
 			d, isFD := atoi(name)
-			if !isFD {
-				return
-			}
-			m, err := unix.Readlinkat(dir, string(name), b.link[:])
-			if err == nil && bytes.Equal(b.link[:m], b.target) {
+			if isFD && unix.Fstatat(dir, string(name), &b.st, 0) == nil && c.isSocket(b) {
 				fd, ok = d, true
+				return false
 			}
+			seen++
+			return seen%ctxEvery != 0 || ctxErr(ctx) == nil
 		})
+		if err := ctxErr(ctx); err != nil && !ok {
+			return 0, false, err
+		}
 	}
-	return fd, ok
+	return fd, true, nil
 }
 
-// holds reports whether descriptor fd of pid is still b.target.
+// holds reports whether descriptor fd of pid is still the socket b.ino.
 func (c *procCache) holds(b *scanBuf, pid, fd int) bool {
-	n, err := unix.Readlink(procRoot+"/"+strconv.Itoa(pid)+"/fd/"+strconv.Itoa(fd), b.link[:])
-	return err == nil && bytes.Equal(b.link[:n], b.target)
+	err := unix.Stat(procRoot+"/"+strconv.Itoa(pid)+"/fd/"+strconv.Itoa(fd), &b.st)
+	return err == nil && c.isSocket(b)
 }
 
-// eachName calls fn with the name of every linux_dirent64 in buf: d_ino
-// (8 bytes), d_off (8), d_reclen (2), d_type (1), then the name, ending in
-// NUL.
-func eachName(buf []byte, fn func(name []byte)) {
+// isSocket reports whether b.st, just filled, is the socket b.ino.
+func (c *procCache) isSocket(b *scanBuf) bool {
+	return b.st.Mode&unix.S_IFMT == unix.S_IFSOCK && b.st.Dev == c.sockDev && b.st.Ino == uint64(b.ino)
+}
+
+// eachName calls fn with the name of every linux_dirent64 in buf, until fn
+// returns false. An entry is d_ino (8 bytes), d_off (8), d_reclen (2),
+// d_type (1), then the name, ending in NUL.
+func eachName(buf []byte, fn func(name []byte) bool) {
 	for len(buf) >= 19 {
 		reclen := int(binary.NativeEndian.Uint16(buf[16:]))
 		if reclen < 19 || reclen > len(buf) {
@@ -219,7 +254,9 @@ func eachName(buf []byte, fn func(name []byte)) {
 		if i := bytes.IndexByte(name, 0); i >= 0 {
 			name = name[:i]
 		}
-		fn(name)
+		if !fn(name) {
+			return
+		}
 		buf = buf[reclen:]
 	}
 }
@@ -238,4 +275,17 @@ func atoi(b []byte) (int, bool) {
 		n = n*10 + int(ch-'0')
 	}
 	return n, true
+}
+
+// ctxErr is ctx.Err, or DeadlineExceeded once ctx's deadline has passed
+// even though its timer has not fired yet: on a loaded machine the timer
+// runs late, and the scan's bound is the deadline, not the timer.
+func ctxErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }

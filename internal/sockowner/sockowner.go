@@ -74,7 +74,13 @@ func New() (*Finder, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Finder{conn: c, procs: newProcCache()}, nil
+	// Any socket tells sockfs's device, which every socket's inode is on.
+	var st unix.Stat_t
+	if err := unix.Fstat(c.fd, &st); err != nil {
+		c.close()
+		return nil, fmt.Errorf("stat sock_diag socket: %w", err)
+	}
+	return &Finder{conn: c, procs: newProcCache(st.Dev)}, nil
 }
 
 // Close closes the netlink socket. Lookups after Close return
@@ -115,7 +121,7 @@ func (f *Finder) Lookup(ctx context.Context, proto string, local, remote netip.A
 		return Owner{}, err
 	}
 	o := Owner{UID: s.uid}
-	o.PID, o.Exe, err = f.procs.find(ctx, s.inode)
+	o.PID, o.Exe, err = f.procs.find(ctx, s.inode, s.uid)
 	if err != nil {
 		return o, fmt.Errorf("process of %s socket %s (inode %d): %w", proto, local, s.inode, err)
 	}

@@ -45,7 +45,7 @@ type server struct {
 	udp net.PacketConn
 }
 
-func startServer(t *testing.T, ns netnstest.Netns, ip netip.Addr) *server {
+func startServer(t testing.TB, ns netnstest.Netns, ip netip.Addr) *server {
 	t.Helper()
 	s := &server{}
 	at := netip.AddrPortFrom(ip, 0).String()
@@ -69,7 +69,7 @@ func (s *server) udpAddr() netip.AddrPort { return s.udp.LocalAddr().(*net.UDPAd
 
 // accept returns the client end of the next connection; the server's end
 // is closed in t.Cleanup.
-func (s *server) accept(t *testing.T) netip.AddrPort {
+func (s *server) accept(t testing.TB) netip.AddrPort {
 	t.Helper()
 	s.tcp.(*net.TCPListener).SetDeadline(time.Now().Add(10 * time.Second))
 	c, err := s.tcp.Accept()
@@ -81,7 +81,7 @@ func (s *server) accept(t *testing.T) netip.AddrPort {
 }
 
 // receive returns the source of the next datagram.
-func (s *server) receive(t *testing.T) netip.AddrPort {
+func (s *server) receive(t testing.TB) netip.AddrPort {
 	t.Helper()
 	s.udp.SetReadDeadline(time.Now().Add(10 * time.Second))
 	buf := make([]byte, 16)
@@ -375,4 +375,49 @@ func TestBadInput(t *testing.T) {
 	if _, err := f.UID(t.Context(), "tcp", v4, v4); !errors.Is(err, os.ErrClosed) {
 		t.Errorf("UID after Close: %v, want os.ErrClosed", err)
 	}
+}
+
+// TestScanBounded: a scan for a socket no process holds reports
+// ErrNotFound; with a deadline shorter than that scan, it stops at the
+// deadline (within ctxEvery descriptors) and says why; with a context
+// already ended it does nothing.
+func TestScanBounded(t *testing.T) {
+	f, err := New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	// Inode 1 is no socket's: sockfs numbers its inodes from the counter
+	// every pseudo-filesystem shares, far past 1 once a host is up.
+	const nobody = 1
+	start := time.Now()
+	if _, _, err := f.procs.find(t.Context(), nobody, 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("find of an inode no process holds: %v, want ErrNotFound", err)
+	}
+	full := time.Since(start)
+	t.Logf("a full scan for nothing took %v", full)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, _, err := f.procs.find(ctx, nobody, 0); !errors.Is(err, context.Canceled) {
+		t.Errorf("find with an ended context: %v, want context.Canceled", err)
+	}
+
+	const bound = time.Millisecond
+	if full < 3*bound {
+		t.Logf("a full scan takes under %v here: the deadline cannot be tested", 3*bound)
+		return
+	}
+	ctx, cancel = context.WithTimeout(t.Context(), bound)
+	defer cancel()
+	start = time.Now()
+	_, _, err = f.procs.find(ctx, nobody, 0)
+	took := time.Since(start)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("find with a %v deadline: %v, want DeadlineExceeded", bound, err)
+	}
+	if took >= full {
+		t.Errorf("find with a %v deadline took %v, as long as a full scan", bound, took)
+	}
+	t.Logf("find with a %v deadline: %v after %v", bound, err, took)
 }
