@@ -2,6 +2,7 @@ package sockowner
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"os"
 	"strconv"
@@ -16,8 +17,10 @@ import (
 // UDP socket that never connected: the uid alone (one netlink round trip),
 // and with the executable when the inode was just seen (cached), when its
 // process owned a recent socket (recent), and from nothing (scan: every
-// process in /proc, the child among the last, ascending pids). scan reports
-// how many descriptors it read and what each cost. netlink/* compare
+// process: the child is the newest, so among the first of its uid's
+// processes, and root's are most of the host's; nobody: an inode no process
+// holds, the worst case, every descriptor of the host). The scans report
+// the host's processes and descriptors. netlink/* compare
 // holding one sock_diag socket with opening one per lookup.
 func BenchmarkLookup(b *testing.B) {
 	ns := netnstest.NewNetns(b)
@@ -77,13 +80,23 @@ func BenchmarkLookup(b *testing.B) {
 				}
 			}
 			if strings.HasPrefix(tc.name, "scan") {
-				procs, fds := countFDs()
-				b.ReportMetric(float64(procs), "procs")
-				b.ReportMetric(float64(fds), "fds")
-				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(fds), "ns/fd")
+				reportScan(b)
 			}
 		})
 	}
+
+	// The worst case: an inode no process holds, so every descriptor of
+	// the host is looked at (the children above hold theirs).
+	b.Run("exe/scan/nobody", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			forgetAll()
+			if _, _, err := f.procs.find(ctx, 1, uidOther); !errors.Is(err, ErrNotFound) {
+				b.Fatal(err)
+			}
+		}
+		reportScan(b)
+	})
 
 	deadline := time.Now().Add(time.Second)
 	b.Run("netlink/held", func(b *testing.B) {
@@ -114,6 +127,14 @@ func BenchmarkLookup(b *testing.B) {
 			}
 		}
 	})
+}
+
+// reportScan reports how many processes and descriptors the host has,
+// which a full scan reads.
+func reportScan(b *testing.B) {
+	procs, fds := countFDs()
+	b.ReportMetric(float64(procs), "procs")
+	b.ReportMetric(float64(fds), "fds")
 }
 
 // countFDs counts the processes in /proc and the descriptors they hold,

@@ -142,11 +142,16 @@ func (c *procCache) found(ino uint32, pid, fd int) (int, string, error) {
 }
 
 // scanAll looks through every process but those in skip, which were
-// scanned already, and this one, which goes last. Processes whose /proc
-// directory uid owns go first: stat(2) of /proc/PID (1.4 µs here) gives the
-// euid of a process that is dumpable, and most flows come from a process
-// running as the user that made its socket. It is an order, not a filter:
-// a socket passed on, or made before a setuid, is still found after.
+// scanned already, and this one, which goes last. It is an order, not a
+// filter: every process is looked at before ErrNotFound.
+//
+// Processes whose /proc directory uid owns go first: stat(2) of /proc/PID
+// (1.4 µs here) gives the euid of a process that is dumpable, and most
+// flows come from a process running as the user that made the socket (a
+// socket passed on, or made before a setuid, is found later). Within each
+// group the newest processes (highest pids, /proc lists them ascending) go
+// first: a process new to the scan is not among the recent owners, and the
+// old ones, long-running daemons, hold the most descriptors.
 func (c *procCache) scanAll(ctx context.Context, b *scanBuf, skip []int, uid uint32) (pid, fd int, err error) {
 	dir, err := unix.Open(procRoot, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -179,7 +184,7 @@ func (c *procCache) scanAll(ctx context.Context, b *scanBuf, skip []int, uid uin
 		}
 	}
 	for _, list := range [][]int{b.first, b.rest, {c.self}} {
-		for _, p := range list {
+		for _, p := range slices.Backward(list) {
 			fd, ok, err := c.scanPID(ctx, b, p)
 			if err != nil {
 				return 0, 0, err
