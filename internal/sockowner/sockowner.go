@@ -140,8 +140,9 @@ func (f *Finder) socket(ctx context.Context, proto string, local, remote netip.A
 	default:
 		return diagSocket{}, fmt.Errorf("socket owner: protocol %q: want tcp or udp", proto)
 	}
-	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
-	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	// The kernel reports no zone; the lookup asks for no interface.
+	local = netip.AddrPortFrom(local.Addr().Unmap().WithZone(""), local.Port())
+	remote = netip.AddrPortFrom(remote.Addr().Unmap().WithZone(""), remote.Port())
 	if !local.IsValid() || !remote.IsValid() || local.Addr().Is4() != remote.Addr().Is4() {
 		return diagSocket{}, fmt.Errorf("socket owner of %s %s -> %s: want two addresses of one family", proto, local, remote)
 	}
