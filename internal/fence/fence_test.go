@@ -94,6 +94,9 @@ var rules = []rule{
 		module + "/tundev",
 		module + "/stack",
 	}},
+	// The local process behind a flow (host-wide uid:/exe: rules): sock_diag
+	// by hand over x/sys/unix, and /proc.
+	{pkg: module + "/internal/sockowner", allow: []string{"golang.org/x/sys"}},
 	{pkg: module + "/internal/fence"},
 	// Rate-limited logging for stack and cmd: the standard library only.
 	{pkg: module + "/internal/ratelog"},
@@ -285,6 +288,8 @@ func TestRules(t *testing.T) {
 		{"cmd stack", m + "/cmd/netstackd", m + "/stack", true},
 		{"cmd x/sys", m + "/cmd/netstackd", "golang.org/x/sys/unix", true},
 		{"cmd harness", m + "/cmd/netstackd", m + "/internal/netnstest", false},
+		{"sockowner x/sys", m + "/internal/sockowner", "golang.org/x/sys/unix", true},
+		{"sockowner stack", m + "/internal/sockowner", m + "/stack", false},
 		{"example harness", m + "/examples/proxychain", m + "/internal/netnstest", false},
 		{"harness miekg", m + "/internal/netnstest", "github.com/miekg/dns", true},
 		{"harness cmd", m + "/internal/netnstest", m + "/cmd/netstackd", false},
