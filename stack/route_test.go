@@ -1,7 +1,9 @@
 package stack
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/quic"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
@@ -176,7 +179,6 @@ func TestRouteUDPReject(t *testing.T) {
 // of a client that connected by address routes it, and with DialName the
 // upstream is asked for the name. The bytes read reach the server intact.
 func TestRouteSniffedHTTPHost(t *testing.T) {
-	t.Skip("SNIFF-PENDING: the sniffers land with the sniff branch")
 	got := make(chan string, 1)
 	port := listen(t, func(c *net.TCPConn) {
 		buf := make([]byte, 4096)
@@ -259,5 +261,100 @@ func TestRouteSniffServerFirst(t *testing.T) {
 	n, err := c.Read(buf)
 	if err != nil || !strings.HasPrefix(string(buf[:n]), "220 ") {
 		t.Fatalf("greeting %q, %v", buf[:n], err)
+	}
+}
+
+// quicInitials captures the first datagrams a real QUIC client
+// (golang.org/x/net/quic) sends for serverName, at a loopback socket that
+// never answers: its ClientHello, with a post-quantum key share, spans
+// two.
+func quicInitials(t *testing.T, serverName string) [][]byte {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	ep, err := quic.Listen("udp4", "127.0.0.1:0", nil)
+	if err != nil {
+		t.Fatalf("quic endpoint: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		cfg := &quic.Config{TLSConfig: &tls.Config{ServerName: serverName, MinVersion: tls.VersionTLS13}}
+		if c, err := ep.Dial(ctx, "udp4", pc.LocalAddr().String(), cfg); err == nil {
+			c.Abort(nil)
+		}
+	})
+	defer func() {
+		cancel()
+		wg.Wait()
+		closeCtx, done := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer done()
+		_ = ep.Close(closeCtx)
+	}()
+	pc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var grams [][]byte
+	buf := make([]byte, 65536)
+	for len(grams) < 2 {
+		n, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("read the client's datagram %d: %v", len(grams)+1, err)
+		}
+		grams = append(grams, bytes.Clone(buf[:n]))
+	}
+	return grams
+}
+
+// A UDP association whose route needs a name is routed by the server name
+// in the client's QUIC Initial packets: a rejected name opens no upstream
+// socket and shows in the flow view as rejected, by its sniffed name; an
+// accepted one is relayed.
+func TestRouteSniffedQUIC(t *testing.T) {
+	d := &loopbackUDP{}
+	route := func(f Flow) Decision {
+		switch {
+		case f.Proto != "udp":
+			return Decision{}
+		case f.Name == "":
+			return Decision{Sniff: true, Via: "no-name"}
+		case f.Name == "blocked.test":
+			return Decision{Action: Reject, Rule: "domain:blocked.test=reject"}
+		}
+		return Decision{Via: "named", Rule: "domain:ok.test=direct"}
+	}
+	p := newPeer(t, Config{UDP: d, Route: route})
+	port := udpEcho(t)
+	for _, tc := range []struct {
+		name     string
+		rejected bool
+	}{{"blocked.test", true}, {"ok.test", false}} {
+		u := p.udpClient(t)
+		dst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
+		for _, g := range quicInitials(t, tc.name) {
+			if _, err := u.WriteTo(g, dst); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var got FlowInfo
+		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		for ctx.Err() == nil {
+			var ok bool
+			if got, ok = flowByID(p.st, func(f FlowInfo) bool { return f.Proto == "udp" && f.Name == tc.name }); ok && got.State != "opening" {
+				break
+			}
+			time.Sleep(10 * time.Millisecond) // the association has no readiness signal of its own
+		}
+		cancel()
+		if got.NameFrom != NameFromSniffed {
+			t.Fatalf("%s: flow view %+v, want the association named by its sniffed name", tc.name, p.st.Flows(0))
+		}
+		if tc.rejected && (got.State != "rejected" || d.opened.Load() != 0) {
+			t.Fatalf("%s: state %q with %d upstream sockets, want rejected and none", tc.name, got.State, d.opened.Load())
+		}
+		if !tc.rejected && (got.Via != "named" || d.opened.Load() != 1) {
+			t.Fatalf("%s: via %q with %d upstream sockets, want named and one", tc.name, got.Via, d.opened.Load())
+		}
 	}
 }

@@ -27,10 +27,9 @@ import (
 
 const (
 	defaultSniffTimeout = 300 * time.Millisecond
-	// maxSniff bounds what is read for a name: a ClientHello with a
-	// post-quantum key share is about 1.8 KB, an HTTP request head rarely
-	// more than a few.
-	maxSniff = 16 << 10
+	// maxSniff bounds what is read for a name: the longest ClientHello
+	// or HTTP request head the sniffers take, with its record headers.
+	maxSniff = sniff.MaxStream
 )
 
 // openSniffing accepts the client, reads its first bytes for a name, asks
@@ -114,22 +113,11 @@ func (st *Stack) sniffStream(conn *tcprelay.Conn) (string, []byte, error) {
 // sniffName looks for a name in a stream's first bytes; done is false
 // while more bytes could still give one.
 func sniffName(b []byte) (name string, done bool) {
-	if len(b) == 0 {
-		return "", false
-	}
-	var err error
-	if b[0] == 0x16 { // a TLS handshake record
-		name, err = sniff.TLS(b)
-	} else {
-		name, err = sniff.HTTP(b)
-	}
+	name, _, err := sniff.Stream(b)
 	if errors.Is(err, sniff.ErrMore) {
 		return "", false
 	}
-	if err != nil {
-		return "", true
-	}
-	return name, true
+	return name, true // "" when there is none
 }
 
 // routeAssociation is the UDP NAT's Config.Route: Config.Route asked about a new
@@ -169,7 +157,7 @@ func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat
 func (st *Stack) sniffDatagrams(ctx context.Context, o *udpnat.Opening) string {
 	ctx, cancel := context.WithTimeout(ctx, st.cfg.SniffTimeout)
 	defer cancel()
-	var hello sniff.QUICHello
+	var hello sniff.QUIC
 	for i := 0; i < maxSniffDatagrams; i++ {
 		payload, ok := o.Datagram(ctx, i)
 		if !ok {
@@ -188,5 +176,5 @@ func (st *Stack) sniffDatagrams(ctx context.Context, o *udpnat.Opening) string {
 }
 
 // maxSniffDatagrams bounds the datagrams read for a QUIC ClientHello: one
-// or two carry it, a few more allow for loss and reordering.
-const maxSniffDatagrams = 4
+// or two carry it, a few more allow for loss, reordering and padding.
+const maxSniffDatagrams = sniff.MaxDatagrams

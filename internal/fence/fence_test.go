@@ -67,6 +67,11 @@ var rules = []rule{
 		module + "/stack/internal/gverr",
 		module + "/stack/internal/frag",
 	}},
+	// Names from a flow's first bytes (TLS, HTTP, QUIC Initials): pure
+	// parsing on the standard library alone, so that the stack can run it
+	// on any flow and the fuzzers reach all of it. Its tests may use
+	// golang.org/x/net/quic as a real client; the fence sees no test files.
+	{pkg: module + "/stack/internal/sniff"},
 	// The standard library and its own codecs: not even golang.org/x.
 	{pkg: module + "/proxy/...", allow: []string{
 		module + "/proxy",
@@ -89,11 +94,17 @@ var rules = []rule{
 		module + "/tundev",
 		module + "/stack",
 	}},
+	// The local process behind a flow (host-wide uid:/exe: rules): sock_diag
+	// by hand over x/sys/unix, and /proc.
+	{pkg: module + "/internal/sockowner", allow: []string{"golang.org/x/sys"}},
 	{pkg: module + "/internal/fence"},
 	// Rate-limited logging for stack and cmd: the standard library only.
 	{pkg: module + "/internal/ratelog"},
 	// --pcap: records a device's packets; knows the device interface only.
 	{pkg: module + "/internal/pcap", allow: []string{module + "/internal/device"}},
+	// The rule engine is pure: the standard library only, so stack, dns
+	// and cmd can all consult it without importing one another.
+	{pkg: module + "/rules"},
 }
 
 // matches reports whether the import path path matches pattern, an exact
@@ -264,6 +275,8 @@ func TestRules(t *testing.T) {
 		{"internal gverr", m + "/stack/internal/udpnat", m + "/stack/internal/gverr", true},
 		{"internal sibling", m + "/stack/internal/link", m + "/stack/internal/udpnat", false},
 		{"internal parent", m + "/stack/internal/tcprelay", m + "/stack", false},
+		{"sniff stdlib only", m + "/stack/internal/sniff", m + "/stack/internal/packet", false},
+		{"sniff x/net", m + "/stack/internal/sniff", "golang.org/x/net/quic", false},
 		{"proxy codec", m + "/proxy", m + "/proxy/socks5", true},
 		{"proxy subpackage", m + "/proxy/socks5", m + "/proxy/socks4", true},
 		{"proxy x/sys", m + "/proxy", "golang.org/x/sys/unix", false},
@@ -275,11 +288,15 @@ func TestRules(t *testing.T) {
 		{"cmd stack", m + "/cmd/netstackd", m + "/stack", true},
 		{"cmd x/sys", m + "/cmd/netstackd", "golang.org/x/sys/unix", true},
 		{"cmd harness", m + "/cmd/netstackd", m + "/internal/netnstest", false},
+		{"sockowner x/sys", m + "/internal/sockowner", "golang.org/x/sys/unix", true},
+		{"sockowner stack", m + "/internal/sockowner", m + "/stack", false},
 		{"example harness", m + "/examples/proxychain", m + "/internal/netnstest", false},
 		{"harness miekg", m + "/internal/netnstest", "github.com/miekg/dns", true},
 		{"harness cmd", m + "/internal/netnstest", m + "/cmd/netstackd", false},
 		{"harness tundev", m + "/internal/netnstest", m + "/tundev", false},
 		{"fence", m + "/internal/fence", m + "/tundev", false},
+		{"rules stdlib only", m + "/rules", "golang.org/x/net/idna", false},
+		{"rules stack", m + "/rules", m + "/stack", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r, found := ruleFor(rules, tc.pkg)
