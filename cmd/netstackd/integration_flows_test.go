@@ -132,6 +132,13 @@ type slowDownload struct {
 // startSlowDownload starts the download; it is killed when the test ends.
 func startSlowDownload(t *testing.T, tp *netnstest.Topology) *slowDownload {
 	t.Helper()
+	// A reset reaches curl only once it has read what its socket holds
+	// (Linux keeps the received data queued ahead of the error): with the
+	// default receive buffer, up to 6 MiB, 25 s at this rate. 256 KiB is a
+	// second's worth. The namespace is the test's own.
+	if r := tp.Client.Exec(t, 10*time.Second, "sysctl", "-qw", "net.ipv4.tcp_rmem=4096 65536 262144"); r.Err != nil {
+		t.Fatalf("bound the client's receive buffer: %s", r)
+	}
 	ctx := netnstest.TestContext(t, 90*time.Second)
 	cmd := tp.Client.Command(ctx, "curl", "-sS", "-g", "--max-time", "60", "--limit-rate", "256K", "-o", "/dev/null",
 		httpURL(netnstest.ServerIPv4, fmt.Sprintf("/bytes?n=%d", 100<<20)))
