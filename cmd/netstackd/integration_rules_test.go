@@ -356,3 +356,94 @@ func quicDial(t *testing.T, tp *netnstest.Topology, dst netip.AddrPort, serverNa
 		t.Fatalf("a QUIC handshake with %s completed: nothing should answer", dst)
 	}
 }
+
+// TestIntegrationRulesOwner: in host-wide mode, in a test namespace, the
+// flows of two local users take different upstreams by uid:, and a
+// program's flows another by exe:, each looked up from the flow's socket.
+func TestIntegrationRulesOwner(t *testing.T) {
+	requireBinary(t)
+	setpriv := netnstest.RequireCommand(t, "setpriv", "util-linux")
+	socat := netnstest.RequireCommand(t, "socat", "socat")
+	tp := netnstest.NewUplink(t)
+	tp.StartServers(t)
+	proxyA := netip.AddrPortFrom(netnstest.ProxyIPv4, 1081)
+	proxyB := netip.AddrPortFrom(netnstest.ProxyIPv4, 1082)
+	socksA := tp.StartLoggingSOCKS5(t, proxyA, nil)
+	socksB := tp.StartLoggingSOCKS5(t, proxyB, nil)
+	p := startHostWide(t, tp, netstackdBin, "--dns", "off",
+		"--proxy", "a=socks5://"+proxyA.String(), "--proxy", "b=socks5://"+proxyB.String(),
+		"--rule", "uid:65534=proxy:b", "--rule", "exe:"+socat+"=proxy:b")
+	defer stopHostWide(t, p)
+
+	seen := func(s *netnstest.LoggingSOCKS5, port uint16) int {
+		n := 0
+		for _, r := range s.Requests() {
+			if r.Port == port {
+				n++
+			}
+		}
+		return n
+	}
+	url := httpURL(netnstest.ServerIPv4, "/")
+	// root's curl: no rule holds, the default upstream (a).
+	wantBody(t, tp, url, netnstest.HelloBody)
+	if a, b := seen(socksA, netnstest.HTTPPort), seen(socksB, netnstest.HTTPPort); a != 1 || b != 0 {
+		t.Fatalf("root's curl: a saw %d, b %d; want a", a, b)
+	}
+	// nobody's curl: uid:65534 sends it to b.
+	r := tp.Daemon.Exec(t, 15*time.Second, setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+		"curl", "-sS", "-g", "--max-time", "10", url)
+	if r.ExitCode != 0 || r.Stdout != netnstest.HelloBody {
+		t.Fatalf("nobody's curl: %s", r)
+	}
+	if a, b := seen(socksA, netnstest.HTTPPort), seen(socksB, netnstest.HTTPPort); a != 1 || b != 1 {
+		t.Fatalf("nobody's curl: a saw %d, b %d in all; want it on b", a, b)
+	}
+	// root's socat: exe: sends it to b.
+	r = tp.Daemon.ExecInput(t, 15*time.Second, strings.NewReader("ping\n"), socat, "-t", "2", "-",
+		"TCP:"+serverAddr(netnstest.ServerIPv4, netnstest.EchoPort))
+	if r.ExitCode != 0 || r.Stdout != "ping\n" {
+		t.Fatalf("socat: %s", r)
+	}
+	if a, b := seen(socksA, netnstest.EchoPort), seen(socksB, netnstest.EchoPort); a != 0 || b != 1 {
+		t.Fatalf("socat: a saw %d, b %d; want it on b", a, b)
+	}
+}
+
+// TestIntegrationRulesDNS: DNS follows the rules. A name the rules reject
+// gets an empty answer at once, a name whose flows go direct its real
+// address (looked up from netstackd's namespace, here from dnsmasq), and
+// its flows go direct: the proxy never hears of them.
+func TestIntegrationRulesDNS(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	tp.Daemon.SetResolvConf(t, netnstest.ServerIPv4)
+	tp.StartDnsmasq(t, netnstest.ServerIPv4, map[string]netip.Addr{"direct.test": netnstest.ServerIPv4, "ads.test": netnstest.ServerIPv4})
+	socks := tp.StartLoggingSOCKS5(t, rulesSocksA, map[string]netip.Addr{"other.test": netnstest.ServerIPv4})
+	startNetstackd(t, tp, "--proxy", "socks5://"+rulesSocksA.String(), "--dns-upstream", dnsUpstream.String(),
+		"--rule", "suffix:ads.test=reject", "--rule", "domain:direct.test=direct")
+
+	start := time.Now()
+	r := dig(t, tp, dnsAddr, "x.ads.test", "A")
+	if r.ExitCode != 0 || strings.TrimSpace(r.Stdout) != "" {
+		t.Errorf("x.ads.test: %s, want an empty answer", r)
+	}
+	t.Logf("rejected name answered in %v", time.Since(start).Round(time.Millisecond))
+	if a := digAddr(t, tp, dnsAddr, "direct.test", "A"); a != netnstest.ServerIPv4 {
+		t.Errorf("direct.test = %s, want its real address %s", a, netnstest.ServerIPv4)
+	}
+	if a := digAddr(t, tp, dnsAddr, "other.test", "A"); !fakeRange4.Contains(a) {
+		t.Errorf("other.test = %s, want a fake address", a)
+	}
+	tp.Client.SetResolvConf(t, dnsAddr)
+	r = curl(t, tp, 10*time.Second, fmt.Sprintf("http://direct.test:%d/", netnstest.HTTPPort))
+	if r.ExitCode != 0 || r.Stdout != netnstest.HelloBody {
+		t.Fatalf("GET direct.test: %s", r)
+	}
+	for _, req := range socks.Requests() {
+		if req.Host == "direct.test" || req.Host == netnstest.ServerIPv4.String() {
+			t.Errorf("the proxy was asked for %v: the direct name's flow went through it", req)
+		}
+	}
+}
