@@ -912,7 +912,7 @@ print_table() {
 		for path in "${PATHS[@]}"; do
 			local cell m
 			if m=$(median <<<"${VALS["$row|$path"]:-}"); then
-				if [[ $row == cerr ]]; then cell=$(awk -v v="$m" 'BEGIN { print v + 0 }'); else cell=$(fmt "$m"); fi
+				if [[ $row == cerr || $row == nerr ]]; then cell=$(awk -v v="$m" 'BEGIN { print v + 0 }'); else cell=$(fmt "$m"); fi
 				if [[ $path != kernel && -n ${RATIO[$row]:-} && -n $base ]] && positive "$base"; then
 					cell+=" ($(awk -v a="$m" -v b="$base" 'BEGIN { printf "%.2f", a / b }'))"
 				fi
