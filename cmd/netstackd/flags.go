@@ -176,6 +176,10 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver `HOST:PORT` for remote mode and the query types fake-ip does not answer (default: the first nameserver in /etc/resolv.conf), reached over TCP through the proxy")
 	fs.Func("rule", "routing `rule` MATCH[,MATCH...]=ACTION, repeatable, first match wins, before the config file's: MATCH is cidr:PREFIX, domain:NAME, suffix:NAME, keyword:WORD, regex:EXPR (last), port:N[-M], net:tcp|udp|icmp, src:PREFIX, uid:N, exe:PATH or list:FILE; ACTION is direct, proxy, proxy:NAME, reject or drop", func(v string) error {
 		if _, err := rules.Parse(v); err != nil {
+			var re *rules.Error
+			if errors.As(err, &re) {
+				return re.Err // the flag's error names the rule already
+			}
 			return err
 		}
 		o.rules = append(o.rules, v)
