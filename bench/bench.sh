@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # bench.sh: end-to-end throughput, loss, connection rate and cost of
-# netstackd, beside the kernel's own path, in network namespaces the script
-# creates and deletes itself. See bench/README.md.
+# netstackd, beside the kernel's own path and pasta's, in network namespaces
+# the script creates and deletes itself. See bench/README.md.
 #
 #   KCLI ──veth── SRV ──veth── DMN          CLI-<path> (one per path and round)
 #   client        iperf3 -s    netstackd ── TUN netstack0, default routes
-#   (kernel)      danted       (dials out   client: iperf3 -c, connrate
-#                 connrate     from DMN)
+#   (kernel)      danted       pasta ────── tap d-srv, default route
+#                 connrate     (both dial   client: iperf3 -c, connrate
+#                              out from DMN)
 #
 # No namespace has a default route except the CLI ones (into their TUN), so
 # every byte stays on veths and loopbacks inside namespaces made here; DMN
@@ -29,6 +30,13 @@ usage: bench/bench.sh [options]
   --smoke           1 round of 1 s runs, every metric once, overall limit 130 s;
                     exits 0 only if every required measurement produced a number
   --gobench FILE    also write Go benchmark lines to FILE (benchstat -col /path FILE)
+  --only LIST       run only these measurements, comma-separated, of:
+                    tcp1 tcpR tcp4 tcp6 udp udpw conns conc rr idle
+                    (e.g. --only conns,conc,rr for the short-connection rows)
+  --conc N          clients at once in the conc measurement (default 8)
+  --no-pasta        leave out the pasta column (Debian package passt: a tap
+                    device in the client namespace, flows relayed to sockets
+                    in DMN, what netstackd direct does)
   --peer CMD        add a column for another TUN program. CMD is a sh command
                     run as root in the daemon namespace; it must create a TUN in
                     {netns}, route 0.0.0.0/0 (and ::/0) into it, and dial out
@@ -77,6 +85,9 @@ BASE_COL=""          # the baseline's column, "" without --baseline
 MAX_TIME=""
 KEEP=0
 FLOORS=1
+PASTA=1
+ONLY=""
+CONC=8
 ARGS=("$@")
 while (($# > 0)); do
 	case $1 in
@@ -112,6 +123,9 @@ while (($# > 0)); do
 	--max-time) MAX_TIME=${2:?--max-time needs a value}; shift 2 ;;
 	--keep) KEEP=1; shift ;;
 	--no-floors) FLOORS=0; shift ;;
+	--no-pasta) PASTA=0; shift ;;
+	--only) ONLY=${2:?--only needs a list}; shift 2 ;;
+	--conc) CONC=${2:?--conc needs a value}; shift 2 ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; die "unknown option $1" ;;
 	esac
@@ -127,6 +141,7 @@ fi
 [[ $IDLE_SETTLE =~ ^[0-9]+$ ]] && ((IDLE_SETTLE <= 50)) || die "--idle-settle: want 0..50 seconds, got $IDLE_SETTLE"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds: want a positive integer, got $ROUNDS"
 [[ $T =~ ^[1-9][0-9]*$ ]] || die "--time: want a positive integer, got $T"
+[[ $CONC =~ ^[1-9][0-9]*$ ]] && ((CONC <= 256)) || die "--conc: want 1..256 clients, got $CONC"
 [[ $UDP_RATE =~ ^[1-9][0-9]*[KMG]?$ ]] || die "--udp-rate: want a rate like 500M or 1G, got $UDP_RATE"
 [[ -z $PEER_PENDING_NAME ]] || die "--peer-name $PEER_PENDING_NAME: no --peer to name"
 # The environment's PEER (and PEER_NAME) is one more --peer, for scripts
@@ -138,7 +153,7 @@ fi
 declare -A seen_peer=()
 for name in "${PEER_NAMES[@]}"; do
 	[[ $name =~ ^[a-z0-9_-]+$ ]] || die "--peer-name: want [a-z0-9_-]+, got $name"
-	case $name in kernel | direct | socks5 | tunfloor | relayfloor) die "--peer-name: $name is taken" ;; esac
+	case $name in kernel | direct | socks5 | pasta | tunfloor | relayfloor) die "--peer-name: $name is taken" ;; esac
 	[[ -z ${seen_peer[$name]:-} ]] || die "--peer-name: $name given twice"
 	seen_peer[$name]=1
 done
@@ -146,7 +161,7 @@ if [[ -n $BASELINE ]]; then
 	[[ -f $BASELINE && -x $BASELINE ]] || die "--baseline: $BASELINE is not an executable file"
 	BASELINE=$(realpath "$BASELINE")
 	[[ $BASELINE_NAME =~ ^[a-z0-9_-]+$ ]] || die "--baseline-name: want [a-z0-9_-]+, got $BASELINE_NAME"
-	case $BASELINE_NAME in kernel | direct | socks5 | tunfloor | relayfloor) die "--baseline-name: $BASELINE_NAME is taken" ;; esac
+	case $BASELINE_NAME in kernel | direct | socks5 | pasta | tunfloor | relayfloor) die "--baseline-name: $BASELINE_NAME is taken" ;; esac
 	[[ -z ${seen_peer[$BASELINE_NAME]:-} ]] || die "--baseline-name: $BASELINE_NAME is also a --peer-name"
 	BASE_COL=$BASELINE_NAME
 fi
@@ -158,6 +173,10 @@ fi
 PATHS=(kernel direct socks5)
 # The baseline stands right after direct, the column it is a build of.
 [[ -n $BASE_COL ]] && PATHS+=("$BASE_COL")
+# pasta does netstackd's direct job the way a user runs it for a namespace
+# (a tap device there, each flow relayed to a socket of its own in DMN):
+# the peer every run compares with.
+((PASTA)) && PATHS+=(pasta)
 PATHS+=("${PEER_NAMES[@]}")
 # The floors: bench/tunfloor answers connrate's exchange at the TUN itself
 # (tunfloor), or carries it upstream with blocking sockets and no TCP stack
@@ -168,10 +187,20 @@ if ((FLOORS)); then
 	FLOOR[tunfloor]=1 FLOOR[relayfloor]=1
 	PATHS+=(tunfloor relayfloor)
 fi
-MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp udpw conns)
+MEASUREMENTS=(tcp1 tcpR tcp4 tcp6 udp udpw conns conc rr)
 # Idle connections last: they raise the daemon's peak RSS, which is read
 # for the throughput rows just before.
 ((IDLE_N > 0)) && MEASUREMENTS+=(idle)
+if [[ -n $ONLY ]]; then
+	declare -A want=()
+	for m in ${ONLY//,/ }; do
+		case " ${MEASUREMENTS[*]} idle " in *" $m "*) want[$m]=1 ;; *) die "--only: unknown measurement $m" ;; esac
+	done
+	kept=()
+	for m in "${MEASUREMENTS[@]}"; do [[ -n ${want[$m]:-} ]] && kept+=("$m"); done
+	((${#kept[@]} > 0)) || die "--only $ONLY: nothing to measure (idle needs --idle N > 0)"
+	MEASUREMENTS=("${kept[@]}")
+fi
 if [[ -z $MAX_TIME ]]; then
 	cells=$((${#MEASUREMENTS[@]} * (${#PATHS[@]} - ${#FLOOR[@]}) + ${#FLOOR[@]}))
 	MAX_TIME=$((180 + ROUNDS * (40 + cells * (T + 25))))
@@ -180,10 +209,12 @@ fi
 
 # --- prerequisites -----------------------------------------------------------
 missing=()
-for tool in ip iperf3 danted go jq timeout ss awk getconf realpath; do
+tools=(ip iperf3 danted go jq timeout ss awk getconf realpath)
+((PASTA)) && tools+=(pasta)
+for tool in "${tools[@]}"; do
 	command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
-((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (Debian: apt-get install iproute2 iperf3 dante-server jq; Go from go.dev)"
+((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (Debian: apt-get install iproute2 iperf3 dante-server jq passt, or bash scripts/deps.sh; Go from go.dev; --no-pasta runs without pasta)"
 ((EUID == 0)) || die "needs root: creates network namespaces, veths and TUN devices"
 [[ -c /dev/net/tun ]] || die "no /dev/net/tun"
 
@@ -334,25 +365,31 @@ proc_cost() {
 declare -A VALS   # "row|path" -> space-separated values, one per round
 declare -A STATE  # "row|path" -> fail | na | (empty)
 declare -A NOTE   # "row|path" -> why na
-ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss udpw_gbps udpw_loss conns cp50 cp99 cerr ccpu rss cpu idle_rss idle_kib drss dcpu)
+ROWS=(tcp1 tcpR tcp4 tcp6 udp_gbps udp_loss udpw_gbps udpw_loss conns cp50 cp99 cerr ccpu nconns np50 nerr nccpu rr50 rr99 rss cpu idle_rss idle_kib drss dcpu)
 declare -A LABEL=(
 	[tcp1]="tcp 1 stream Gb/s" [tcpR]="tcp reverse Gb/s" [tcp4]="tcp 4 streams Gb/s"
 	[tcp6]="tcp ipv6 1 stream Gb/s" [udp_gbps]="udp @$UDP_RATE delivered Gb/s"
 	[udp_loss]="udp @$UDP_RATE loss %" [udpw_gbps]="udp @$UDP_RATE -w 4M Gb/s"
 	[udpw_loss]="udp @$UDP_RATE -w 4M loss %" [conns]="short conns/s" [cp50]="connect p50 ms"
-	[cp99]="connect p99 ms" [cerr]="conn errors" [ccpu]="daemon CPU us/conn" [rss]="daemon peak RSS MiB" [cpu]="daemon CPU s/round"
+	[cp99]="connect p99 ms" [cerr]="conn errors" [ccpu]="daemon CPU us/conn"
+	[nconns]="short conns/s, $CONC at once" [np50]="connect p50 ms, $CONC at once" [nerr]="conn errors, $CONC at once"
+	[nccpu]="daemon CPU us/conn, $CONC at once" [rr50]="request/reply p50 ms" [rr99]="request/reply p99 ms"
+	[rss]="daemon peak RSS MiB" [cpu]="daemon CPU s/round"
 	[drss]="danted peak RSS MiB" [dcpu]="danted CPU s/round"
 	[idle_rss]="$IDLE_N idle conns: RSS MiB" [idle_kib]="idle: daemon KiB/conn"
 )
-declare -A RATIO=([tcp1]=1 [tcpR]=1 [tcp4]=1 [tcp6]=1 [udp_gbps]=1 [udpw_gbps]=1 [conns]=1 [cp50]=1 [cp99]=1)
+declare -A RATIO=([tcp1]=1 [tcpR]=1 [tcp4]=1 [tcp6]=1 [udp_gbps]=1 [udpw_gbps]=1 [conns]=1 [cp50]=1 [cp99]=1
+	[nconns]=1 [np50]=1 [rr50]=1 [rr99]=1)
 declare -A ROWS_OF=(
 	[tcp1]=tcp1 [tcpR]=tcpR [tcp4]=tcp4 [tcp6]=tcp6 [udp]="udp_gbps udp_loss" [udpw]="udpw_gbps udpw_loss"
-	[conns]="conns cp50 cp99 cerr" [conncpu]=ccpu [daemon]="rss cpu" [danted]="drss dcpu"
+	[conns]="conns cp50 cp99 cerr" [conncpu]=ccpu [conc]="nconns np50 nerr" [conccpu]=nccpu [rr]="rr50 rr99"
+	[daemon]="rss cpu" [danted]="drss dcpu"
 	[idle]="idle_rss idle_kib"
 )
 declare -A GOUNIT=(
 	[tcp1]=Gb/s [tcpR]=Gb/s [tcp4]=Gb/s [tcp6]=Gb/s [udp_gbps]=Gb/s [udp_loss]=loss-% [udpw_gbps]=Gb/s [udpw_loss]=loss-%
 	[conns]=conns/s [cp50]=connect-p50-ms [cp99]=connect-p99-ms [cerr]=errors [ccpu]=daemon-CPU-us/conn [rss]=peak-RSS-MiB
+	[nconns]=conns/s [np50]=connect-p50-ms [nerr]=errors [nccpu]=daemon-CPU-us/conn [rr50]=rr-p50-ms [rr99]=rr-p99-ms
 	[cpu]=CPU-s [drss]=peak-RSS-MiB [dcpu]=CPU-s [idle_rss]=idle-RSS-MiB [idle_kib]=KiB/conn
 )
 
@@ -361,7 +398,7 @@ optional() {
 	case "$1|$2" in
 	"tcp6|socks5") return 0 ;; # danted over IPv6 is not what is being measured
 	esac
-	[[ -n ${PEER_CMD[$2]:-} && ($1 == tcp6 || $1 == udp || $1 == udpw) ]]
+	[[ (-n ${PEER_CMD[$2]:-} || $2 == pasta) && ($1 == tcp6 || $1 == udp || $1 == udpw) ]]
 }
 
 # record MEAS PATH VALUE...: one value per row of MEAS, and a Go benchmark line.
@@ -529,6 +566,20 @@ start_daemon() {
 		;;
 	tunfloor) spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/tunfloor" -netns "/run/netns/$cli" -tun peer0 ;;
 	relayfloor) spawn "$NS_DMN" "$MAX_TIME" "$log" "$WORK/tunfloor" -relay -netns "/run/netns/$cli" -tun peer0 ;;
+	pasta)
+		# As a user attaches pasta to a namespace: its tap takes the
+		# addresses of DMN's interface, each flow becomes a socket of
+		# pasta's own in DMN. Its defaults otherwise (MTU 65520). No
+		# port forwarding either way, no DHCP/RA (--config-net sets the
+		# addresses), a gateway that is nobody (--no-map-gw: an address
+		# pasta would map to DMN's loopback must not be the server),
+		# root kept (as nobody it cannot enter the namespace here).
+		local cmd=(pasta -f -q --runas 0 --config-net --netns "/run/netns/$cli" -i d-srv
+			-g 192.0.2.254 -g 2001:db8:2::fe --no-map-gw -t none -u none -T none -U none
+			--no-dhcp --no-dhcpv6 --no-ra)
+		echo "${cmd[*]}" >"$WORK/$path.cmd"
+		spawn "$NS_DMN" "$MAX_TIME" "$log" "${cmd[@]}"
+		;;
 	*)
 		local cmd=${PEER_CMD[$path]}
 		cmd=${cmd//\{netns\}//run/netns/$cli}
@@ -698,33 +749,57 @@ measure_udp() {
 # kv KEY LINE: the value of KEY=VALUE in LINE.
 kv() { tr ' ' '\n' <<<"$2" | sed -n "s/^$1=//p"; }
 
+# measure_conns MEAS PATH R: conns runs connrate's clients one at a time,
+# conc runs CONC of them at once.
 measure_conns() {
-	local path=$1 r=$2 base="$WORK/conns.$1.r$2" rc=0 before=""
+	local meas=$1 path=$2 r=$3 base="$WORK/$1.$2.r$3" rc=0 before="" args=()
+	[[ $meas == conc ]] && args=(-conc "$CONC")
 	# The daemon's CPU per connection: steadier than the rate, which
 	# moves with every wait for a CPU on a shared machine.
 	[[ $path != kernel && -n ${DPID[$path]:-} ]] && before=$(proc_cost "${DPID[$path]}")
 	run_bounded "$(client_ns "$path")" $((T + 15)) "$base.out" "$base.err" \
-		"$WORK/connrate" -c "$(server_addr "$path" 4):$CONN_PORT" -d "${T}s" -timeout 2s || rc=$?
+		"$WORK/connrate" -c "$(server_addr "$path" 4):$CONN_PORT" -d "${T}s" -timeout 2s "${args[@]}" || rc=$?
 	local line n errs cps p50 p99
 	line=$(grep -m1 '^conns=' "$base.out" 2>/dev/null) || line=""
 	n=$(kv conns "$line") errs=$(kv errors "$line") cps=$(kv conns_per_s "$line")
 	p50=$(kv connect_p50_ms "$line") p99=$(kv connect_p99_ms "$line")
 	if ((rc == 0)) && [[ -n $n && -n $cps ]] && positive "$n"; then
-		record conns "$path" "$cps" "$p50" "$p99" "${errs:-0}"
+		if [[ $meas == conc ]]; then
+			record conc "$path" "$cps" "$p50" "${errs:-0}"
+		else
+			record conns "$path" "$cps" "$p50" "$p99" "${errs:-0}"
+		fi
 		if [[ -n $before ]]; then
 			local after
 			after=$(proc_cost "${DPID[$path]}")
-			record conncpu "$path" "$(awk -v a="${before#* }" -v b="${after#* }" -v hz="$CLK_TCK" -v n="$n" -v e="${errs:-0}" \
+			record "${meas/conns/conn}cpu" "$path" "$(awk -v a="${before#* }" -v b="${after#* }" -v hz="$CLK_TCK" -v n="$n" -v e="${errs:-0}" \
 				'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / (n + e) }')"
 		fi
-		say "  conns $path: $cps conns/s, connect p50 $p50 ms p99 $p99 ms, ${errs:-0} errors"
+		say "  $meas $path: $cps conns/s, connect p50 $p50 ms p99 $p99 ms, ${errs:-0} errors"
 		# Each error is a connection that did not complete within 2 s:
 		# a few of them eat much of the run, so any is worth a word.
 		if ((${errs:-0} > 0)); then
-			WARNINGS+=("conns over $path in round $r: ${errs} of $((n + errs)) connections failed, last: $(tail -1 "$base.err" | sed 's/^connrate: [0-9]* errors, last: //')")
+			WARNINGS+=("$meas over $path in round $r: ${errs} of $((n + errs)) connections failed, last: $(tail -1 "$base.err" | sed 's/^connrate: [0-9]* errors, last: //')")
 		fi
 	else
-		record_fail conns "$path" "connrate: $(cat "$base.out" "$base.err" 2>/dev/null | tail -2 | tr '\n' ' ')"
+		record_fail "$meas" "$path" "connrate: $(cat "$base.out" "$base.err" 2>/dev/null | tail -2 | tr '\n' ' ')"
+	fi
+}
+
+# measure_rr PATH R: round trips of a small request and its echo on one
+# open connection.
+measure_rr() {
+	local path=$1 r=$2 base="$WORK/rr.$1.r$2" rc=0
+	run_bounded "$(client_ns "$path")" $((T + 15)) "$base.out" "$base.err" \
+		"$WORK/connrate" -c "$(server_addr "$path" 4):$CONN_PORT" -rr -d "${T}s" -timeout 2s || rc=$?
+	local line n p50 p99
+	line=$(grep -m1 '^rr=' "$base.out" 2>/dev/null) || line=""
+	n=$(kv rr "$line") p50=$(kv rr_p50_ms "$line") p99=$(kv rr_p99_ms "$line")
+	if ((rc == 0)) && [[ -n $n && -n $p50 ]] && positive "$n"; then
+		record rr "$path" "$p50" "$p99"
+		say "  rr $path: $n round trips, p50 $p50 ms p99 $p99 ms"
+	else
+		record_fail rr "$path" "connrate -rr: $(cat "$base.out" "$base.err" 2>/dev/null | tail -2 | tr '\n' ' ')"
 	fi
 }
 
@@ -781,7 +856,7 @@ measure_idle() {
 measure() {
 	local meas=$1 path=$2 r=$3
 	if [[ -n ${FLOOR[$path]:-} && $meas != conns ]]; then
-		record_na "$meas" "$path" "a floor answers connrate's exchange only"
+		record_na "$meas" "$path" "a floor is measured on short connections one at a time only"
 		return
 	fi
 	if [[ $path != kernel ]] && { [[ -z ${DPID[$path]:-} ]] || ! alive "${DPID[$path]}"; }; then
@@ -796,7 +871,8 @@ measure() {
 	tcp*) measure_tcp "$meas" "$path" "$r" ;;
 	udp) measure_udp udp "$path" "$r" ;;
 	udpw) measure_udp udpw "$path" "$r" -w 4M ;;
-	conns) measure_conns "$path" "$r" ;;
+	conns | conc) measure_conns "$meas" "$path" "$r" ;;
+	rr) measure_rr "$path" "$r" ;;
 	idle) measure_idle "$path" "$r" ;;
 	esac
 }
@@ -812,11 +888,16 @@ print_table() {
 	echo "machine: $(nproc) cores, ${model:-unknown cpu}, kernel $(uname -r), date $(date -u +%Y-%m-%dT%H:%MZ), rounds $ROUNDS, mtu 1500"
 	echo "runs: ${T}s each, udp offered $UDP_RATE with 1400-byte datagrams, netstackd $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
 	[[ -z $BASE_COL ]] || echo "$BASE_COL: $BASELINE, with the direct column's arguments"
-	printf '%-28s' metric
+	((PASTA)) && echo "pasta: $(cat "$WORK/pasta.cmd" 2>/dev/null || echo pasta) (tap MTU 65520, its default)"
+	# The issue's yardstick: netstackd direct against pasta, same run.
+	local vs=""
+	((PASTA)) && vs=1
+	printf '%-34s' metric
 	local path row
 	for path in "${PATHS[@]}"; do
 		if [[ $path == kernel ]]; then printf '%12s' kernel; else printf '%20s' "$path (x)"; fi
 	done
+	[[ -z $vs ]] || printf '%14s' direct/pasta
 	echo
 	local notes=()
 	for row in "${ROWS[@]}"; do
@@ -825,13 +906,13 @@ print_table() {
 			[[ -n ${VALS["$row|$path"]:-} || -n ${STATE["$row|$path"]:-} ]] && any=1
 		done
 		((any)) || continue
-		printf '%-28s' "${LABEL[$row]}"
+		printf '%-34s' "${LABEL[$row]}"
 		local base=""
 		base=$(median <<<"${VALS["$row|kernel"]:-}") || base=""
 		for path in "${PATHS[@]}"; do
 			local cell m
 			if m=$(median <<<"${VALS["$row|$path"]:-}"); then
-				if [[ $row == cerr ]]; then cell=$(awk -v v="$m" 'BEGIN { print v + 0 }'); else cell=$(fmt "$m"); fi
+				if [[ $row == cerr || $row == nerr ]]; then cell=$(awk -v v="$m" 'BEGIN { print v + 0 }'); else cell=$(fmt "$m"); fi
 				if [[ $path != kernel && -n ${RATIO[$row]:-} && -n $base ]] && positive "$base"; then
 					cell+=" ($(awk -v a="$m" -v b="$base" 'BEGIN { printf "%.2f", a / b }'))"
 				fi
@@ -845,13 +926,24 @@ print_table() {
 			fi
 			if [[ $path == kernel ]]; then printf '%12s' "$cell"; else printf '%20s' "$cell"; fi
 		done
+		if [[ -n $vs ]]; then
+			local d p
+			d=$(median <<<"${VALS["$row|direct"]:-}") || d=""
+			p=$(median <<<"${VALS["$row|pasta"]:-}") || p=""
+			if [[ -n $d && -n $p && $row != cerr && $row != nerr ]] && positive "$p"; then
+				printf '%14s' "$(awk -v a="$d" -v b="$p" 'BEGIN { printf "%.2f", a / b }')"
+			else
+				printf '%14s' -
+			fi
+		fi
 		echo
 	done
 	echo "medians over rounds; (x) = ratio to kernel; ! = some rounds failed; - = not applicable"
+	[[ -z $vs ]] || echo "direct/pasta = direct's median over pasta's (rates: above 1 is netstackd ahead; times and CPU: below 1 is)"
 	if ((${#notes[@]})); then
 		printf '%s\n' "${notes[@]}" | sort -u | sed 's/^/n\/a: /'
 	fi
-	echo "daemon = netstackd (or the peer program); RSS summed over its processes; CPU = user+system over the round"
+	echo "daemon = netstackd (or pasta, or the peer program); RSS summed over its processes; CPU = user+system over the round"
 }
 
 # --- main --------------------------------------------------------------------

@@ -313,8 +313,14 @@ func (g *Group) CarriesUDP() bool {
 // the destination through a member whose server could not be reached, so
 // moving on to the next member is safe.
 func (g *Group) each(ctx context.Context, udp bool, dial func(*member) error) (string, error) {
+	return g.eachOf(ctx, 0, len(g.members), udp, dial)
+}
+
+// eachOf is each over the members from lo up to hi.
+func (g *Group) eachOf(ctx context.Context, lo, hi int, udp bool, dial func(*member) error) (string, error) {
 	var down []error
-	for i, m := range g.members {
+	for i := lo; i < hi; i++ {
+		m := g.members[i]
 		if udp {
 			if _, ok := m.Dialer.(PacketListener); !ok {
 				continue
@@ -424,3 +430,62 @@ var (
 	_ Dialer         = (*Group)(nil)
 	_ PacketListener = (*Group)(nil)
 )
+
+// Only is one member of a Group on its own, as a rule that names an
+// upstream (proxy:NAME) wants it: dials go to that member alone, fail at
+// once (ErrNoUpstream) while its health check says it is down, and count
+// and mark it down as the group's own dials do.
+type Only struct {
+	g *Group
+	i int
+}
+
+// Only returns the member named name on its own.
+func (g *Group) Only(name string) (Only, bool) {
+	for i, m := range g.members {
+		if m.Name == name {
+			return Only{g, i}, true
+		}
+	}
+	return Only{}, false
+}
+
+func (o Only) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	c, _, err := o.DialUpstream(ctx, network, address)
+	return c, err
+}
+
+// DialUpstream dials through the member and names it.
+func (o Only) DialUpstream(ctx context.Context, network, address string) (net.Conn, string, error) {
+	var c net.Conn
+	name, err := o.g.eachOf(ctx, o.i, o.i+1, false, func(m *member) error {
+		var err error
+		c, err = m.Dialer.DialContext(ctx, network, address)
+		return err
+	})
+	return c, name, err
+}
+
+// CarriesUDP reports whether the member carries UDP.
+func (o Only) CarriesUDP() bool {
+	_, ok := o.g.members[o.i].Dialer.(PacketListener)
+	return ok
+}
+
+func (o Only) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
+	pc, _, err := o.ListenUpstream(ctx, network, address)
+	return pc, err
+}
+
+// ListenUpstream opens a UDP association through the member and names it.
+func (o Only) ListenUpstream(ctx context.Context, network, address string) (net.PacketConn, string, error) {
+	var pc net.PacketConn
+	name, err := o.g.eachOf(ctx, o.i, o.i+1, true, func(m *member) error {
+		var err error
+		pc, err = m.Dialer.(PacketListener).ListenPacket(ctx, network, address)
+		return err
+	})
+	return pc, name, err
+}
+
+func (o Only) String() string { return o.g.members[o.i].Name }

@@ -360,3 +360,40 @@ func fullBacklog(t *testing.T) string {
 	t.Fatalf("the accept queue of %s never filled", addr)
 	return ""
 }
+
+// TestGroupOnly: a member on its own (a rule's proxy:NAME) is dialed even
+// when an earlier member is up, is not failed over from: with it dead the
+// dial fails at once, and the group's other members are not tried.
+func TestGroupOnly(t *testing.T) {
+	a, b := newRestartable(t), newRestartable(t)
+	dst := echoServer(t)
+	g := startGroup(t, nil, Upstream{Name: "a", Dialer: SOCKS5{Server: a.addr}}, Upstream{Name: "b", Dialer: SOCKS5{Server: b.addr}})
+	waitState(t, g, "a", "up", 5*time.Second)
+	waitState(t, g, "b", "up", 5*time.Second)
+	if _, ok := g.Only("c"); ok {
+		t.Fatal("Only found a member that does not exist")
+	}
+	onlyB, ok := g.Only("b")
+	if !ok {
+		t.Fatal("no member b")
+	}
+	c, name, err := onlyB.DialUpstream(t.Context(), "tcp", dst)
+	if err != nil || name != "b" {
+		t.Fatalf("dial through b alone: via %q, %v", name, err)
+	}
+	c.Close()
+	b.stop()
+	for range 2 {
+		start := time.Now()
+		_, name, err = onlyB.DialUpstream(t.Context(), "tcp", dst)
+		if err == nil || name == "a" {
+			t.Fatalf("dial through a dead b alone: via %q, %v; want a failure, not a", name, err)
+		}
+		if took := time.Since(start); took > 500*time.Millisecond {
+			t.Errorf("failure took %s: not at once", took)
+		}
+	}
+	if _, _, err := onlyB.DialUpstream(t.Context(), "tcp", dst); !errors.Is(err, ErrNoUpstream) {
+		t.Errorf("dial with b known down: %v, want ErrNoUpstream", err)
+	}
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages whose programs the tests and the smoke
 # benchmark drive (microsocks, danted, tinyproxy, dnsmasq, curl, dig, iperf3,
-# ...). Both scripts/test.sh and .ci/run call it.
+# pasta, ...). Both scripts/test.sh and .ci/run call it.
 #
 # It looks for each package's program first and does nothing, in well under
 # a second, when all are there; `apt-get update` runs only when something is
@@ -27,6 +27,7 @@ wanted=(
 	curl:curl
 	dig:dnsutils
 	iperf3:iperf3
+	pasta:passt
 	socat:socat
 	ip:iproute2
 	ping:iputils-ping

@@ -5,7 +5,13 @@
 // one-line request, read the reply to EOF (the server closes first, so the
 // client keeps no TIME_WAIT and never runs out of ports), close. It prints
 // one line of key=value pairs: connections completed, errors, conns/s, and
-// the p50/p99 of the connect time and of the whole exchange.
+// the p50/p99 of the connect time and of the whole exchange. With -conc N,
+// N clients do the same at once, and the line sums them.
+//
+// Client (-c ADDR -rr): opens one connection and, for -d, writes a 64-byte
+// request and reads its 64-byte echo, one after another: the round trip of a
+// small request and a small reply on an open flow. It prints "rr=N
+// seconds=S rr_p50_ms=... rr_p99_ms=...".
 //
 // Client (-c ADDR -udp-probe): sends one datagram to the UDP echo and waits
 // for it to come back. Exit status 0: echoed; 3: refused (ICMP port
@@ -18,8 +24,9 @@
 //
 // Server (-serve ADDR): answers each TCP connection's request line with
 // -size bytes and closes, except a HOLD request, which it keeps open and
-// silent until the client closes; echoes every UDP datagram on the same
-// port. It runs until killed.
+// silent until the client closes, and an RR request, after which it echoes
+// whatever comes until the client closes; echoes every UDP datagram on the
+// same port. It runs until killed.
 package main
 
 import (
@@ -32,6 +39,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -44,6 +52,8 @@ func main() {
 	size := flag.Int("size", 128, "reply size in bytes (server)")
 	probe := flag.Bool("udp-probe", false, "with -c: check that a UDP datagram is echoed")
 	hold := flag.Int("hold", 0, "with -c: open `N` idle connections and keep them for -d")
+	conc := flag.Int("conc", 1, "with -c: `N` clients making short connections at once")
+	rr := flag.Bool("rr", false, "with -c: round trips of small requests on one open connection")
 	flag.Parse()
 
 	switch {
@@ -56,8 +66,14 @@ func main() {
 		os.Exit(udpProbe(*target, *timeout))
 	case *target != "" && *hold > 0:
 		os.Exit(holdIdle(*target, *hold, *dur, *timeout))
+	case *target != "" && *rr:
+		os.Exit(roundTrips(*target, *dur, *timeout))
 	case *target != "":
-		os.Exit(runClient(*target, *dur, *timeout))
+		if *conc < 1 || *conc > 1000 {
+			fmt.Fprintln(os.Stderr, "connrate: -conc wants 1..1000")
+			os.Exit(2)
+		}
+		os.Exit(runClient(*target, *conc, *dur, *timeout))
 	default:
 		fmt.Fprintln(os.Stderr, "connrate: need -serve ADDR or -c ADDR")
 		os.Exit(2)
@@ -67,7 +83,12 @@ func main() {
 var (
 	request     = []byte("GET / HTTP/1.0\r\n\r\n")
 	holdRequest = []byte("HOLD\r\n\r\n")
+	rrRequest   = []byte("RR\r\n\r\n")
 )
+
+// rrSize is the size of each request, and so of each reply, of -rr: a
+// small message, one segment each way.
+const rrSize = 64
 
 func runServer(addr string, size int) error {
 	ln, err := net.Listen("tcp", addr)
@@ -103,14 +124,17 @@ func answer(c net.Conn, reply []byte) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	r := bufio.NewReader(c)
-	hold := false
+	hold, echo := false, false
 	for {
 		line, err := r.ReadSlice('\n')
 		if err != nil {
 			return
 		}
-		if string(bytes.TrimSpace(line)) == "HOLD" {
+		switch string(bytes.TrimSpace(line)) {
+		case "HOLD":
 			hold = true
+		case "RR":
+			echo = true
 		}
 		if len(bytes.TrimSpace(line)) == 0 {
 			break
@@ -120,6 +144,24 @@ func answer(c net.Conn, reply []byte) {
 		c.SetDeadline(time.Time{})
 		io.Copy(io.Discard, r) // until the client closes
 		return
+	}
+	if echo {
+		c.SetDeadline(time.Time{})
+		// Each read is written back at once: a request is one segment,
+		// so its reply is one too. The bufio.Reader gives what it
+		// already holds first.
+		buf := make([]byte, 4096)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 {
+				if _, werr := c.Write(buf[:n]); werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
 	}
 	c.Write(reply)
 }
@@ -187,23 +229,44 @@ func udpEcho(pc net.PacketConn) {
 	}
 }
 
-func runClient(addr string, dur, timeout time.Duration) int {
+func runClient(addr string, conc int, dur, timeout time.Duration) int {
+	type result struct {
+		connect, txn []time.Duration
+		errs         int
+		lastErr      error
+	}
+	results := make([]result, conc)
+	start := time.Now()
+	end := start.Add(dur)
+	var wg sync.WaitGroup
+	for i := range results {
+		res := &results[i]
+		wg.Go(func() {
+			for time.Now().Before(end) {
+				c, t, err := exchange(addr, timeout)
+				if err != nil {
+					res.errs++
+					res.lastErr = err
+					continue
+				}
+				res.connect = append(res.connect, c)
+				res.txn = append(res.txn, t)
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start).Seconds()
 	var connect, txn []time.Duration
 	var errs int
 	var lastErr error
-	start := time.Now()
-	end := start.Add(dur)
-	for time.Now().Before(end) {
-		c, t, err := exchange(addr, timeout)
-		if err != nil {
-			errs++
-			lastErr = err
-			continue
+	for _, res := range results {
+		connect = append(connect, res.connect...)
+		txn = append(txn, res.txn...)
+		errs += res.errs
+		if res.lastErr != nil {
+			lastErr = res.lastErr
 		}
-		connect = append(connect, c)
-		txn = append(txn, t)
 	}
-	elapsed := time.Since(start).Seconds()
 	n := len(txn)
 	fmt.Printf("conns=%d errors=%d seconds=%.3f conns_per_s=%.1f connect_p50_ms=%.3f connect_p99_ms=%.3f txn_p50_ms=%.3f txn_p99_ms=%.3f\n",
 		n, errs, elapsed, float64(n)/elapsed,
@@ -215,6 +278,43 @@ func runClient(addr string, dur, timeout time.Duration) int {
 	if n == 0 {
 		return 1
 	}
+	return 0
+}
+
+// roundTrips opens one connection, asks the server to echo, and times
+// rrSize-byte requests and their echoes one after another for dur.
+func roundTrips(addr string, dur, timeout time.Duration) int {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "connrate: rr: %v\n", err)
+		return 1
+	}
+	defer c.Close()
+	if _, err := c.Write(rrRequest); err != nil {
+		fmt.Fprintf(os.Stderr, "connrate: rr: write: %v\n", err)
+		return 1
+	}
+	req := bytes.Repeat([]byte("r"), rrSize)
+	reply := make([]byte, rrSize)
+	var rtt []time.Duration
+	start := time.Now()
+	end := start.Add(dur)
+	for t0 := start; t0.Before(end); t0 = time.Now() {
+		c.SetDeadline(t0.Add(timeout))
+		if _, err := c.Write(req); err != nil {
+			fmt.Fprintf(os.Stderr, "connrate: rr: write: %v\n", err)
+			return 1
+		}
+		if _, err := io.ReadFull(c, reply); err != nil {
+			fmt.Fprintf(os.Stderr, "connrate: rr: read: %v\n", err)
+			return 1
+		}
+		rtt = append(rtt, time.Since(t0))
+	}
+	// The first round trips warm caches and the flow's state up; the
+	// median barely notices them, and there are thousands.
+	fmt.Printf("rr=%d seconds=%.3f rr_p50_ms=%.3f rr_p99_ms=%.3f\n",
+		len(rtt), time.Since(start).Seconds(), ms(quantile(rtt, 0.50)), ms(quantile(rtt, 0.99)))
 	return 0
 }
 

@@ -26,7 +26,12 @@ import (
 var metaFlags = map[string]bool{"config": true, "print-config": true, "print-man": true, "version": true}
 
 // repeatable flags take a list in the file.
-var repeatable = map[string]bool{"proxy": true, "socks": true, "addr": true, "route": true, "fake-ip-range": true, "exclude": true, "publish": true, "dns-direct": true}
+var repeatable = map[string]bool{"proxy": true, "socks": true, "addr": true, "route": true, "fake-ip-range": true, "exclude": true, "publish": true, "dns-direct": true, "rule": true}
+
+// appended are repeatable flags whose file entries come after the command
+// line's rather than giving way to them: --rule's rules are evaluated
+// before the file's.
+var appended = map[string]bool{"rule": true}
 
 // sameSetting are flags that set the same thing: the command line's one
 // keeps the file's other from being applied.
@@ -95,7 +100,7 @@ func applyConfigFile(fs *flag.FlagSet, path string, cmdline setFlags) error {
 			}
 			return fmt.Errorf("--config %s: unknown key %q: the keys are the flags' names, as netstackd --help lists them", path, k)
 		}
-		if cmdline.has(k) || cmdline.has(sameSetting[k]) {
+		if (cmdline.has(k) || cmdline.has(sameSetting[k])) && !appended[k] {
 			continue
 		}
 		values, err := configStrings(raw[k])

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/netstackd/netstackd/internal/pcap"
 	"github.com/netstackd/netstackd/proxy"
+	"github.com/netstackd/netstackd/rules"
 	"github.com/netstackd/netstackd/stack"
 	"github.com/netstackd/netstackd/tundev"
 )
@@ -48,8 +50,12 @@ type options struct {
 	fakeRanges    []netip.Prefix
 	dnsDirect     []string
 	dnsUpstream   string
-	command       []string // `run`: the program and its arguments
-	keepProcesses bool     // `run`: no PID namespace; what the program leaves behind keeps running
+	rules         []string      // --rule, in order: the routing rules (router.go)
+	sniffTimeout  time.Duration // --sniff-timeout
+	dialSniffed   bool          // --dial-sniffed-name
+	configDir     string        // where relative list: paths of the rules are read from
+	command       []string      // `run`: the program and its arguments
+	keepProcesses bool          // `run`: no PID namespace; what the program leaves behind keeps running
 	publish       []publishSpec
 	cpuProfile    string
 	execTrace     string
@@ -168,6 +174,19 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		return nil
 	})
 	fs.StringVar(&o.dnsUpstream, "dns-upstream", "", "resolver `HOST:PORT` for remote mode and the query types fake-ip does not answer (default: the first nameserver in /etc/resolv.conf), reached over TCP through the proxy")
+	fs.Func("rule", "routing `rule` MATCH[,MATCH...]=ACTION, repeatable, first match wins, before the config file's: MATCH is cidr:PREFIX, domain:NAME, suffix:NAME, keyword:WORD, regex:EXPR (last), port:N[-M], net:tcp|udp|icmp, src:PREFIX, uid:N, exe:PATH or list:FILE; ACTION is direct, proxy, proxy:NAME, reject or drop", func(v string) error {
+		if _, err := rules.Parse(v); err != nil {
+			var re *rules.Error
+			if errors.As(err, &re) {
+				return re.Err // the flag's error names the rule already
+			}
+			return err
+		}
+		o.rules = append(o.rules, v)
+		return nil
+	})
+	fs.DurationVar(&o.sniffTimeout, "sniff-timeout", 300*time.Millisecond, "how long to wait for a client's first bytes (TLS, HTTP, QUIC) when a rule needs the name of a flow to an address; a server-first protocol is routed without one after it")
+	fs.BoolVar(&o.dialSniffed, "dial-sniffed-name", true, "ask the proxy for a sniffed name rather than the address the client connected to, so the proxy resolves it")
 	fs.DurationVar(&o.udpTimeout, "udp-timeout", 60*time.Second, "a UDP association idle this long is closed")
 	fwmark := fs.String("fwmark", fmt.Sprintf("%#x", defaultFwmark), "firewall `mark` (SO_MARK) on netstackd's own upstream sockets; host-wide mode routes marked traffic by the main table, so it does not loop into the TUN (set outside host-wide mode, it marks them for rules of your own, and needs CAP_NET_ADMIN: not with --user there)")
 	fs.IntVar(&o.table, "table", defaultTable, "routing `table` that holds host-wide mode's routes through the TUN")
@@ -207,6 +226,7 @@ func parseFlags(args []string, runMode bool, usageOut io.Writer) (*options, erro
 		if err := applyConfigFile(fs, *configPath, maps.Clone(got)); err != nil {
 			return nil, err
 		}
+		o.configDir = filepath.Dir(*configPath)
 	}
 	if *showVersion {
 		fmt.Fprintln(usageOut, version())

@@ -41,13 +41,19 @@ type flowJSON struct {
 	Direction   string `json:"direction"`
 	Client      string `json:"client"`
 	Destination string `json:"destination"`
-	// Name is the name the destination stands for (fake-IP DNS).
-	Name string `json:"name,omitempty"`
+	// Name is the name the destination stands for, and NameFrom how it
+	// is known: "fake-ip" (our DNS answered it) or "sniffed" (TLS SNI,
+	// HTTP Host or QUIC Initial).
+	Name     string `json:"name,omitempty"`
+	NameFrom string `json:"name_from,omitempty"`
 	// Upstream is the far socket's peer: the destination, or the proxy.
 	Upstream string `json:"upstream,omitempty"`
 	// Via is the name of the upstream (--proxy NAME=) the flow went
 	// through; empty when direct.
-	Via        string  `json:"via,omitempty"`
+	Via string `json:"via,omitempty"`
+	// Rule is the routing rule that decided the flow, as
+	// `rule N "TEXT"`; empty when none did.
+	Rule       string  `json:"rule,omitempty"`
 	UpBytes    uint64  `json:"up_bytes"`   // from the client
 	DownBytes  uint64  `json:"down_bytes"` // to the client
 	AgeSeconds float64 `json:"age_seconds"`
@@ -61,7 +67,7 @@ func toFlowJSON(f stack.FlowInfo) flowJSON {
 	}
 	return flowJSON{
 		ID: f.ID, Proto: f.Proto, Direction: dir,
-		Client: f.Client.String(), Destination: f.Destination.String(), Name: f.Name, Upstream: f.Upstream, Via: f.Via,
+		Client: f.Client.String(), Destination: f.Destination.String(), Name: f.Name, NameFrom: f.NameFrom, Upstream: f.Upstream, Via: f.Via, Rule: f.Rule,
 		UpBytes: f.Up, DownBytes: f.Down, AgeSeconds: f.Age.Seconds(), State: f.State,
 	}
 }

@@ -86,6 +86,9 @@ type upstream struct {
 	// live is the group of proxy upstreams in use (upstreams.go); nil when
 	// direct.
 	live *liveDialer
+	// routes are the routing rules (router.go), set once the upstreams
+	// are.
+	routes *router
 	// direct makes netstackd's own direct sockets and name lookups: marked
 	// when opts.fwmark is set, never to netstackd's own addresses
 	// (refuse.go). It reaches the proxy servers and, in direct mode, the
@@ -297,6 +300,14 @@ func warnStrictRPFilter(tun string, log *slog.Logger) {
 
 // udp is what opens the flows' UDP associations: nil when the upstream
 // carries no UDP (SOCKS4, HTTP CONNECT), which the stack then refuses.
+// group is the group of proxy upstreams in use; nil when direct.
+func (u *upstream) group() *proxy.Group {
+	if u.live == nil {
+		return nil
+	}
+	return u.live.get()
+}
+
 func (u *upstream) udp() stack.UDPDialer {
 	if d, ok := u.dialer.(stack.UDPDialer); ok && !u.noUDP {
 		return d

@@ -160,6 +160,7 @@ func startMetrics(opts *options, up *upstream, st *stack.Stack, resolver *dns.Se
 			dns:     resolver,
 			refused: refused,
 			live:    up.live,
+			routes:  up.routes,
 			mode:    mode,
 		},
 		done: st.Done(),

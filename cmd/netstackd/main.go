@@ -75,6 +75,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return exitUsage
 	}
+	if up.routes, err = newRouter(opts, up, refused, log); err != nil {
+		fmt.Fprintf(stderr, "netstackd: %v\n", err)
+		return exitUsage
+	}
+	defer up.routes.Close()
 	if up.live != nil {
 		// Its health checks run from here, whatever the mode, and log
 		// each upstream's state as it changes: a proxy that does not
@@ -141,7 +146,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		// loopback flow is.
 		dnsDialer = up.direct
 	}
-	resolver, err := newDNS(opts, dnsDialer, up.direct.Resolver, log)
+	resolver, err := newDNS(opts, dnsDialer, up.direct.Resolver, up.routes.namePolicy, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "netstackd: %v\n", err)
 		return exitUsage
@@ -264,7 +269,12 @@ func startStack(dev *tundev.Device, capture *pcap.Switch, opts *options, up *ups
 	cfg.HandshakeTimeout = opts.handshakeTimeout
 	if u := up.udp(); u != nil {
 		cfg.UDP = u
+	} else if len(opts.rules) > 0 {
+		// The default upstream carries no UDP, but a rule may send UDP
+		// elsewhere: the NAT must exist, and refuses the rest.
+		cfg.UDP = noUDP{}
 	}
+	cfg.Route, cfg.SniffTimeout = up.routes.route, opts.sniffTimeout
 	_, cfg.ForwardPing = dialer.(proxy.Direct)
 	if resolver != nil {
 		cfg.DNS = resolver
@@ -326,7 +336,7 @@ func gateways(opts *options) (gw4, gw6, target netip.Addr) {
 // newDNS builds the resolver for the chosen mode; nil in off mode. direct,
 // if not nil, resolves the names under --dns-direct (host-wide mode's
 // marked resolver).
-func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.Logger) (*dns.Server, error) {
+func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, policy func(string) dns.NameAction, log *slog.Logger) (*dns.Server, error) {
 	mode, err := dns.ParseMode(opts.dnsMode)
 	if err != nil {
 		return nil, fmt.Errorf("--dns: %w", err)
@@ -340,6 +350,7 @@ func newDNS(opts *options, dialer proxy.Dialer, direct *net.Resolver, log *slog.
 		DirectSuffixes: opts.dnsDirect,
 		Upstream:       opts.dnsUpstream,
 		Dialer:         dialer,
+		Policy:         policy,
 		Logger:         log.With("component", "dns"),
 	}
 	if direct != nil {

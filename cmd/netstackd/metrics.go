@@ -21,6 +21,7 @@ type metricsSources struct {
 	dns     *dns.Server // nil with --dns off
 	refused *refusals
 	live    *liveDialer // the upstreams; nil when direct
+	routes  *router     // the routing rules
 	mode    string      // "direct" or "proxy"
 }
 
@@ -35,6 +36,7 @@ type metricsCollector struct {
 	dnsPoolExhausted, dropped, tunPacketsIn *prometheus.Desc
 	tunBatches, connectSeconds              *prometheus.Desc
 	upstreamDials                           *prometheus.Desc
+	ruleMatches, routeRefused, sniffed      *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*metricsCollector)(nil)
@@ -60,8 +62,11 @@ func newMetricsCollector(src metricsSources) *metricsCollector {
 		halfOpen:         desc("tcp_handshakes_half_open", "TCP handshakes waiting for the client's final ACK.", nil, nil),
 		refusedDst:       desc("refused_destinations_total", "Flows refused because their destination is netstackd's own (its addresses, host loopback in direct mode).", nil, nil),
 		upstreamUp:       desc("upstream_up", "1 if the upstream answered its last health check (always 1 when direct), else 0; one series per upstream.", []string{"upstream"}, up),
+		ruleMatches:      desc("rule_matches_total", "Flows each routing rule decided, by its number (from 1, in order of evaluation) and text; a reload counts anew.", []string{"rule", "text"}, nil),
+		routeRefused:     desc("route_refused_total", "Flows the routing rules refused: TCP flows, UDP associations and echo requests, by action (reject, drop).", []string{"action"}, nil),
+		sniffed:          desc("sniffed_names_total", "Flows routed by a name read from their first bytes (TLS SNI, HTTP Host, QUIC Initial).", nil, nil),
 		upstreamDials:    desc("upstream_dials_total", "Connections and UDP associations asked of each upstream (the DNS forwarder's included), by result: ok, or error (a failure reaching the proxy moves the dial on to the next upstream).", []string{"upstream", "result"}, up),
-		dnsQueries:       desc("dns_queries_total", "DNS queries answered, by how: a fake address (fake), the direct resolver (direct), the upstream resolver or its cache (forwarded), netstackd itself (local: malformed, refused, empty, pool exhausted).", []string{"mode", "answer"}, nil),
+		dnsQueries:       desc("dns_queries_total", "DNS queries answered, by how: a fake address (fake), the direct resolver (direct), the upstream resolver or its cache (forwarded), empty for a name the rules reject (rejected), netstackd itself (local: malformed, refused, empty, pool exhausted).", []string{"mode", "answer"}, nil),
 		dnsPoolUsed:      desc("dns_fake_ip_pool_used", "Names holding a fake address now.", []string{"family"}, nil),
 		dnsPoolSize:      desc("dns_fake_ip_pool_size", "Addresses the fake-IP range can give.", []string{"family"}, nil),
 		dnsPoolExhausted: desc("dns_fake_ip_pool_exhausted_total", "Fake A and AAAA queries answered SERVFAIL because no address was free.", nil, nil),
@@ -77,6 +82,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 		c.flowsActive, c.flowsTotal, c.flowsRejected, c.bytes, c.dialErrors, c.dialSeconds,
 		c.halfOpen, c.refusedDst, c.upstreamUp, c.dnsQueries, c.dnsPoolUsed, c.dnsPoolSize,
 		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches, c.connectSeconds, c.upstreamDials,
+		c.ruleMatches, c.routeRefused, c.sniffed,
 	} {
 		ch <- d
 	}
@@ -134,6 +140,15 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	} {
 		counter(c.dropped, r.n, r.reason)
 	}
+	counter(c.routeRefused, s.Rejected, "reject")
+	counter(c.routeRefused, s.Dropped, "drop")
+	counter(c.sniffed, s.Sniffed)
+	if c.src.routes != nil {
+		labels, counts := c.src.routes.ruleCounts()
+		for i, n := range counts {
+			counter(c.ruleMatches, n, strconv.Itoa(i+1), labels[i])
+		}
+	}
 	for q, n := range s.TUNReads {
 		counter(c.tunPacketsIn, n, strconv.Itoa(q))
 	}
@@ -145,7 +160,8 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ds := c.src.dns.Stats()
 	mode := c.src.dns.Mode().String()
-	local := ds.Queries - min(ds.Queries, ds.Fake+ds.Direct+ds.Forwarded)
+	local := ds.Queries - min(ds.Queries, ds.Fake+ds.Direct+ds.Forwarded+ds.Rejected)
+	counter(c.dnsQueries, ds.Rejected, mode, "rejected")
 	counter(c.dnsQueries, ds.Fake, mode, "fake")
 	counter(c.dnsQueries, ds.Direct, mode, "direct")
 	counter(c.dnsQueries, ds.Forwarded, mode, "forwarded")

@@ -18,7 +18,9 @@ import (
 // SIGHUP makes the daemon read its command line and --config file again
 // and apply what can change while flows run: the log level, the
 // upstreams (a new group replaces the old: new flows use it, flows already
-// open keep their conns) and the DNS upstream (--dns-upstream). What
+// open keep their conns), the routing rules (compiled again, list files
+// read again, whether or not they changed: new flows take them, open ones
+// keep their route) and the DNS upstream (--dns-upstream). What
 // cannot change without a restart (the TUN, its addresses and routes, the
 // other DNS settings, the limits the tables were sized with) is reported
 // and kept. A file that does not parse, or a proxy
@@ -42,11 +44,13 @@ type reloader struct {
 	// resolver's upstream (--dns-upstream) a reload changes; nil with
 	// --dns off.
 	resolver *dns.Server
-	log      *slog.Logger
+	// routes are the rules a reload compiles again.
+	routes *router
+	log    *slog.Logger
 }
 
 func newReloader(args []string, opts *options, level *slog.LevelVar, up *upstream, onDown func(string), resolver *dns.Server, log *slog.Logger) *reloader {
-	r := &reloader{args: args, running: maps.Clone(opts.effective), level: level, direct: up.direct, onDown: onDown, resolver: resolver, log: log}
+	r := &reloader{args: args, running: maps.Clone(opts.effective), level: level, direct: up.direct, onDown: onDown, resolver: resolver, routes: up.routes, log: log}
 	if !opts.hostWide {
 		r.live = up.live
 	}
@@ -89,12 +93,25 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 			changed = append(changed, k)
 		case k == "dns-upstream" && r.resolver != nil:
 			changed = append(changed, k)
+		case (k == "rule" || k == "dial-sniffed-name") && r.routes != nil:
+			changed = append(changed, k)
 		default:
 			kept = append(kept, k)
 		}
 	}
-	// The one change that may still fail goes first: a refused reload
-	// changes nothing (the group built above is not started yet).
+	// The changes that may still fail go first: a refused reload changes
+	// nothing (the group built above is not started yet).
+	var routes *routeTable
+	if r.routes != nil {
+		g := group
+		if g == nil && r.live != nil {
+			g = r.live.get()
+		}
+		if routes, err = r.routes.compile(next, g); err != nil {
+			r.log.Error("reload refused: the configuration in effect stays", "err", err)
+			return nil, nil, err
+		}
+	}
 	if slices.Contains(changed, "dns-upstream") {
 		if err := r.resolver.SetUpstream(next.dnsUpstream); err != nil {
 			r.log.Error("reload refused: the configuration in effect stays", "err", fmt.Errorf("--dns-upstream: %w", err))
@@ -106,6 +123,9 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 	}
 	if group != nil {
 		r.live.swap(group)
+	}
+	if routes != nil {
+		r.routes.swap(routes)
 	}
 	// Only what was applied is running now: a key kept keeps differing,
 	// and is reported again by the next reload.

@@ -78,7 +78,7 @@ func TestReloadDNSUpstream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resolver, err := newDNS(opts, up.direct, nil, discard)
+	resolver, err := newDNS(opts, up.direct, nil, nil, discard)
 	if err != nil {
 		t.Fatal(err)
 	}

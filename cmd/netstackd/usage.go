@@ -55,6 +55,7 @@ var flagGroups = []struct {
 	{"Modes", []string{"netns", "tun-fd", "keep-processes"}},
 	{"Upstream", []string{"proxy", "socks", "dial-timeout", "tcp-handshake", "allow-host-loopback"}},
 	{"DNS", []string{"dns", "dns-addr", "dns-upstream", "dns-direct", "fake-ip-range"}},
+	{"Routing rules", []string{"rule", "sniff-timeout", "dial-sniffed-name"}},
 	{"Addresses, routes and the TUN", []string{"tun", "addr", "route", "mtu", "queues", "no-offload", "publish"}},
 	{"Host-wide mode", []string{"fwmark", "table", "exclude", "user"}},
 	{"Limits and timeouts", []string{"max-flows", "max-inflight", "max-inflight-per-source", "tcp-handshake-timeout", "udp-timeout", "tcp-half-close-timeout"}},
