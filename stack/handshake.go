@@ -96,7 +96,7 @@ func (h *handshake) complete(reset bool) {
 // final ACK, for at most Config.HandshakeTimeout and no longer than the
 // stack serves. It does not complete the request.
 func (h *handshake) accept(wq *waiter.Queue) (tcpip.Endpoint, error) {
-	w := startHandshakeWaker(h.st.handshakes, wq, h.st.cfg.HandshakeTimeout)
+	w := startHandshakeWaker(h.st.handshakes, wq, h.st.timeouts.Load().Handshake)
 	h.st.halfOpen.Add(1)
 	ep, terr := h.req.CreateEndpoint(wq)
 	h.st.halfOpen.Add(-1)

@@ -63,7 +63,7 @@ func (st *Stack) ServeInbound(c net.Conn, dst netip.AddrPort) {
 		defer func() { <-st.flowSlots }()
 		id := st.nextFlowID()
 		log := st.log.With("flow", id, "proto", "tcp", "src", c.RemoteAddr().String(), "dst", dst, "via", "publish")
-		ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+		ctx, cancel := context.WithTimeout(st.ctx, st.timeouts.Load().Dial)
 		inside, err := st.dialInside(ctx, dst)
 		cancel()
 		if err != nil {

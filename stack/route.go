@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/netstackd/netstackd/stack/internal/tcprelay"
 	"github.com/netstackd/netstackd/stack/internal/udpnat"
@@ -186,3 +187,32 @@ func (st *Stack) refuseEcho(src, dst netip.Addr) bool {
 	}
 	return true
 }
+
+// Timeouts are the stack's timeouts that may change while it runs (a
+// reload): each new flow, and each association's next idle check, takes
+// the values in effect then. A zero field keeps its value.
+type Timeouts struct {
+	Dial      time.Duration // Config.DialTimeout
+	Handshake time.Duration // Config.HandshakeTimeout
+	Sniff     time.Duration // Config.SniffTimeout
+	UDP       time.Duration // Config.UDPTimeout, for outbound associations
+}
+
+// SetTimeouts changes the timeouts in t that are not zero.
+func (st *Stack) SetTimeouts(t Timeouts) {
+	cur := *st.timeouts.Load()
+	for _, f := range []struct{ cur, next *time.Duration }{
+		{&cur.Dial, &t.Dial}, {&cur.Handshake, &t.Handshake}, {&cur.Sniff, &t.Sniff}, {&cur.UDP, &t.UDP},
+	} {
+		if *f.next > 0 {
+			*f.cur = *f.next
+		}
+	}
+	st.timeouts.Store(&cur)
+	if st.udp != nil {
+		st.udp.SetTimeouts(t.UDP, t.Dial)
+	}
+}
+
+// Timeouts returns the timeouts in effect.
+func (st *Stack) Timeouts() Timeouts { return *st.timeouts.Load() }

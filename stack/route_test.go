@@ -358,3 +358,30 @@ func TestRouteSniffedQUIC(t *testing.T) {
 		}
 	}
 }
+
+// blockingDialer never connects: a dial ends when its context does.
+type blockingDialer struct{}
+
+func (blockingDialer) DialContext(ctx context.Context, _, _ string) (net.Conn, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// Issue 16: a reload's new dial timeout applies to the next flow: a
+// client that waited the long one is refused after the short one.
+func TestSetTimeoutsDial(t *testing.T) {
+	p := newPeer(t, Config{Dialer: blockingDialer{}, DialTimeout: time.Minute})
+	p.st.SetTimeouts(Timeouts{Dial: 200 * time.Millisecond})
+	if got := p.st.Timeouts(); got.Dial != 200*time.Millisecond || got.Handshake != defaultHandshakeTimeout || got.Sniff != defaultSniffTimeout {
+		t.Fatalf("timeouts %+v: want the dial changed and the rest kept", got)
+	}
+	start := time.Now()
+	c, err := p.dialFrom(t, 0, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), 80), 20*time.Second)
+	if err == nil {
+		c.Close()
+		t.Fatal("connect through a dialer that never connects succeeded")
+	}
+	if took := time.Since(start); !errors.Is(err, syscall.ECONNREFUSED) || took > 5*time.Second {
+		t.Fatalf("connect: %v after %v, want refused after the new 200ms dial timeout", err, took)
+	}
+}

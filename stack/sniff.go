@@ -83,7 +83,7 @@ func (st *Stack) openSniffing(h *handshake, wq *waiter.Queue, f Flow, d Decision
 // there is none, or SniffTimeout passes; it returns the name ("" for none)
 // and every byte read.
 func (st *Stack) sniffStream(conn *tcprelay.Conn) (string, []byte, error) {
-	_ = conn.SetReadDeadline(time.Now().Add(st.cfg.SniffTimeout))
+	_ = conn.SetReadDeadline(time.Now().Add(st.timeouts.Load().Sniff))
 	defer conn.SetReadDeadline(time.Time{})
 	buf := make([]byte, 0, 2048)
 	for len(buf) < maxSniff {
@@ -155,7 +155,7 @@ func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat
 // datagrams of an association for the name in its ClientHello, waiting at
 // most SniffTimeout for them.
 func (st *Stack) sniffDatagrams(ctx context.Context, o *udpnat.Opening) string {
-	ctx, cancel := context.WithTimeout(ctx, st.cfg.SniffTimeout)
+	ctx, cancel := context.WithTimeout(ctx, st.timeouts.Load().Sniff)
 	defer cancel()
 	var hello sniff.QUIC
 	for i := 0; i < maxSniffDatagrams; i++ {

@@ -263,7 +263,9 @@ type Stack struct {
 	// routes are the live view's shared routes; rejected and dropped
 	// count flows Config.Route refused, sniffed those whose name was
 	// found in their first bytes (route.go, sniff.go).
-	routes                     routes
+	routes routes
+	// timeouts are the Config's that a reload may change (SetTimeouts).
+	timeouts                   atomic.Pointer[Timeouts]
 	rejected, dropped, sniffed atomic.Uint64
 	// For Stats (stats.go): bytes of ended flows, dial failures by
 	// reason, dial latencies, and from SYN to relayed flow.
@@ -300,6 +302,7 @@ func New(cfg Config) (*Stack, error) {
 		dnsSlots:  make(chan struct{}, maxDNSInFlight),
 		done:      make(chan struct{}),
 	}
+	st.timeouts.Store(&Timeouts{Dial: cfg.DialTimeout, Handshake: cfg.HandshakeTimeout, Sniff: cfg.SniffTimeout, UDP: cfg.UDPTimeout})
 	st.ctx, st.cancel = context.WithCancel(context.Background())
 	st.handshakes, st.cancelHandshakes = context.WithCancel(context.Background())
 	relay, err := tcprelay.New(tcprelay.Config{HalfCloseIdle: cfg.HalfCloseIdle, ParkAfter: cfg.parkAfter, Log: st.log})

@@ -227,7 +227,7 @@ func (st *Stack) warnHalfOpen() {
 		"half_open", st.halfOpen.Load(), "timed_out", st.handshakeTimeouts.Load(), "dropped_per_source", st.sources.dropped.Load(),
 		"dropped_table_full", st.s.Stats().TCP.ForwardMaxInFlightDrop.Value(),
 		"max_inflight", st.cfg.MaxInFlight, "max_per_source", st.cfg.MaxInFlightPerSource,
-		"handshake_timeout", st.cfg.HandshakeTimeout, "suppressed", suppressed)
+		"handshake_timeout", st.timeouts.Load().Handshake, "suppressed", suppressed)
 }
 
 // dialThenAccept reaches the upstream and only then completes the client's
@@ -298,7 +298,7 @@ func (st *Stack) acceptWhileDialing(h *handshake, wq *waiter.Queue, d Dialer, ad
 // dialUpstream dials address with d, bounded by DialTimeout, and returns
 // the upstream's name when d gives one (UpstreamDialer).
 func (st *Stack) dialUpstream(parent context.Context, d Dialer, address string) (net.Conn, string, error) {
-	ctx, cancel := context.WithTimeout(parent, st.cfg.DialTimeout)
+	ctx, cancel := context.WithTimeout(parent, st.timeouts.Load().Dial)
 	defer cancel()
 	start := time.Now()
 	var (

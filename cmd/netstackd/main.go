@@ -194,6 +194,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	reloadCtx, stopReloads := context.WithCancel(ctx)
 	var reloading sync.WaitGroup
 	rl := newReloader(args, opts, level, up, resets.upstreamDown, resolver, log)
+	rl.stack = resets.st.Load
 	reloading.Go(func() { rl.run(reloadCtx, hups) })
 	defer func() {
 		stopReloads()

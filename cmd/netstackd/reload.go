@@ -13,17 +13,19 @@ import (
 
 	"github.com/netstackd/netstackd/dns"
 	"github.com/netstackd/netstackd/proxy"
+	"github.com/netstackd/netstackd/stack"
 )
 
 // SIGHUP makes the daemon read its command line and --config file again
-// and apply what can change while flows run: the log level, the
-// upstreams (a new group replaces the old: new flows use it, flows already
-// open keep their conns), the routing rules (compiled again, list files
-// read again, whether or not they changed: new flows take them, open ones
-// keep their route) and the DNS upstream (--dns-upstream). What
-// cannot change without a restart (the TUN, its addresses and routes, the
-// other DNS settings, the limits the tables were sized with) is reported
-// and kept. A file that does not parse, or a proxy
+// and apply what can change while flows run: the log level, the upstreams
+// (a new group replaces the old: new flows use it, flows already open keep
+// their conns), the routing rules (compiled again, list files read again,
+// whether or not they changed: new flows take them, open ones keep their
+// route), the DNS upstream (--dns-upstream) and the timeouts
+// (--dial-timeout, --tcp-handshake-timeout, --sniff-timeout,
+// --udp-timeout). What cannot change without a restart (the TUN, its
+// addresses and routes, the other DNS settings, the limits the tables were
+// sized with) is reported and kept. A file that does not parse, or a proxy
 // URL that is not valid, is refused with the reason and nothing changes.
 // `run` passes SIGHUP to its program instead.
 
@@ -46,7 +48,10 @@ type reloader struct {
 	resolver *dns.Server
 	// routes are the rules a reload compiles again.
 	routes *router
-	log    *slog.Logger
+	// stack is the running stack, whose timeouts a reload changes; nil
+	// until it runs.
+	stack func() *stack.Stack
+	log   *slog.Logger
 }
 
 func newReloader(args []string, opts *options, level *slog.LevelVar, up *upstream, onDown func(string), resolver *dns.Server, log *slog.Logger) *reloader {
@@ -95,6 +100,8 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 			changed = append(changed, k)
 		case (k == "rule" || k == "dial-sniffed-name") && r.routes != nil:
 			changed = append(changed, k)
+		case timeoutKeys[k] && r.stack != nil && r.stack() != nil:
+			changed = append(changed, k)
 		default:
 			kept = append(kept, k)
 		}
@@ -127,6 +134,11 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 	if routes != nil {
 		r.routes.swap(routes)
 	}
+	if slices.ContainsFunc(changed, func(k string) bool { return timeoutKeys[k] }) {
+		r.stack().SetTimeouts(stack.Timeouts{
+			Dial: next.dialTimeout, Handshake: next.handshakeTimeout, Sniff: next.sniffTimeout, UDP: next.udpTimeout,
+		})
+	}
 	// Only what was applied is running now: a key kept keeps differing,
 	// and is reported again by the next reload.
 	for _, k := range changed {
@@ -142,6 +154,10 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 	}
 	return changed, kept, nil
 }
+
+// timeoutKeys are the limits a reload applies to the running stack: new
+// flows, and each UDP association's next idle check, take them.
+var timeoutKeys = map[string]bool{"dial-timeout": true, "tcp-handshake-timeout": true, "sniff-timeout": true, "udp-timeout": true}
 
 // diffConfig lists the keys whose values differ, in order.
 func diffConfig(a, b map[string]string) []string {

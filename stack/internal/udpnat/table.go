@@ -124,6 +124,10 @@ type Table struct {
 	closed bool
 	wg     sync.WaitGroup // one per association
 
+	// timeout and dialTimeout are Config.Timeout and Config.DialTimeout,
+	// which SetTimeouts may change while associations run.
+	timeout, dialTimeout atomic.Int64
+
 	opened       atomic.Uint64 // associations created
 	droppedQueue atomic.Uint64 // datagrams dropped while an association opened
 	refusedFull  atomic.Uint64 // datagrams from new sources dropped: table full
@@ -199,6 +203,7 @@ type pendingDatagram struct {
 // New makes a table whose associations live at most as long as ctx.
 func New(ctx context.Context, cfg Config) *Table {
 	t := &Table{cfg: cfg, log: cfg.Log, assocs: make(map[netip.AddrPort]*udpAssoc)}
+	t.SetTimeouts(cfg.Timeout, cfg.DialTimeout)
 	t.ctx, t.cancel = context.WithCancel(ctx)
 	t.tx.init(t)
 	return t
@@ -324,6 +329,18 @@ func (t *Table) removeLocked(a *udpAssoc) {
 	t.lru.remove(a)
 }
 
+// SetTimeouts changes how long an association may idle and how long
+// opening one may take; zero keeps a value. An association waiting out the
+// old idle timeout looks again when it passes.
+func (t *Table) SetTimeouts(idle, dial time.Duration) {
+	if idle > 0 {
+		t.timeout.Store(int64(idle))
+	}
+	if dial > 0 {
+		t.dialTimeout.Store(int64(dial))
+	}
+}
+
 // Close ends every association and waits for their goroutines.
 func (t *Table) Close() {
 	t.mu.Lock()
@@ -442,7 +459,7 @@ func (a *udpAssoc) run() {
 	defer a.fakes.releaseAll()
 	defer a.t.remove(a)
 	defer a.cancel()
-	ctx, cancel := context.WithTimeout(a.ctx, a.t.cfg.DialTimeout)
+	ctx, cancel := context.WithTimeout(a.ctx, time.Duration(a.t.dialTimeout.Load()))
 	conn, err := a.open(ctx)
 	cancel()
 
@@ -513,7 +530,7 @@ func (a *udpAssoc) receive() {
 	deadlineSet := false
 	for {
 		if !deadlineSet {
-			_ = a.conn.SetReadDeadline(time.Unix(0, a.last.Load()).Add(a.t.cfg.Timeout))
+			_ = a.conn.SetReadDeadline(time.Unix(0, a.last.Load()).Add(time.Duration(a.t.timeout.Load())))
 			deadlineSet = true
 		}
 		// Checked after setting the deadline, so that an abort in between
@@ -535,7 +552,7 @@ func (a *udpAssoc) receive() {
 			if a.ctx.Err() != nil {
 				return
 			}
-			if time.Since(time.Unix(0, a.last.Load())) >= a.t.cfg.Timeout {
+			if time.Since(time.Unix(0, a.last.Load())) >= time.Duration(a.t.timeout.Load()) {
 				a.log.Debug("udp association closed", "cause", "idle")
 				return
 			}
