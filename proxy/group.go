@@ -342,7 +342,7 @@ func (g *Group) eachOf(ctx context.Context, lo, hi int, udp bool, dial func(*mem
 			return m.Name, fmt.Errorf("upstream %s: %w", m.Name, err)
 		}
 		g.setState(i, stateDown, err)
-		if ctx.Err() != nil { // no time left to try the next one
+		if noTimeLeft(ctx) {
 			return m.Name, fmt.Errorf("upstream %s: %w", m.Name, err)
 		}
 		down = append(down, fmt.Errorf("%s: %w", m.Name, err))
@@ -489,3 +489,14 @@ func (o Only) ListenUpstream(ctx context.Context, network, address string) (net.
 }
 
 func (o Only) String() string { return o.g.members[o.i].Name }
+
+// noTimeLeft reports whether ctx leaves no time to try another member. A
+// conn's deadline, taken from ctx's, can pass a moment before ctx's own
+// timer marks it done: the deadline itself is looked at, not only Err.
+func noTimeLeft(ctx context.Context) bool {
+	if ctx.Err() != nil {
+		return true
+	}
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
+}
