@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -398,23 +397,7 @@ func TestGatewayUDPIsNotOutbound(t *testing.T) {
 	gw := netip.MustParseAddr("198.18.0.2")
 	p := newPeer(t, Config{Gateway4: gw, UDP: d, DNS: fixedDNS{}})
 
-	c, err := gonet.DialUDP(p.client, nil, &tcpip.FullAddress{NIC: 1, Addr: packet.TCPIPAddr(gw), Port: 50000}, ipv4.ProtocolNumber)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	var rerr error
-	for range 20 {
-		if _, rerr = c.Write([]byte("anyone?")); rerr != nil {
-			break
-		}
-		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
-		_, rerr = c.Read(make([]byte, 100))
-		if rerr != nil && !isTimeout(rerr) {
-			break
-		}
-	}
-	if rerr == nil || isTimeout(rerr) || !strings.Contains(rerr.Error(), "refused") {
+	if ok, rerr := udpRefused(t, p, netip.AddrPortFrom(gw, 50000)); !ok {
 		t.Errorf("UDP to an unused gateway port: %v, want connection refused", rerr)
 	}
 	if n := d.opened.Load(); n != 0 {

@@ -3,15 +3,10 @@ package stack
 import (
 	"errors"
 	"net/netip"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 )
 
 // ownPrefix stands for netstackd's own addresses in these tests.
@@ -59,24 +54,7 @@ func TestRefusedUDPNotSent(t *testing.T) {
 	d := &loopbackUDP{}
 	p := newPeer(t, Config{UDP: d, Refuse: refuseOwn})
 	dst := netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), udpEcho(t))
-	c, err := gonet.DialUDP(p.client, nil, &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(dst.Addr().As4()), Port: dst.Port()}, ipv4.ProtocolNumber)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	var rerr error
-	for range 20 {
-		if _, rerr = c.Write([]byte("loop?")); rerr != nil {
-			break
-		}
-		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
-		_, rerr = c.Read(make([]byte, 100))
-		if rerr != nil && !isTimeout(rerr) {
-			break
-		}
-	}
-	// gonet's UDP errors are gVisor's text, not errnos.
-	if !errors.Is(rerr, syscall.ECONNREFUSED) && (rerr == nil || isTimeout(rerr) || !strings.Contains(rerr.Error(), "refused")) {
+	if ok, rerr := udpRefused(t, p, dst); !ok {
 		t.Fatalf("read gave %v, want ECONNREFUSED from an ICMP port unreachable", rerr)
 	}
 	if n := d.opened.Load(); n != 0 {

@@ -1,9 +1,7 @@
 package stack
 
 import (
-	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -15,10 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/net/quic"
-	"gvisor.dev/gvisor/pkg/tcpip"
-	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
-	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
+	"github.com/netstackd/netstackd/internal/netnstest"
 )
 
 // namedDialer is a second upstream for routing tests: it dials loopback as
@@ -144,25 +139,8 @@ func TestRouteUDPReject(t *testing.T) {
 		return Decision{Via: "direct"}
 	}
 	p := newPeer(t, Config{UDP: d, Route: route})
-	dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), 9)
-	c, err := gonet.DialUDP(p.client, nil, &tcpip.FullAddress{NIC: 1, Addr: tcpip.AddrFrom4(dst.Addr().As4()), Port: dst.Port()}, ipv4.ProtocolNumber)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	var rerr error
-	for range 20 {
-		if _, rerr = c.Write([]byte("anyone?")); rerr != nil {
-			break
-		}
-		c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
-		_, rerr = c.Read(make([]byte, 100))
-		if rerr != nil && !isTimeout(rerr) {
-			break
-		}
-	}
-	if rerr == nil || isTimeout(rerr) || !strings.Contains(rerr.Error(), "refused") {
-		t.Fatalf("read gave %v, want connection refused from ICMP port unreachable", rerr)
+	if ok, err := udpRefused(t, p, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), 9)); !ok {
+		t.Fatalf("read gave %v, want connection refused from ICMP port unreachable", err)
 	}
 	if n := d.opened.Load(); n != 0 {
 		t.Fatalf("%d upstream sockets opened for a rejected association", n)
@@ -264,49 +242,6 @@ func TestRouteSniffServerFirst(t *testing.T) {
 	}
 }
 
-// quicInitials captures the first datagrams a real QUIC client
-// (golang.org/x/net/quic) sends for serverName, at a loopback socket that
-// never answers: its ClientHello, with a post-quantum key share, spans
-// two.
-func quicInitials(t *testing.T, serverName string) [][]byte {
-	t.Helper()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	ep, err := quic.Listen("udp4", "127.0.0.1:0", nil)
-	if err != nil {
-		t.Fatalf("quic endpoint: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		cfg := &quic.Config{TLSConfig: &tls.Config{ServerName: serverName, MinVersion: tls.VersionTLS13}}
-		if c, err := ep.Dial(ctx, "udp4", pc.LocalAddr().String(), cfg); err == nil {
-			c.Abort(nil)
-		}
-	})
-	defer func() {
-		cancel()
-		wg.Wait()
-		closeCtx, done := context.WithTimeout(context.Background(), 50*time.Millisecond)
-		defer done()
-		_ = ep.Close(closeCtx)
-	}()
-	pc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var grams [][]byte
-	buf := make([]byte, 65536)
-	for len(grams) < 2 {
-		n, _, err := pc.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("read the client's datagram %d: %v", len(grams)+1, err)
-		}
-		grams = append(grams, bytes.Clone(buf[:n]))
-	}
-	return grams
-}
-
 // A UDP association whose route needs a name is routed by the server name
 // in the client's QUIC Initial packets: a rejected name opens no upstream
 // socket and shows in the flow view as rejected, by its sniffed name; an
@@ -332,7 +267,7 @@ func TestRouteSniffedQUIC(t *testing.T) {
 	}{{"blocked.test", true}, {"ok.test", false}} {
 		u := p.udpClient(t)
 		dst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
-		for _, g := range quicInitials(t, tc.name) {
+		for _, g := range netnstest.QUICFirstFlight(t, tc.name, func(g [][]byte) bool { return len(g) == 2 }) {
 			if _, err := u.WriteTo(g, dst); err != nil {
 				t.Fatal(err)
 			}

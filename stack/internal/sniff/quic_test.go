@@ -2,19 +2,14 @@ package sniff
 
 import (
 	"bytes"
-	"context"
-	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"math/rand/v2"
-	"net"
 	"os"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
-	"golang.org/x/net/quic"
+	"github.com/netstackd/netstackd/internal/netnstest"
 )
 
 // rfcPacket reads a protected packet published as a test vector, hex with
@@ -125,52 +120,21 @@ func sealInitial(t testing.TB, v *quicVersion, dcid []byte, pn uint32, payload [
 	return pkt
 }
 
-// quicFirstFlight dials 127.0.0.1 with golang.org/x/net/quic, a real QUIC
-// client, at a UDP socket that never answers, and returns the datagrams it
-// sent until the sniffer answered, with the answer.
+// quicFirstFlight has a real QUIC client (golang.org/x/net/quic) send its
+// first datagrams to a socket that never answers, and returns those it sent
+// until the sniffer answered, with the answer.
 func quicFirstFlight(t testing.TB, serverName string) ([][]byte, string, error) {
 	t.Helper()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	ep, err := quic.Listen("udp4", "127.0.0.1:0", nil)
-	if err != nil {
-		t.Fatalf("quic endpoint: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		cfg := &quic.Config{TLSConfig: &tls.Config{ServerName: serverName, MinVersion: tls.VersionTLS13}}
-		if c, err := ep.Dial(ctx, "udp4", pc.LocalAddr().String(), cfg); err == nil {
-			c.Abort(nil) // cannot happen: nothing answers
-		}
+	var (
+		q    QUIC
+		name string
+		err  error
+	)
+	grams := netnstest.QUICFirstFlight(t, serverName, func(grams [][]byte) bool {
+		name, err = q.Feed(grams[len(grams)-1])
+		return !errors.Is(err, ErrMore)
 	})
-	defer func() {
-		cancel()
-		wg.Wait()
-		closeCtx, done := context.WithTimeout(context.Background(), 50*time.Millisecond) // nothing answers: abort, do not drain
-		defer done()
-		_ = ep.Close(closeCtx)
-	}()
-	if err := pc.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	var q QUIC
-	var grams [][]byte
-	buf := make([]byte, 65536)
-	for {
-		n, _, err := pc.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("read the client's datagram %d: %v", len(grams)+1, err)
-		}
-		grams = append(grams, bytes.Clone(buf[:n]))
-		if name, err := q.Feed(buf[:n]); !errors.Is(err, ErrMore) {
-			return grams, name, err
-		}
-	}
+	return grams, name, err
 }
 
 // TestQUICClient sniffs the Initials of a real QUIC client, whose hello
