@@ -314,15 +314,23 @@ func printUpstreams(w io.Writer, ups []upstreamJSON) error {
 // printFlows writes flows as a table for a person.
 func printFlows(w io.Writer, flows []flowJSON) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tPROTO\tCLIENT\tDESTINATION\tUPSTREAM\tUP\tDOWN\tAGE\tSTATE")
+	fmt.Fprintln(tw, "ID\tPROTO\tCLIENT\tDESTINATION\tUPSTREAM\tUP\tDOWN\tAGE\tSTATE\tRULE")
 	for _, f := range flows {
 		proto := f.Proto
 		if f.Direction == "inbound" {
 			proto += "-in"
 		}
 		dst := f.Destination
-		if f.Name != "" {
+		switch {
+		case f.NameFrom == "sniffed":
+			dst = f.Name + " (sniffed " + f.Destination + ")"
+		case f.Name != "":
 			dst = f.Name + " (" + f.Destination + ")"
+		}
+		// The rule by its number: its text is in the JSON and the log.
+		rule := "-"
+		if n, _, ok := strings.Cut(strings.TrimPrefix(f.Rule, "rule "), " "); ok {
+			rule = n
 		}
 		upstream := f.Upstream
 		switch {
@@ -333,8 +341,8 @@ func printFlows(w io.Writer, flows []flowJSON) error {
 		case upstream == "":
 			upstream = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.ID, proto, f.Client, dst, upstream,
-			humanBytes(f.UpBytes), humanBytes(f.DownBytes), humanAge(f.AgeSeconds), f.State)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.ID, proto, f.Client, dst, upstream,
+			humanBytes(f.UpBytes), humanBytes(f.DownBytes), humanAge(f.AgeSeconds), f.State, rule)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write table: %w", err)

@@ -273,8 +273,8 @@ func TestFlowsCommand(t *testing.T) {
 		t.Fatalf("flows printed:\n%s", out.String())
 	}
 	fields := strings.Fields(lines[1])
-	// ID PROTO CLIENT DESTINATION UPSTREAM UP(2) DOWN(2) AGE STATE
-	if len(fields) != 11 || fields[1] != "udp" || fields[2] != client.String() || fields[3] != r.echo.String() ||
+	// ID PROTO CLIENT DESTINATION UPSTREAM UP(2) DOWN(2) AGE STATE RULE
+	if len(fields) != 12 || fields[1] != "udp" || fields[2] != client.String() || fields[3] != r.echo.String() ||
 		fields[4] != "-" || fields[5]+" "+fields[6] != "1.4 KiB" || fields[7]+" "+fields[8] != "1.4 KiB" || fields[10] != "open" {
 		t.Fatalf("flow row %q", lines[1])
 	}
@@ -338,14 +338,17 @@ func TestPrintFlows(t *testing.T) {
 		{ID: 7, Proto: "tcp", Direction: "outbound", Client: "10.0.0.2:51000", Destination: "198.18.0.5:443",
 			Name: "example.test", Upstream: "127.0.0.1:1080", Via: "a", UpBytes: 1234, DownBytes: 5 << 20, AgeSeconds: 75.4, State: "idle"},
 		{ID: 12, Proto: "udp", Direction: "outbound", Client: "10.0.0.2:5353", Destination: "192.0.2.1:53",
-			UpBytes: 40, DownBytes: 0, AgeSeconds: 0.2, State: "open", Via: "b"},
+			UpBytes: 40, DownBytes: 0, AgeSeconds: 0.2, State: "open", Via: "b", Rule: `rule 2 "port:53=proxy:b"`},
+		{ID: 13, Proto: "tcp", Direction: "outbound", Client: "10.0.0.2:5400", Destination: "192.0.2.9:443",
+			Name: "sni.test", NameFrom: "sniffed", Via: "direct", AgeSeconds: 1, State: "open", Rule: `rule 10 "domain:sni.test=direct"`},
 		{ID: 130, Proto: "tcp", Direction: "inbound", Client: "203.0.113.9:40000", Destination: "10.0.0.2:80",
 			UpBytes: 3 << 30, DownBytes: 1023, AgeSeconds: 3723, State: "half-closed"},
 	}
-	want := `ID   PROTO   CLIENT             DESTINATION                    UPSTREAM          UP       DOWN     AGE     STATE
-7    tcp     10.0.0.2:51000     example.test (198.18.0.5:443)  a=127.0.0.1:1080  1.2 KiB  5.0 MiB  1m15s   idle
-12   udp     10.0.0.2:5353      192.0.2.1:53                   b                 40 B     0 B      0s      open
-130  tcp-in  203.0.113.9:40000  10.0.0.2:80                    -                 3.0 GiB  1023 B   1h2m3s  half-closed
+	want := `ID   PROTO   CLIENT             DESTINATION                       UPSTREAM          UP       DOWN     AGE     STATE        RULE
+7    tcp     10.0.0.2:51000     example.test (198.18.0.5:443)     a=127.0.0.1:1080  1.2 KiB  5.0 MiB  1m15s   idle         -
+12   udp     10.0.0.2:5353      192.0.2.1:53                      b                 40 B     0 B      0s      open         2
+13   tcp     10.0.0.2:5400      sni.test (sniffed 192.0.2.9:443)  direct            0 B      0 B      1s      open         10
+130  tcp-in  203.0.113.9:40000  10.0.0.2:80                       -                 3.0 GiB  1023 B   1h2m3s  half-closed  -
 `
 	var out bytes.Buffer
 	if err := printFlows(&out, flows); err != nil {
