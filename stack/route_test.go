@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -257,7 +258,7 @@ func TestRouteSniffedQUIC(t *testing.T) {
 		case f.Name == "blocked.test":
 			return Decision{Action: Reject, Rule: "domain:blocked.test=reject"}
 		}
-		return Decision{Via: "named", Rule: "domain:ok.test=direct"}
+		return Decision{Via: "named", Rule: "domain:ok.test=proxy", DialName: true}
 	}
 	p := newPeer(t, Config{UDP: d, Route: route})
 	port := udpEcho(t)
@@ -276,7 +277,7 @@ func TestRouteSniffedQUIC(t *testing.T) {
 		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 		for ctx.Err() == nil {
 			var ok bool
-			if got, ok = flowByID(p.st, func(f FlowInfo) bool { return f.Proto == "udp" && f.Name == tc.name }); ok && got.State != "opening" {
+			if got, ok = flowByID(p.st, func(f FlowInfo) bool { return f.Proto == "udp" && f.Name == tc.name }); ok && got.State != "opening" && (tc.rejected || got.Down > 0) {
 				break
 			}
 			time.Sleep(10 * time.Millisecond) // the association has no readiness signal of its own
@@ -290,6 +291,20 @@ func TestRouteSniffedQUIC(t *testing.T) {
 		}
 		if !tc.rejected && (got.Via != "named" || d.opened.Load() != 1) {
 			t.Fatalf("%s: via %q with %d upstream sockets, want named and one", tc.name, got.Via, d.opened.Load())
+		}
+		if !tc.rejected {
+			// DialName: the datagrams went to the name, as a proxy would
+			// be asked, and the echo came back to the client from the
+			// address it sent to.
+			d.mu.Lock()
+			names := slices.Clone(d.names)
+			d.mu.Unlock()
+			if want := hostPort(tc.name, port); len(names) < 2 || names[0] != want {
+				t.Fatalf("%s: datagrams written to %q, want them sent to %s", tc.name, names, want)
+			}
+			if got.Down == 0 {
+				t.Fatalf("%s: no echo reached the client: %+v", tc.name, got)
+			}
 		}
 	}
 }

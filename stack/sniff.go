@@ -138,7 +138,7 @@ func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat
 	}
 	rt := udpnat.Route{Dialer: d.UDP, Via: d.Via, Rule: d.Rule}
 	if f.NameFrom == NameFromSniffed {
-		rt.Name, rt.NameFrom = f.Name, f.NameFrom
+		rt.Name, rt.NameFrom, rt.DialName = f.Name, f.NameFrom, d.DialName
 	}
 	switch d.Action {
 	case Reject:

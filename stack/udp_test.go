@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -28,6 +29,9 @@ import (
 type loopbackUDP struct {
 	opened atomic.Int32
 	fail   error
+
+	mu    sync.Mutex
+	names []string // destinations given by name, as written
 }
 
 func (d *loopbackUDP) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
@@ -39,17 +43,34 @@ func (d *loopbackUDP) ListenPacket(ctx context.Context, network, address string)
 	if err != nil {
 		return nil, err
 	}
-	return &rewriteConn{UDPConn: c}, nil
+	return &rewriteConn{UDPConn: c, d: d}, nil
 }
 
 type rewriteConn struct {
 	*net.UDPConn
+	d     *loopbackUDP
 	mu    sync.Mutex
 	alias map[uint16]netip.Addr // loopback port → the address the client used
 }
 
+// nameHost is where a destination given by name is, as a proxy would
+// resolve it.
+var nameHost = netip.MustParseAddr("192.0.2.2")
+
 func (c *rewriteConn) WriteTo(b []byte, addr net.Addr) (int, error) {
-	ap := addr.(*net.UDPAddr).AddrPort()
+	ua, ok := addr.(*net.UDPAddr)
+	if !ok { // "name:port", as a proxy that resolves names takes it
+		c.d.mu.Lock()
+		c.d.names = append(c.d.names, addr.String())
+		c.d.mu.Unlock()
+		_, port, err := net.SplitHostPort(addr.String())
+		p, perr := strconv.Atoi(port)
+		if err != nil || perr != nil {
+			return 0, fmt.Errorf("write to %s: not host:port", addr)
+		}
+		ua = net.UDPAddrFromAddrPort(netip.AddrPortFrom(nameHost, uint16(p)))
+	}
+	ap := ua.AddrPort()
 	c.mu.Lock()
 	if c.alias == nil {
 		c.alias = make(map[uint16]netip.Addr)

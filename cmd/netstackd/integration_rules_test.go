@@ -447,3 +447,28 @@ func TestIntegrationRulesDNS(t *testing.T) {
 		}
 	}
 }
+
+// TestIntegrationRulesQUICName: a QUIC client that connects by address is
+// routed by the server name in its Initial packets, and its datagrams reach
+// the proxy by that name: Dante (UDP ASSOCIATE) resolves it, as dnsmasq's
+// log shows, and relays them to the server.
+func TestIntegrationRulesQUICName(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.Server.SetResolvConf(t, netnstest.ServerIPv4) // before Dante starts: how it resolves
+	dnsmasq := tp.StartDnsmasq(t, netnstest.ServerIPv4, map[string]netip.Addr{"quic.test": netnstest.ServerIPv4})
+	dante := netip.AddrPortFrom(netnstest.ServerIPv4, netnstest.SocksPort)
+	tp.StartDanteUDP(t, dante)
+	dst := netip.AddrPortFrom(netnstest.ServerIPv4, rulesQUICPort)
+	udp := tp.StartUDPEcho(t, dst)
+	startNetstackd(t, tp, "--proxy", "socks5://"+dante.String(), "--dns-upstream", dnsUpstream.String(),
+		"--rule", "domain:quic.test,net:udp=proxy")
+
+	quicDial(t, tp, dst, "quic.test")
+	if len(udp.Sources(dst)) == 0 {
+		t.Fatal("the QUIC client's datagrams did not reach the server through Dante")
+	}
+	if log := dnsmasq.Log(); !strings.Contains(log, "query[A] quic.test from "+netnstest.ServerIPv4.String()) {
+		t.Errorf("Dante did not resolve quic.test: the proxy was not given the sniffed name:\n%s", log)
+	}
+}

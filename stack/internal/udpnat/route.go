@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strconv"
 )
 
 // Route is where a new association goes (Config.Route).
@@ -19,6 +20,11 @@ type Route struct {
 	// overrides it), the rule that decided, and the name the association
 	// was routed by with where it came from.
 	Via, Rule, Name, NameFrom string
+	// DialName sends the datagrams to the association's first
+	// destination by Name, so that a proxy resolves it: only through a
+	// conn that is not a kernel socket (a proxy's); a kernel socket sends
+	// to the address.
+	DialName bool
 }
 
 // UpstreamListener is a UDPDialer that says which of its upstreams
@@ -87,14 +93,27 @@ func (a *udpAssoc) open(ctx context.Context) (net.PacketConn, error) {
 	if d == nil {
 		d = a.t.cfg.Dialer
 	}
+	var (
+		conn net.PacketConn
+		err  error
+	)
 	if ul, ok := d.(UpstreamListener); ok {
-		conn, via, err := ul.ListenUpstream(ctx, "udp", "")
+		var via string
+		conn, via, err = ul.ListenUpstream(ctx, "udp", "")
 		if via != "" {
 			a.route.Via = via
 		}
-		return conn, err
+	} else {
+		conn, err = d.ListenPacket(ctx, "udp", "")
 	}
-	return d.ListenPacket(ctx, "udp", "")
+	if err == nil && rt.DialName && rt.Name != "" && kernelSocket(conn) == nil {
+		// Replies name their source by the address the proxy resolved:
+		// as for a fake address, they are shown as coming from the one
+		// the client sent to.
+		a.named = &fakeDest{fake: a.firstDst, hostport: net.JoinHostPort(rt.Name, strconv.Itoa(int(a.firstDst.Port()))), release: func() {}}
+		a.fakes.add(a.named)
+	}
+	return conn, err
 }
 
 // AbortVia ends every association whose upstream is named via, and

@@ -188,6 +188,10 @@ type udpAssoc struct {
 	txHead, txTail int32
 
 	fakes fakeDests // fake destinations sent to, by name
+	// named is the first destination given by the name sniffed from the
+	// association's first datagrams (Route.DialName), so a proxy is asked
+	// for the name; nil otherwise. Set before ready is closed.
+	named *fakeDest
 
 	mu      sync.Mutex
 	pending []pendingDatagram
@@ -443,6 +447,8 @@ func (a *udpAssoc) write(dst netip.AddrPort, payload []byte) {
 			a.fakes.add(d)
 		}
 		_, err = a.conn.WriteTo(payload, hostAddr(d.hostport))
+	} else if n := a.named; n != nil && dst == n.fake {
+		_, err = a.conn.WriteTo(payload, hostAddr(n.hostport))
 	} else {
 		_, err = a.conn.WriteTo(payload, net.UDPAddrFromAddrPort(dst))
 	}
