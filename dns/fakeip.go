@@ -109,6 +109,7 @@ func (s *Server) answerDirect(ctx context.Context, req *dns.Msg, name string) *d
 			m.Answer = append(m.Answer, addrRR(q.Name, a, s.fakeTTL))
 		}
 	}
+	s.addrNames.record(name, m.Answer, s.now())
 	return m
 }
 

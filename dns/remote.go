@@ -17,6 +17,7 @@ func (s *Server) forward(ctx context.Context, req *dns.Msg) *dns.Msg {
 	key := cacheKey{name: normaliseName(q.Name), qtype: q.Qtype, qclass: q.Qclass}
 	now := s.now()
 	if m, ok := s.cache.get(key, now); ok {
+		s.recordAddrs(key.name, q.Qtype, m, now)
 		return fromUpstream(req, m)
 	}
 	up, err := s.exchange(ctx, q, req.CheckingDisabled)
@@ -32,7 +33,16 @@ func (s *Server) forward(ctx context.Context, req *dns.Msg) *dns.Msg {
 	if ttl, ok := cacheTTL(up); ok {
 		s.cache.put(key, up, ttl, now)
 	}
+	s.recordAddrs(key.name, q.Qtype, up, now)
 	return fromUpstream(req, up)
+}
+
+// recordAddrs remembers the addresses an A or AAAA answer gave for name
+// (NameOf).
+func (s *Server) recordAddrs(name string, qtype uint16, m *dns.Msg, now time.Time) {
+	if (qtype == dns.TypeA || qtype == dns.TypeAAAA) && name != "" && m.Rcode == dns.RcodeSuccess {
+		s.addrNames.record(name, m.Answer, now)
+	}
 }
 
 // fromUpstream builds the reply to req out of the upstream's reply: the

@@ -144,6 +144,9 @@ type Server struct {
 	cache    *cache
 	sem      chan struct{} // forwarded queries in flight
 	now      func() time.Time
+	// addrNames are the names real addresses stood for in answers
+	// (NameOf).
+	addrNames addrNames
 
 	warnPool      ratelog.Limiter
 	warnUpstream  ratelog.Limiter

@@ -38,7 +38,7 @@ type FlowInfo struct {
 	// failover group's member), Rule the rule that routed it; empty
 	// when it took the default upstream unnamed.
 	Via, Rule string
-	// NameFrom says where Name came from: NameFromFakeIP or
+	// NameFrom says where Name came from: NameFromFakeIP, NameFromDNS or
 	// NameFromSniffed; empty with no name.
 	NameFrom string
 	// State is "open", "idle" (nothing moving; TCP: both directions

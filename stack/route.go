@@ -43,7 +43,21 @@ func (a Action) String() string {
 const (
 	NameFromFakeIP  = "fake-ip" // the client connected to a fake address from our DNS
 	NameFromSniffed = "sniffed" // read from the client's first bytes: TLS SNI, HTTP Host, QUIC Initial
+	NameFromDNS     = "dns"     // a real address our DNS gave for the name (Config.AddrNames)
 )
+
+// nameFlow gives f the name its destination is known by: a fake address's
+// (name, from upstreamAddress), else the one a DNS answer gave it.
+func (st *Stack) nameFlow(f *Flow, fakeName string) {
+	switch {
+	case fakeName != "":
+		f.Name, f.NameFrom = fakeName, NameFromFakeIP
+	case st.cfg.AddrNames != nil:
+		if n, ok := st.cfg.AddrNames(f.Dst.Addr()); ok {
+			f.Name, f.NameFrom = n, NameFromDNS
+		}
+	}
+}
 
 // Flow is a new outbound flow as Config.Route sees it.
 type Flow struct {

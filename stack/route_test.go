@@ -335,3 +335,41 @@ func TestSetTimeoutsDial(t *testing.T) {
 		t.Fatalf("connect: %v after %v, want refused after the new 200ms dial timeout", err, took)
 	}
 }
+
+// A flow to a real address our DNS gave for a name is routed by that name
+// (NameFromDNS), without sniffing, and shows it; an address no answer gave
+// is routed without one.
+func TestRouteDNSName(t *testing.T) {
+	port := listen(t, echo)
+	var (
+		mu    sync.Mutex
+		asked []Flow
+	)
+	route := func(f Flow) Decision {
+		mu.Lock()
+		asked = append(asked, f)
+		mu.Unlock()
+		if f.Name == "named.test" {
+			return Decision{Via: "by-name", Rule: "domain:named.test=direct"}
+		}
+		return Decision{}
+	}
+	names := func(a netip.Addr) (string, bool) {
+		if a == netip.MustParseAddr("192.0.2.2") {
+			return "named.test", true
+		}
+		return "", false
+	}
+	p := newPeer(t, Config{Route: route, AddrNames: names})
+	if err := echoFlow(t, p, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port), 1, 100); err != nil {
+		t.Fatal(err)
+	}
+	if err := echoFlow(t, p, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.3"), port), 2, 100); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(asked) != 2 || asked[0].Name != "named.test" || asked[0].NameFrom != NameFromDNS || asked[1].Name != "" {
+		t.Fatalf("route asked %+v: want the first flow by its DNS name, the second without one", asked)
+	}
+}

@@ -125,9 +125,7 @@ func sniffName(b []byte) (name string, done bool) {
 // with the one its first datagrams carry in a QUIC Initial.
 func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat.Route {
 	f := Flow{Proto: "udp", Client: o.Client, Dst: o.Dst}
-	if name := st.fakeName(o.Dst.Addr()); name != "" {
-		f.Name, f.NameFrom = name, NameFromFakeIP
-	}
+	st.nameFlow(&f, st.fakeName(o.Dst.Addr()))
 	d := st.decide(f)
 	if d.Sniff {
 		if name := st.sniffDatagrams(ctx, o); name != "" {
@@ -137,8 +135,11 @@ func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat
 		}
 	}
 	rt := udpnat.Route{Dialer: d.UDP, Via: d.Via, Rule: d.Rule}
-	if f.NameFrom == NameFromSniffed {
+	switch f.NameFrom {
+	case NameFromSniffed:
 		rt.Name, rt.NameFrom, rt.DialName = f.Name, f.NameFrom, d.DialName
+	case NameFromDNS:
+		rt.Name, rt.NameFrom = f.Name, f.NameFrom
 	}
 	switch d.Action {
 	case Reject:

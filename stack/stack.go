@@ -128,6 +128,10 @@ type Config struct {
 	// interception; TCP and UDP to a fake address go by Names instead, so
 	// Refuse may list the fake ranges whole.
 	Refuse func(netip.Addr) bool
+	// AddrNames, if set, names a real destination address by the DNS
+	// answer that gave it (*dns.Server's NameOf): a flow to it is routed
+	// by that name (NameFromDNS) without sniffing, and shows it.
+	AddrNames func(netip.Addr) (string, bool)
 	// Route, if set, decides each new outbound flow: which upstream it
 	// takes, or whether it is rejected or dropped (route.go). Without it
 	// every flow goes to Dialer and UDP.

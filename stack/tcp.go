@@ -111,10 +111,8 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 			release()
 		}
 	}()
-	f := Flow{Proto: "tcp", Client: client, Dst: dst, Name: name}
-	if name != "" {
-		f.NameFrom = NameFromFakeIP
-	}
+	f := Flow{Proto: "tcp", Client: client, Dst: dst}
+	st.nameFlow(&f, name)
 	d := st.decide(f)
 	if st.refuseByRoute(h, f, d, log) {
 		return
@@ -166,7 +164,9 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		via = d.Via
 	}
 	tag := tcprelay.Tag{ID: log.seq, Route: st.routes.of(via, d.Rule)}
-	if f.NameFrom == NameFromSniffed {
+	if f.NameFrom == NameFromSniffed || f.NameFrom == NameFromDNS {
+		// A name of the flow's own: a fake address's is looked up when
+		// the view asks.
 		tag.Route = &tcprelay.Route{Via: via, Rule: d.Rule, Name: f.Name, NameFrom: f.NameFrom}
 	}
 

@@ -42,8 +42,9 @@ type flowJSON struct {
 	Client      string `json:"client"`
 	Destination string `json:"destination"`
 	// Name is the name the destination stands for, and NameFrom how it
-	// is known: "fake-ip" (our DNS answered it) or "sniffed" (TLS SNI,
-	// HTTP Host or QUIC Initial).
+	// is known: "fake-ip" (a fake address our DNS gave), "dns" (a real
+	// address our DNS gave for it) or "sniffed" (TLS SNI, HTTP Host or
+	// QUIC Initial).
 	Name     string `json:"name,omitempty"`
 	NameFrom string `json:"name_from,omitempty"`
 	// Upstream is the far socket's peer: the destination, or the proxy.

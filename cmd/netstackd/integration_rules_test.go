@@ -472,3 +472,26 @@ func TestIntegrationRulesQUICName(t *testing.T) {
 		t.Errorf("Dante did not resolve quic.test: the proxy was not given the sniffed name:\n%s", log)
 	}
 }
+
+// TestIntegrationRulesRemoteDNS: in direct mode (remote DNS), the name a
+// client looked up through netstackd names the address it then connects
+// to: a rule on the name decides, though the client connects by address and
+// sends no name netstackd could sniff. Both names have one address: the
+// last one looked up names it.
+func TestIntegrationRulesRemoteDNS(t *testing.T) {
+	requireBinary(t)
+	tp := netnstest.New(t)
+	tp.StartServers(t)
+	tp.StartDnsmasq(t, netnstest.ServerIPv4, map[string]netip.Addr{"named.test": netnstest.ServerIPv4, "other.test": netnstest.ServerIPv4})
+	tp.Client.SetResolvConf(t, dnsAddr)
+	startNetstackd(t, tp, "--dns-upstream", dnsUpstream.String(), "--rule", "domain:named.test,net:tcp=reject")
+	for _, tc := range []struct {
+		name string
+		exit int
+	}{{"named.test", 7}, {"other.test", 0}, {"named.test", 7}} {
+		r := curl(t, tp, 10*time.Second, fmt.Sprintf("http://%s:%d/", tc.name, netnstest.HTTPPort))
+		if r.ExitCode != tc.exit {
+			t.Errorf("GET %s: exit %d, want %d: %s", tc.name, r.ExitCode, tc.exit, r)
+		}
+	}
+}

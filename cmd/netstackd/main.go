@@ -282,6 +282,7 @@ func startStack(dev *tundev.Device, capture *pcap.Switch, opts *options, up *ups
 		if resolver.Mode() == dns.ModeFakeIP {
 			cfg.Names = resolver
 		}
+		cfg.AddrNames = resolver.NameOf
 	}
 	st, err := stack.New(cfg)
 	if err != nil {
