@@ -32,6 +32,27 @@ func (d *namedDialer) DialUpstream(ctx context.Context, network, address string)
 	return c, d.name, err
 }
 
+// routeLog records the flows Config.Route was asked about, in order, and
+// answers with decide.
+type routeLog struct {
+	mu     sync.Mutex
+	flows  []Flow
+	decide func(Flow) Decision
+}
+
+func (l *routeLog) route(f Flow) Decision {
+	l.mu.Lock()
+	l.flows = append(l.flows, f)
+	l.mu.Unlock()
+	return l.decide(f)
+}
+
+func (l *routeLog) asked() []Flow {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.flows)
+}
+
 // flowByID finds a live flow in the stack's view.
 func flowByID(st *Stack, match func(FlowInfo) bool) (FlowInfo, bool) {
 	for _, f := range st.Flows(0) {
@@ -165,14 +186,7 @@ func TestRouteSniffedHTTPHost(t *testing.T) {
 		got <- string(buf[:n])
 		c.Write([]byte("HTTP/1.1 204 No Content\r\n\r\n"))
 	})
-	var (
-		mu    sync.Mutex
-		asked []Flow
-	)
-	route := func(f Flow) Decision {
-		mu.Lock()
-		asked = append(asked, f)
-		mu.Unlock()
+	log := &routeLog{decide: func(f Flow) Decision {
 		if f.Name == "" {
 			return Decision{Sniff: true}
 		}
@@ -180,8 +194,8 @@ func TestRouteSniffedHTTPHost(t *testing.T) {
 			return Decision{Via: "sniffed-ok", Rule: "domain:example.test=proxy", DialName: true}
 		}
 		return Decision{Action: Reject}
-	}
-	p := newPeer(t, Config{Route: route})
+	}}
+	p := newPeer(t, Config{Route: log.route})
 	c, err := p.dial(t, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port))
 	if err != nil {
 		t.Fatalf("connect: %v", err)
@@ -200,8 +214,7 @@ func TestRouteSniffedHTTPHost(t *testing.T) {
 	if s := <-got; s != req {
 		t.Fatalf("server got %q, want the request intact", s)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	asked := log.asked()
 	p.dialer.mu.Lock()
 	defer p.dialer.mu.Unlock()
 	if len(asked) != 2 || asked[1].Name != "example.test" || asked[1].NameFrom != NameFromSniffed {
@@ -341,35 +354,26 @@ func TestSetTimeoutsDial(t *testing.T) {
 // is routed without one.
 func TestRouteDNSName(t *testing.T) {
 	port := listen(t, echo)
-	var (
-		mu    sync.Mutex
-		asked []Flow
-	)
-	route := func(f Flow) Decision {
-		mu.Lock()
-		asked = append(asked, f)
-		mu.Unlock()
+	log := &routeLog{decide: func(f Flow) Decision {
 		if f.Name == "named.test" {
 			return Decision{Via: "by-name", Rule: "domain:named.test=direct"}
 		}
 		return Decision{}
-	}
+	}}
 	names := func(a netip.Addr) (string, bool) {
 		if a == netip.MustParseAddr("192.0.2.2") {
 			return "named.test", true
 		}
 		return "", false
 	}
-	p := newPeer(t, Config{Route: route, AddrNames: names})
+	p := newPeer(t, Config{Route: log.route, AddrNames: names})
 	if err := echoFlow(t, p, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.2"), port), 1, 100); err != nil {
 		t.Fatal(err)
 	}
 	if err := echoFlow(t, p, netip.AddrPortFrom(netip.MustParseAddr("192.0.2.3"), port), 2, 100); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if len(asked) != 2 || asked[0].Name != "named.test" || asked[0].NameFrom != NameFromDNS || asked[1].Name != "" {
-		t.Fatalf("route asked %+v: want the first flow by its DNS name, the second without one", asked)
+	if asked := log.asked(); len(asked) != 2 || asked[0].Name != "named.test" || asked[0].NameFrom != NameFromDNS || asked[1].Name != "" {
+		t.Fatalf("route asked %+v: want the first flow by its DNS name, the second without one", log.asked())
 	}
 }
