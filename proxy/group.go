@@ -270,8 +270,13 @@ func (g *Group) DialContext(ctx context.Context, network, address string) (net.C
 // DialUpstream dials address through the first usable member and returns
 // the conn with that member's name.
 func (g *Group) DialUpstream(ctx context.Context, network, address string) (net.Conn, string, error) {
+	return g.dialMembers(ctx, 0, len(g.members), network, address)
+}
+
+// dialMembers dials through the first usable member from lo up to hi.
+func (g *Group) dialMembers(ctx context.Context, lo, hi int, network, address string) (net.Conn, string, error) {
 	var c net.Conn
-	name, err := g.each(ctx, false, func(m *member) error {
+	name, err := g.eachOf(ctx, lo, hi, false, func(m *member) error {
 		var err error
 		c, err = m.Dialer.DialContext(ctx, network, address)
 		return err
@@ -288,8 +293,14 @@ func (g *Group) ListenPacket(ctx context.Context, network, address string) (net.
 
 // ListenUpstream is ListenPacket that also returns the member's name.
 func (g *Group) ListenUpstream(ctx context.Context, network, address string) (net.PacketConn, string, error) {
+	return g.listenMembers(ctx, 0, len(g.members), network, address)
+}
+
+// listenMembers opens a UDP association through the first usable member
+// from lo up to hi that carries UDP.
+func (g *Group) listenMembers(ctx context.Context, lo, hi int, network, address string) (net.PacketConn, string, error) {
 	var pc net.PacketConn
-	name, err := g.each(ctx, true, func(m *member) error {
+	name, err := g.eachOf(ctx, lo, hi, true, func(m *member) error {
 		var err error
 		pc, err = m.Dialer.(PacketListener).ListenPacket(ctx, network, address)
 		return err
@@ -307,16 +318,12 @@ func (g *Group) CarriesUDP() bool {
 	return false
 }
 
-// each runs dial on the members in order, skipping those that are down
-// (and, for udp, those without UDP), until one succeeds or fails for a
-// reason other than its proxy server being unreachable. Nothing reached
+// eachOf runs dial on the members from lo up to hi in order, skipping
+// those that are down (and, for udp, those without UDP), until one
+// succeeds or fails for a reason other than its proxy server being
+// unreachable. Nothing reached
 // the destination through a member whose server could not be reached, so
 // moving on to the next member is safe.
-func (g *Group) each(ctx context.Context, udp bool, dial func(*member) error) (string, error) {
-	return g.eachOf(ctx, 0, len(g.members), udp, dial)
-}
-
-// eachOf is each over the members from lo up to hi.
 func (g *Group) eachOf(ctx context.Context, lo, hi int, udp bool, dial func(*member) error) (string, error) {
 	var down []error
 	for i := lo; i < hi; i++ {
@@ -457,13 +464,7 @@ func (o Only) DialContext(ctx context.Context, network, address string) (net.Con
 
 // DialUpstream dials through the member and names it.
 func (o Only) DialUpstream(ctx context.Context, network, address string) (net.Conn, string, error) {
-	var c net.Conn
-	name, err := o.g.eachOf(ctx, o.i, o.i+1, false, func(m *member) error {
-		var err error
-		c, err = m.Dialer.DialContext(ctx, network, address)
-		return err
-	})
-	return c, name, err
+	return o.g.dialMembers(ctx, o.i, o.i+1, network, address)
 }
 
 // CarriesUDP reports whether the member carries UDP.
@@ -479,13 +480,7 @@ func (o Only) ListenPacket(ctx context.Context, network, address string) (net.Pa
 
 // ListenUpstream opens a UDP association through the member and names it.
 func (o Only) ListenUpstream(ctx context.Context, network, address string) (net.PacketConn, string, error) {
-	var pc net.PacketConn
-	name, err := o.g.eachOf(ctx, o.i, o.i+1, true, func(m *member) error {
-		var err error
-		pc, err = m.Dialer.(PacketListener).ListenPacket(ctx, network, address)
-		return err
-	})
-	return pc, name, err
+	return o.g.listenMembers(ctx, o.i, o.i+1, network, address)
 }
 
 func (o Only) String() string { return o.g.members[o.i].Name }

@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
+	"slices"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/waiter"
@@ -33,33 +33,32 @@ const (
 )
 
 // openSniffing accepts the client, reads its first bytes for a name, asks
-// Config.Route again with it and dials what that decides. It returns the
-// client's conn, the upstream, the upstream's name, the bytes read (owed
-// to the upstream), and the flow, decision and address it settled on. On
-// an error the client has been reset and the request completed.
-func (st *Stack) openSniffing(h *handshake, wq *waiter.Queue, f Flow, d Decision, address string, log flowLogger) (
-	conn *tcprelay.Conn, upstream net.Conn, via string, first []byte, _ Flow, _ Decision, _ string, err error) {
+// Config.Route again with it and dials what that decides, updating r. The
+// bytes read are owed to the upstream (openFlow.first). On an error the
+// client has been reset and the request completed.
+func (st *Stack) openSniffing(h *handshake, wq *waiter.Queue, r *flowRoute, log flowLogger) (openFlow, error) {
 	ep, err := h.accept(wq)
 	if err != nil {
 		h.failAccept(err)
-		return nil, nil, "", nil, f, d, address, err
+		return openFlow{}, err
 	}
 	h.complete(false)
-	conn = tcprelay.NewConn(ep, wq, f.Dst, f.Client)
-	name, first, err := st.sniffStream(conn)
+	o := openFlow{conn: tcprelay.NewConn(ep, wq, r.flow.Dst, r.flow.Client)}
+	name, first, err := st.sniffStream(o.conn)
 	if err != nil {
-		conn.Abort()
-		return nil, nil, "", nil, f, d, address, fmt.Errorf("read the client's first bytes: %w", err)
+		o.conn.Abort()
+		return openFlow{}, fmt.Errorf("read the client's first bytes: %w", err)
 	}
+	o.first = first
 	if name != "" {
 		st.sniffed.Add(1)
-		f.Name, f.NameFrom = name, NameFromSniffed
-		d = st.decide(f)
-		if d.DialName {
-			address = hostPort(name, f.Dst.Port())
+		r.flow.Name, r.flow.NameFrom = name, NameFromSniffed
+		r.decision = st.decide(r.flow)
+		if r.decision.DialName {
+			r.address = hostPort(name, r.flow.Dst.Port())
 		}
 	}
-	switch d.Action {
+	switch d := r.decision; d.Action {
 	case Reject, Drop:
 		// The handshake is done: a reset is all that is left to say.
 		if d.Action == Reject {
@@ -67,16 +66,16 @@ func (st *Stack) openSniffing(h *handshake, wq *waiter.Queue, f Flow, d Decision
 		} else {
 			st.dropped.Add(1)
 		}
-		log.log(slog.LevelDebug, "flow "+d.Action.String()+"ed", "rule", d.Rule, "name", f.Name, "name_from", f.NameFrom)
-		conn.Abort()
-		return nil, nil, "", nil, f, d, address, fmt.Errorf("%s by rule %s", d.Action, d.Rule)
+		log.log(slog.LevelDebug, "flow refused after sniffing", "action", d.Action, "rule", d.Rule, "name", r.flow.Name)
+		o.conn.Abort()
+		return openFlow{}, fmt.Errorf("%s by rule %s", d.Action, d.Rule)
 	}
-	upstream, via, err = st.dialUpstream(st.ctx, st.dialer(d), address)
+	o.upstream, o.via, err = st.dialUpstream(st.ctx, st.dialer(r.decision), r.address)
 	if err != nil {
-		conn.Abort()
-		return nil, nil, "", nil, f, d, address, err
+		o.conn.Abort()
+		return openFlow{}, err
 	}
-	return conn, upstream, via, first, f, d, address, nil
+	return o, nil
 }
 
 // sniffStream reads the client's first bytes until they give a name, show
@@ -88,7 +87,7 @@ func (st *Stack) sniffStream(conn *tcprelay.Conn) (string, []byte, error) {
 	buf := make([]byte, 0, 2048)
 	for len(buf) < maxSniff {
 		if len(buf) == cap(buf) {
-			buf = append(buf, make([]byte, min(cap(buf), maxSniff-len(buf)))...)[:len(buf)]
+			buf = slices.Grow(buf, min(cap(buf), maxSniff-len(buf)))
 		}
 		n, err := conn.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]

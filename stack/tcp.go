@@ -111,30 +111,27 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 			release()
 		}
 	}()
-	f := Flow{Proto: "tcp", Client: client, Dst: dst}
-	st.nameFlow(&f, name)
-	d := st.decide(f)
-	if st.refuseByRoute(h, f, d, log) {
+	r := flowRoute{flow: Flow{Proto: "tcp", Client: client, Dst: dst}, address: address}
+	st.nameFlow(&r.flow, name)
+	r.decision = st.decide(r.flow)
+	if st.refuseByRoute(h, r.flow, r.decision, log) {
 		return
 	}
 	var (
-		wq       waiter.Queue
-		conn     *tcprelay.Conn
-		upstream net.Conn
-		via      string
-		first    []byte // what sniffing read from the client, owed to the upstream
+		wq waiter.Queue
+		o  openFlow
 	)
-	if d.Sniff {
-		conn, upstream, via, first, f, d, address, err = st.openSniffing(h, &wq, f, d, address, log)
+	if r.decision.Sniff {
+		o, err = st.openSniffing(h, &wq, &r, log)
 	} else {
 		open := st.dialThenAccept
 		if st.cfg.AcceptFirst {
 			open = st.acceptWhileDialing
 		}
 		var ep tcpip.Endpoint
-		upstream, via, ep, err = open(h, &wq, st.dialer(d), address)
+		o.upstream, o.via, ep, err = open(h, &wq, st.dialer(r.decision), r.address)
 		if err == nil {
-			conn = tcprelay.NewConn(ep, &wq, dst, client)
+			o.conn = tcprelay.NewConn(ep, &wq, dst, client)
 		}
 	}
 	if err != nil {
@@ -143,46 +140,45 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 			st.warnFDs.Warn(st.log, "out of file descriptors: resetting new flows", "src", client, "dst", dst, "err", err)
 		case errors.Is(err, errHandshakeTimeout):
 			st.warnHalfOpen()
-			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
+			log.log(slog.LevelDebug, "flow not opened", "address", r.address, "err", err)
 		default:
-			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", err)
+			log.log(slog.LevelDebug, "flow not opened", "address", r.address, "err", err)
 		}
 		return
 	}
-	conn.SetKeepAlive()
-	if len(first) > 0 {
+	o.conn.SetKeepAlive()
+	if len(o.first) > 0 {
 		// A fresh socket's send buffer takes the few kilobytes sniffing
 		// read at once.
-		if _, err := upstream.Write(first); err != nil {
-			log.log(slog.LevelDebug, "flow not opened", "address", address, "err", fmt.Errorf("send the client's first bytes: %w", err))
-			conn.Abort()
-			tcprelay.ResetConn(upstream)
+		if _, err := o.upstream.Write(o.first); err != nil {
+			log.log(slog.LevelDebug, "flow not opened", "address", r.address, "err", fmt.Errorf("send the client's first bytes: %w", err))
+			o.conn.Abort()
+			tcprelay.ResetConn(o.upstream)
 			return
 		}
 	}
-	if via == "" {
-		via = d.Via
-	}
-	tag := tcprelay.Tag{ID: log.seq, Route: st.routes.of(via, d.Rule)}
-	if f.NameFrom == NameFromSniffed || f.NameFrom == NameFromDNS {
-		// A name of the flow's own: a fake address's is looked up when
-		// the view asks.
-		tag.Route = &tcprelay.Route{Via: via, Rule: d.Rule, Name: f.Name, NameFrom: f.NameFrom}
-	}
+	tag := tcprelay.Tag{ID: log.seq, Route: st.tagRoute(r, o.via)}
 
 	st.connectLatency.observe(time.Since(start))
 	st.tcpOpened.Add(1)
-	log.log(slog.LevelDebug, "flow open", "upstream", upstream.RemoteAddr(), "via", via, "rule", d.Rule, "name", f.Name, "name_from", f.NameFrom)
+	log.log(slog.LevelDebug, "flow open", "upstream", o.upstream.RemoteAddr(), "via", tag.Route.ViaName(), "rule", r.decision.Rule,
+		"name", r.flow.Name, "name_from", r.flow.NameFrom)
 	handedOff = true
-	st.relay.Relay(conn, upstream, tag, func(res tcprelay.Result) {
+	// The done func lives as long as the flow, idle or not: it holds the
+	// address and the shared route, not the flow's decision.
+	address, rt := r.address, tag.Route
+	st.relay.Relay(o.conn, o.upstream, tag, func(res tcprelay.Result) {
 		st.bytesUp.Add(uint64(max(res.Up, 0)))
 		st.bytesDown.Add(uint64(max(res.Down, 0)))
 		// One line says the whole flow: where it went, how much each
 		// way, how long, and how it ended.
 		if l := log.logger(slog.LevelDebug); l != nil {
-			attrs := append(res.LogAttrs(), slog.String("address", address), slog.String("via", via), slog.String("rule", d.Rule))
-			if f.Name != "" {
-				attrs = append(attrs, slog.String("name", f.Name), slog.String("name_from", f.NameFrom))
+			attrs := append(res.LogAttrs(), slog.String("address", address))
+			if rt != nil {
+				attrs = append(attrs, slog.String("via", rt.Via), slog.String("rule", rt.Rule))
+				if rt.Name != "" {
+					attrs = append(attrs, slog.String("name", rt.Name), slog.String("name_from", rt.NameFrom))
+				}
 			}
 			l.LogAttrs(context.Background(), slog.LevelDebug, "flow closed", attrs...)
 		}
@@ -190,6 +186,36 @@ func (st *Stack) handleTCP(req *tcp.ForwarderRequest) {
 		<-st.flowSlots
 		st.flows.Done()
 	})
+}
+
+// flowRoute is how a new TCP flow is routed: the flow as Config.Route
+// sees it, its decision, and the address to dial. Sniffing may change all
+// three.
+type flowRoute struct {
+	flow     Flow
+	decision Decision
+	address  string
+}
+
+// openFlow is a TCP flow with both sides open.
+type openFlow struct {
+	conn     *tcprelay.Conn
+	upstream net.Conn
+	via      string // the upstream's name, when the dialer gave one
+	first    []byte // what sniffing read from the client, owed to the upstream
+}
+
+// tagRoute is the route the live view shows for a flow: shared by flows
+// routed alike, the flow's own when it carries a name of its own (a fake
+// address's is looked up when the view asks).
+func (st *Stack) tagRoute(r flowRoute, via string) *tcprelay.Route {
+	if via == "" {
+		via = r.decision.Via
+	}
+	if f := r.flow; f.NameFrom == NameFromSniffed || f.NameFrom == NameFromDNS {
+		return &tcprelay.Route{Via: via, Rule: r.decision.Rule, Name: f.Name, NameFrom: f.NameFrom}
+	}
+	return st.routes.of(via, r.decision.Rule)
 }
 
 // refuseByRoute carries out a decision to reject or drop a flow before

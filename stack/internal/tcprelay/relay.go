@@ -199,6 +199,14 @@ type Route struct {
 	Name, NameFrom string
 }
 
+// ViaName is r's Via, "" for a nil route.
+func (r *Route) ViaName() string {
+	if r == nil {
+		return ""
+	}
+	return r.Via
+}
+
 // relayFlow is one relayed flow: its two sides and both directions, in one
 // allocation, since ten thousand idle flows each hold one.
 type relayFlow struct {
