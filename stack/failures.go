@@ -109,6 +109,9 @@ type Stats struct {
 	// TUNBatches the reads that returned them: TUNReads[q]/TUNBatches[q]
 	// is queue q's mean batch.
 	TUNReads, TUNBatches []uint64
+	// CoalescedACKs counts the pure ACKs toward clients that were not
+	// written because the next packet of their flow carried them.
+	CoalescedACKs uint64
 }
 
 // Stats reads the counters.
@@ -129,6 +132,7 @@ func (st *Stack) Stats() Stats {
 		Rejected:       st.rejected.Load(),
 		Dropped:        st.dropped.Load(),
 		Sniffed:        st.sniffed.Load(),
+		CoalescedACKs:  st.link.CoalescedAcks(),
 	}
 	for i := range s.DialErrors {
 		s.DialErrors[i] = st.dialErrors[i].Load()

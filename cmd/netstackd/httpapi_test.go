@@ -146,6 +146,7 @@ func TestAPIServes(t *testing.T) {
 	stats.DialLatency.Counts[0], stats.DialLatency.Counts[3], stats.DialLatency.Sum = 5, 1, 15*time.Millisecond
 	stats.Drops.BadChecksum = 9
 	stats.TUNReads, stats.TUNBatches = []uint64{100, 50}, []uint64{10, 25}
+	stats.CoalescedACKs = 17
 	done := make(chan struct{})
 	a, c := startTestAPI(t, false, stats, nil, done)
 	base := "http://" + a.Addr().String()
@@ -169,6 +170,7 @@ func TestAPIServes(t *testing.T) {
 		{"netstackd_dropped_total", []string{"reason", "bad_checksum"}, 9},
 		{"netstackd_tun_packets_read_total", []string{"queue", "1"}, 50},
 		{"netstackd_tun_read_batches_total", []string{"queue", "0"}, 10},
+		{"netstackd_tcp_acks_coalesced_total", nil, 17},
 		{"netstackd_upstream_up", []string{"upstream", "direct"}, 1},
 	} {
 		m := sample(fams, want.name, want.labels...)

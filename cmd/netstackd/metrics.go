@@ -34,7 +34,7 @@ type metricsCollector struct {
 	halfOpen, refusedDst, upstreamUp        *prometheus.Desc
 	dnsQueries, dnsPoolUsed, dnsPoolSize    *prometheus.Desc
 	dnsPoolExhausted, dropped, tunPacketsIn *prometheus.Desc
-	tunBatches, connectSeconds              *prometheus.Desc
+	tunBatches, connectSeconds, acksMerged  *prometheus.Desc
 	upstreamDials                           *prometheus.Desc
 	ruleMatches, routeRefused, sniffed      *prometheus.Desc
 }
@@ -73,6 +73,7 @@ func newMetricsCollector(src metricsSources) *metricsCollector {
 		dropped:          desc("dropped_total", "Packets, datagrams, SYNs and queries dropped, by reason.", []string{"reason"}, nil),
 		tunPacketsIn:     desc("tun_packets_read_total", "Packets read from the TUN, per queue.", []string{"queue"}, nil),
 		tunBatches:       desc("tun_read_batches_total", "Reads from the TUN that returned packets, per queue: packets read over batches is the mean batch size.", []string{"queue"}, nil),
+		acksMerged:       desc("tcp_acks_coalesced_total", "Pure TCP ACKs toward clients not written because the next packet of their flow, sent within 200 µs, carried them (a reply to a request, as with delayed ACKs).", nil, nil),
 	}
 }
 
@@ -82,7 +83,7 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 		c.flowsActive, c.flowsTotal, c.flowsRejected, c.bytes, c.dialErrors, c.dialSeconds,
 		c.halfOpen, c.refusedDst, c.upstreamUp, c.dnsQueries, c.dnsPoolUsed, c.dnsPoolSize,
 		c.dnsPoolExhausted, c.dropped, c.tunPacketsIn, c.tunBatches, c.connectSeconds, c.upstreamDials,
-		c.ruleMatches, c.routeRefused, c.sniffed,
+		c.ruleMatches, c.routeRefused, c.sniffed, c.acksMerged,
 	} {
 		ch <- d
 	}
@@ -155,6 +156,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	for q, n := range s.TUNBatches {
 		counter(c.tunBatches, n, strconv.Itoa(q))
 	}
+	counter(c.acksMerged, s.CoalescedACKs)
 	if c.src.dns == nil {
 		return
 	}

@@ -62,7 +62,13 @@ type outQueue struct {
 	stopped  bool
 	wake     chan struct{} // capacity 1: the writer has something to do
 
-	dropped atomic.Uint64
+	// Pure ACKs wait for a packet that carries them (acks.go): the timer
+	// wakes the writer for them after ackHold when none comes.
+	ackTimer *time.Timer
+	ackArmed bool // ackTimer is to fire for ACKs queued since the last drain
+
+	dropped   atomic.Uint64
+	coalesced atomic.Uint64 // pure ACKs not written: a later packet carried them
 }
 
 // outPacket is one packet waiting for the writer: copied into a pooled
@@ -73,6 +79,7 @@ type outPacket struct {
 	pkt  *stack.PacketBuffer // held: IncRef'd by WritePackets, DecRef'd once written or dropped
 	meta device.Meta
 	size int // bytes it puts on the device
+	ack  ackInfo
 }
 
 // release gives back what p holds.
@@ -99,6 +106,7 @@ func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) 
 		op := &batch[i]
 		op.size = pkt.Size()
 		op.meta = outboundMeta(pkt)
+		op.ack = classifyAck(pkt)
 		if op.size >= heldMin {
 			// Avoids the copy: the writer writes the views themselves
 			// (writev). A ref keeps them until then.
@@ -122,27 +130,44 @@ func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) 
 		e.writeScratchDone(batch)
 		return 0, &tcpip.ErrClosedForSend{}
 	}
-	accepted := 0
+	accepted, onlyAcks := 0, true
 	for i := range batch {
 		if q.bytes+batch[i].size > outQueueMaxBytes {
 			batch[i].release()
 			q.dropped.Add(1)
 			continue
 		}
+		onlyAcks = onlyAcks && batch[i].ack.kind == ackPure
 		q.pending = append(q.pending, batch[i])
 		q.bytes += batch[i].size
 		accepted++
 	}
+	hold := onlyAcks && accepted > 0
+	if hold && !q.ackArmed {
+		q.ackArmed = true
+		if q.ackTimer == nil {
+			q.ackTimer = time.AfterFunc(ackHold, q.wakeWriter)
+		} else {
+			q.ackTimer.Reset(ackHold)
+		}
+	}
 	q.mu.Unlock()
 	e.writeScratchDone(batch)
-	select {
-	case q.wake <- struct{}{}:
-	default:
+	if !hold {
+		q.wakeWriter()
 	}
 	if accepted < len(list) {
 		return accepted, &tcpip.ErrNoBufferSpace{}
 	}
 	return accepted, nil
+}
+
+// wakeWriter tells the writer there is something to write.
+func (q *outQueue) wakeWriter() {
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
 }
 
 // writeScratch lends the slice WritePackets fills; gVisor may call
@@ -198,8 +223,19 @@ func (e *Endpoint) drainOutbound(sc *outScratch) (stopped bool) {
 		flushers := q.flushers
 		q.flushers = nil
 		stopped = q.stopped
+		if q.ackArmed {
+			// What the timer was for is in this batch. Should it fire
+			// anyway, the writer finds the queue empty or early ACKs.
+			q.ackTimer.Stop()
+			q.ackArmed = false
+		}
 		q.mu.Unlock()
 		if len(sc.batch) > 0 {
+			var n int
+			sc.batch, n = coalesceAcks(sc.batch)
+			if n > 0 {
+				q.coalesced.Add(uint64(n))
+			}
 			e.writeAll(sc)
 			for i := range sc.batch {
 				sc.batch[i].release()
@@ -275,6 +311,10 @@ func outboundMeta(pkt *stack.PacketBuffer) device.Meta {
 	return m
 }
 
+// CoalescedAcks is the number of pure ACKs toward the device that were not
+// written because a later packet of their flow carried them.
+func (e *Endpoint) CoalescedAcks() uint64 { return e.out.coalesced.Load() }
+
 // DroppedOutbound is the number of packets toward the device dropped by a
 // full outbound queue.
 func (e *Endpoint) DroppedOutbound() uint64 { return e.out.dropped.Load() }
@@ -292,10 +332,7 @@ func (e *Endpoint) FlushOutbound(limit time.Duration) {
 	}
 	q.flushers = append(q.flushers, done)
 	q.mu.Unlock()
-	select {
-	case q.wake <- struct{}{}:
-	default:
-	}
+	q.wakeWriter()
 	t := time.NewTimer(limit)
 	defer t.Stop()
 	select {
@@ -311,8 +348,5 @@ func (e *Endpoint) StopOutbound() {
 	q.mu.Lock()
 	q.stopped = true
 	q.mu.Unlock()
-	select {
-	case q.wake <- struct{}{}:
-	default:
-	}
+	q.wakeWriter()
 }
