@@ -16,6 +16,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/buffer"
 	"gvisor.dev/gvisor/pkg/tcpip"
@@ -89,6 +90,8 @@ func New(dev device.Device, h Handler, log *slog.Logger) *Endpoint {
 	e.fragID.Store(rand.Uint32())
 	e.mtu.Store(uint32(dev.MTU()))
 	e.out.wake = make(chan struct{}, 1)
+	e.out.ackTimer = time.NewTimer(time.Hour)
+	e.out.ackTimer.Stop()
 	e.queueReads = make([]queueCounter, max(dev.Queues(), 1))
 	return e
 }

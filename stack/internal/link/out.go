@@ -62,8 +62,10 @@ type outQueue struct {
 	stopped  bool
 	wake     chan struct{} // capacity 1: the writer has something to do
 
-	// Pure ACKs wait for a packet that carries them (acks.go): the timer
-	// wakes the writer for them after ackHold when none comes.
+	// Pure ACKs wait for a packet that carries them (acks.go): the writer
+	// also takes from ackTimer's channel, so that it writes them after
+	// ackHold when none comes. A channel timer, not AfterFunc: firing it
+	// costs no goroutine.
 	ackTimer *time.Timer
 	ackArmed bool // ackTimer is to fire for ACKs queued since the last drain
 
@@ -145,11 +147,7 @@ func (e *Endpoint) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) 
 	hold := onlyAcks && accepted > 0
 	if hold && !q.ackArmed {
 		q.ackArmed = true
-		if q.ackTimer == nil {
-			q.ackTimer = time.AfterFunc(ackHold, q.wakeWriter)
-		} else {
-			q.ackTimer.Reset(ackHold)
-		}
+		q.ackTimer.Reset(ackHold)
 	}
 	q.mu.Unlock()
 	e.writeScratchDone(batch)
@@ -197,7 +195,10 @@ func (e *Endpoint) writeScratchDone(s []outPacket) {
 func (e *Endpoint) writeOutbound() {
 	var sc outScratch
 	for {
-		<-e.out.wake
+		select {
+		case <-e.out.wake:
+		case <-e.out.ackTimer.C:
+		}
 		if e.drainOutbound(&sc) {
 			return
 		}
@@ -224,8 +225,8 @@ func (e *Endpoint) drainOutbound(sc *outScratch) (stopped bool) {
 		q.flushers = nil
 		stopped = q.stopped
 		if q.ackArmed {
-			// What the timer was for is in this batch. Should it fire
-			// anyway, the writer finds the queue empty or early ACKs.
+			// What the timer was for is in this batch. (Since Go 1.23
+			// a stopped timer's channel holds no stale tick.)
 			q.ackTimer.Stop()
 			q.ackArmed = false
 		}
