@@ -1,0 +1,221 @@
+// Command rrtrace follows request/reply round trips through a Go execution
+// trace of netstackd (--exec-trace) taken while `connrate -rr` runs, and
+// prints where each round trip's time goes: the TUN read, gVisor's
+// hand-off to its segment processor, the relay, the upstream write, the
+// server, the reply's way back and the TUN write.
+//
+// It recognises netstackd's goroutines by the functions in their system
+// call stacks, so it fits the code it was written with (stack/internal/link,
+// tcprelay, tundev); a renamed function shows as round trips not found.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strings"
+
+	"golang.org/x/exp/trace"
+)
+
+// The points of one round trip, in the order they happen.
+const (
+	inWake      = iota // the TUN reader is woken by the poller: a request is there
+	inRead             // its read returns the request
+	procRun            // gVisor's segment processor starts on it
+	upWrite            // the relay starts writing the request upstream
+	upWritten          // and the write returns
+	replyWake          // the upstream reader is woken: the reply is there
+	replyQueued        // the reply is queued for the link's writer
+	outWrite           // the writer starts writing the reply to the TUN
+	outWritten         // and the write returns
+	nPoints
+)
+
+var stages = []string{
+	"TUN read (wake to read returned)",
+	"IP layer, hand-off to gVisor's processor",
+	"TCP processing, ACK, relay wake-up",
+	"upstream write (runs the server's receive)",
+	"server: request to reply",
+	"upstream read, gVisor send, queue",
+	"hand-off to the writer",
+	"TUN write (runs the client's receive)",
+	"client: reply to next request",
+}
+
+type role int
+
+const (
+	unknown role = iota
+	reader
+	processor
+	writer
+	sender
+	receiver
+)
+
+func main() {
+	skip := flag.Float64("skip", 200, "milliseconds at the start of the trace to leave out")
+	flag.Usage = func() {
+		fmt.Fprintln(os.Stderr, "usage: rrtrace [-skip MS] TRACE")
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	if flag.NArg() != 1 {
+		flag.Usage()
+		os.Exit(2)
+	}
+	f, err := os.Open(flag.Arg(0))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "rrtrace:", err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	durs, n, err := follow(f, trace.Time(*skip*1e6))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "rrtrace:", err)
+		os.Exit(1)
+	}
+	if n == 0 {
+		fmt.Fprintln(os.Stderr, "rrtrace: no round trip found (was connrate -rr running, and is this netstackd's trace?)")
+		os.Exit(1)
+	}
+	fmt.Printf("%d round trips followed; microseconds, median and 90th percentile\n", n)
+	var own, all float64
+	for i, name := range stages {
+		p50, p90 := quantile(durs[i], 0.5), quantile(durs[i], 0.9)
+		fmt.Printf("%-45s %8.1f %8.1f\n", name, p50, p90)
+		all += p50
+		if i != 4 && i != 8 {
+			own += p50
+		}
+	}
+	fmt.Printf("%-45s %8.1f\n", "sum of medians", all)
+	fmt.Printf("%-45s %8.1f\n", "  of which netstackd's (all but server and client)", own)
+}
+
+// follow reads the trace and returns each stage's durations in µs.
+func follow(r io.Reader, skip trace.Time) ([][]float64, int, error) {
+	tr, err := trace.NewReader(r)
+	if err != nil {
+		return nil, 0, fmt.Errorf("read trace: %w", err)
+	}
+	roles := map[trace.GoID]role{}
+	durs := make([][]float64, nPoints) // the last: the client's turn
+	var lastOut trace.Time             // when the previous reply was written
+	var at [nPoints]trace.Time
+	next := inWake // the point awaited
+	var start trace.Time
+	n := 0
+	for {
+		ev, err := tr.ReadEvent()
+		if err == io.EOF {
+			return durs, n, nil
+		}
+		if err != nil {
+			return nil, 0, fmt.Errorf("read trace: %w", err)
+		}
+		if start == 0 {
+			start = ev.Time()
+		}
+		if ev.Kind() != trace.EventStateTransition {
+			continue
+		}
+		st := ev.StateTransition()
+		if st.Resource.Kind != trace.ResourceGoroutine {
+			continue
+		}
+		g := st.Resource.Goroutine()
+		from, to := st.Goroutine()
+		fn := ourFrame(st.Stack)
+		if to == trace.GoSyscall || from == trace.GoNotExist || to == trace.GoWaiting {
+			if r := roleOf(fn); r != unknown {
+				roles[g] = r
+			}
+		}
+		if ev.Time()-start < skip {
+			continue
+		}
+		by := ev.Goroutine()
+		point := -1
+		switch rl := roles[g]; {
+		case rl == reader && from == trace.GoWaiting && to == trace.GoRunnable:
+			point = inWake
+		case rl == reader && from == trace.GoSyscall && next == inRead:
+			point = inRead
+		case rl == processor && to == trace.GoRunning && next == procRun:
+			point = procRun
+		case to == trace.GoSyscall && strings.Contains(fn, "socketSender).write"):
+			point = upWrite
+		case rl == sender && from == trace.GoSyscall && next == upWritten:
+			point = upWritten
+		case rl == receiver && from == trace.GoWaiting && to == trace.GoRunnable && by == trace.NoGoroutine:
+			point = replyWake
+		case rl == writer && from == trace.GoWaiting && to == trace.GoRunnable && roles[by] == receiver && next == replyQueued:
+			point = replyQueued
+		case rl == writer && to == trace.GoSyscall && next == outWrite:
+			point = outWrite
+		case rl == writer && from == trace.GoSyscall && next == outWritten:
+			point = outWritten
+		}
+		if point < 0 {
+			continue
+		}
+		if point == inWake {
+			next = inWake // a new request starts a new round trip
+		}
+		if point != next {
+			continue
+		}
+		at[point] = ev.Time()
+		if point == inWake && lastOut != 0 {
+			durs[nPoints-1] = append(durs[nPoints-1], float64(at[inWake]-lastOut)/1e3)
+			lastOut = 0
+		}
+		if point == outWritten {
+			for i := range nPoints - 1 {
+				durs[i] = append(durs[i], float64(at[i+1]-at[i])/1e3)
+			}
+			lastOut = at[outWritten]
+			n++
+			next = inWake
+			continue
+		}
+		next = point + 1
+	}
+}
+
+// ourFrame is the innermost frame of netstackd's or gVisor's code in s.
+func ourFrame(s trace.Stack) string {
+	for f := range s.Frames() {
+		if strings.Contains(f.Func, "netstackd") || strings.Contains(f.Func, "gvisor") {
+			return f.Func
+		}
+	}
+	return ""
+}
+
+func roleOf(fn string) role {
+	switch {
+	case strings.Contains(fn, "tundev.(*queue).read"):
+		return reader
+	case strings.Contains(fn, "(*processor).start"):
+		return processor
+	case strings.Contains(fn, "writer).writeFD"), strings.Contains(fn, "writeOutbound"):
+		return writer
+	case strings.Contains(fn, "socketSender).write"):
+		return sender
+	case strings.Contains(fn, "tcprelay.readRaw"):
+		return receiver
+	}
+	return unknown
+}
+
+func quantile(xs []float64, q float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[int(q*float64(len(s)-1))]
+}
