@@ -5,9 +5,10 @@ import (
 	"testing"
 
 	"gvisor.dev/gvisor/pkg/buffer"
-	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
+
+	"github.com/netstackd/netstackd/stack/internal/packet"
 )
 
 // tcpOut builds an outbound TCP packet laid out as gVisor's endpoints build
@@ -23,18 +24,10 @@ func tcpOut(t *testing.T, src, dst netip.AddrPort, flags header.TCPFlags, ack ui
 		Flags: flags, WindowSize: 65535,
 	})
 	pkt.TransportProtocolNumber = header.TCPProtocolNumber
-	n := header.TCPMinimumSize + payload
-	if src.Addr().Is4() {
-		header.IPv4(pkt.NetworkHeader().Push(header.IPv4MinimumSize)).Encode(&header.IPv4Fields{
-			TotalLength: uint16(header.IPv4MinimumSize + n), TTL: 64, Protocol: uint8(header.TCPProtocolNumber),
-			SrcAddr: tcpip.AddrFrom4(src.Addr().As4()), DstAddr: tcpip.AddrFrom4(dst.Addr().As4()),
-		})
-		pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
-	} else {
-		header.IPv6(pkt.NetworkHeader().Push(header.IPv6MinimumSize)).Encode(&header.IPv6Fields{
-			PayloadLength: uint16(n), TransportProtocol: header.TCPProtocolNumber, HopLimit: 64,
-			SrcAddr: tcpip.AddrFrom16(src.Addr().As16()), DstAddr: tcpip.AddrFrom16(dst.Addr().As16()),
-		})
+	nh := pkt.NetworkHeader().Push(packet.IPHeaderLen(dst.Addr()))
+	packet.PutIPHeader(nh, src.Addr(), dst.Addr(), header.TCPProtocolNumber, header.TCPMinimumSize+payload)
+	pkt.NetworkProtocolNumber = header.IPv4ProtocolNumber
+	if dst.Addr().Is6() {
 		pkt.NetworkProtocolNumber = header.IPv6ProtocolNumber
 	}
 	return pkt
