@@ -3,7 +3,8 @@
 # Runs `connrate -rr` through netstackd direct with Go's execution tracer on
 # (--exec-trace), then follows every round trip through the trace with
 # bench/rrtrace: TUN read, gVisor, relay, upstream write, server, reply, TUN
-# write, client. See bench/README.md.
+# write, client. With --connect, short connections one at a time, and each
+# handshake from the SYN to the SYN-ACK written. See bench/README.md.
 #
 #   SRV ──veth── DMN                    CLI
 #   connrate     netstackd ──────────▶ TUN netstack0, default routes
@@ -18,16 +19,18 @@ usage() {
 	cat <<'EOF'
 usage: bench/rrtrace.sh [options]
   --time S        seconds of round trips (default 3)
+  --connect       follow handshakes of short connections instead
   --binary PATH   trace this netstackd binary instead of one built from here
   --keep DIR      keep the trace and logs in DIR
   -- ARGS...      more arguments for netstackd (e.g. -- --procs 2)
 EOF
 }
 
-T=3 BIN="" KEEP="" EXTRA=()
+T=3 BIN="" KEEP="" EXTRA=() MODE=(-rr) FOLLOW=()
 while (($#)); do
 	case $1 in
 	--time) T=$2; shift 2 ;;
+	--connect) MODE=() FOLLOW=(-connect); shift ;;
 	--binary) BIN=$2; shift 2 ;;
 	--keep) KEEP=$2; shift 2 ;;
 	--) shift; EXTRA=("$@"); break ;;
@@ -90,8 +93,8 @@ for ((i = 0; i < 50; i++)); do
 	sleep 0.1
 done
 
-timeout $((T + 30)) ip netns exec "$CLI" "$WORK/connrate" -c 192.0.2.2:5300 -rr -d "${T}s" -timeout 2s | tee "$WORK/connrate.out"
+timeout $((T + 30)) ip netns exec "$CLI" "$WORK/connrate" -c 192.0.2.2:5300 "${MODE[@]}" -d "${T}s" -timeout 2s | tee "$WORK/connrate.out"
 # SIGTERM: netstackd stops and writes the end of its trace.
 kill -TERM "$NPID"
 wait "$NPID" || true
-"$WORK/rrtrace" "$WORK/netstackd.trace"
+"$WORK/rrtrace" "${FOLLOW[@]}" "$WORK/netstackd.trace"

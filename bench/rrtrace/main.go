@@ -2,7 +2,9 @@
 // trace of netstackd (--exec-trace) taken while `connrate -rr` runs, and
 // prints where each round trip's time goes: the TUN read, gVisor's
 // hand-off to its segment processor, the relay, the upstream write, the
-// server, the reply's way back and the TUN write.
+// server, the reply's way back and the TUN write. With -connect it follows
+// the handshakes of `connrate`'s short connections instead, from the SYN
+// to the SYN-ACK written (connect.go).
 //
 // It recognises netstackd's goroutines by the functions in their system
 // call stacks, so it fits the code it was written with (stack/internal/link,
@@ -59,8 +61,9 @@ const (
 
 func main() {
 	skip := flag.Float64("skip", 200, "milliseconds at the start of the trace to leave out")
+	connect := flag.Bool("connect", false, "follow handshakes (connrate without -rr), not round trips")
 	flag.Usage = func() {
-		fmt.Fprintln(os.Stderr, "usage: rrtrace [-skip MS] TRACE")
+		fmt.Fprintln(os.Stderr, "usage: rrtrace [-skip MS] [-connect] TRACE")
 		flag.PrintDefaults()
 	}
 	flag.Parse()
@@ -74,31 +77,37 @@ func main() {
 		os.Exit(1)
 	}
 	defer f.Close()
+	follow, names, what, others := followRoundTrips, stages, "round trips", []int{4, 8}
+	if *connect {
+		follow, names, what, others = followConnects, connectStages, "handshakes", nil
+	}
 	durs, n, err := follow(f, trace.Time(*skip*1e6))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "rrtrace:", err)
 		os.Exit(1)
 	}
 	if n == 0 {
-		fmt.Fprintln(os.Stderr, "rrtrace: no round trip found (was connrate -rr running, and is this netstackd's trace?)")
+		fmt.Fprintf(os.Stderr, "rrtrace: no %s found (was connrate running, and is this netstackd's trace?)\n", what)
 		os.Exit(1)
 	}
-	fmt.Printf("%d round trips followed; microseconds, median and 90th percentile\n", n)
+	fmt.Printf("%d %s followed; microseconds, median and 90th percentile\n", n, what)
 	var own, all float64
-	for i, name := range stages {
+	for i, name := range names {
 		p50, p90 := quantile(durs[i], 0.5), quantile(durs[i], 0.9)
 		fmt.Printf("%-45s %8.1f %8.1f\n", name, p50, p90)
 		all += p50
-		if i != 4 && i != 8 {
+		if !slices.Contains(others, i) {
 			own += p50
 		}
 	}
 	fmt.Printf("%-45s %8.1f\n", "sum of medians", all)
-	fmt.Printf("%-45s %8.1f\n", "  of which netstackd's (all but server and client)", own)
+	if len(others) > 0 {
+		fmt.Printf("%-45s %8.1f\n", "  of which netstackd's (all but server and client)", own)
+	}
 }
 
-// follow reads the trace and returns each stage's durations in µs.
-func follow(r io.Reader, skip trace.Time) ([][]float64, int, error) {
+// followRoundTrips reads the trace and returns each stage's durations in µs.
+func followRoundTrips(r io.Reader, skip trace.Time) ([][]float64, int, error) {
 	tr, err := trace.NewReader(r)
 	if err != nil {
 		return nil, 0, fmt.Errorf("read trace: %w", err)
