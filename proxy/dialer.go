@@ -4,9 +4,11 @@
 //
 // Every way of reaching it is a Dialer with exactly the DialContext method of
 // net.Dialer, so the stack (and the DNS forwarder) can take *net.Dialer or any
-// dialer here without knowing which. Each dialer hands back the kernel's own
-// *net.TCPConn, never a wrapper, so callers can half-close it (CloseWrite)
-// and reset it (SetLinger(0)) as they would a direct connection. The
+// dialer here without knowing which. Each dialer hands back the socket
+// itself (a *net.TCPConn, or Direct's own conn of a socket), never a wrapper
+// that copies, so callers can half-close it (CloseWrite), reset it
+// (SetLinger(0)) and take its descriptor (syscall.Conn) as they would a
+// direct connection. The
 // handshakes read the proxy's answer exactly to its end, so the first bytes
 // of the tunnel are still in the socket.
 //

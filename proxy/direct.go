@@ -40,16 +40,26 @@ type Direct struct {
 	Refuse func(netip.Addr) bool
 }
 
-// DialContext connects to address and returns the *net.TCPConn. Errors keep
-// their cause: errors.Is(err, syscall.ECONNREFUSED) holds for a refused
-// connect.
+// DialContext connects to address and returns the connection: a socket,
+// which can half-close (CloseWrite), reset (SetLinger(0)) and hand over its
+// descriptor (syscall.Conn) as *net.TCPConn does. Errors keep their cause
+// and read as net.Dialer's: errors.Is(err, syscall.ECONNREFUSED) holds for
+// a refused connect.
 //
-// It dials with net.Dialer, whose Control hook also starts the connect
-// (connectEarly), so that a handshake the kernel completes within connect,
-// as on a veth or loopback, does not wait for the poller.
+// An IP address is dialed with a socket of Direct's own on Linux
+// (direct_socket_linux.go). Anything else goes to net.Dialer, whose
+// Control hook also starts the connect (connectEarly), so that a handshake
+// the kernel completes within connect, as on a veth or loopback, does not
+// wait for the poller.
 func (d Direct) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	if err := checkNetwork(network); err != nil {
 		return nil, fmt.Errorf("dial %s direct: %w", address, err)
+	}
+	if c, ok, err := d.dialAddr(ctx, network, address); ok {
+		if err != nil {
+			return nil, fmt.Errorf("dial %s direct: %w", address, err)
+		}
+		return c, nil
 	}
 	nd := net.Dialer{
 		Timeout:   d.Timeout,

@@ -29,10 +29,11 @@ import (
 // loopback (strace) a dial makes 11 system calls, as net.Dialer's does, the
 // second connect taking the place of getsockopt(SO_ERROR), and the
 // goroutine never parks; a handshake still in flight costs one call more
-// (connect answering EALREADY). A socket of our own, wrapped with
-// net.FileConn once connected, would need 7 calls more (a dup and its flags,
-// SO_TYPE, epoll for two descriptors, a close; the wrapping alone took 25 µs
-// in a loopback microbenchmark here) and would redo what net.Dialer does.
+// (connect answering EALREADY). An IP address no longer comes here: Direct
+// dials it with a socket of its own (direct_socket_linux.go) that connects
+// the same way; this path is left for names and zones, which net.Dialer
+// resolves. (Wrapping such a socket with net.FileConn would have cost 7
+// calls more than it saved: os.NewFile registers it with no dup.)
 
 // connectEarly starts the TCP connect of the socket c to address, as
 // net.Dialer's Control receives them (network "tcp4" or "tcp6", address

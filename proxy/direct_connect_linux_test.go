@@ -181,8 +181,8 @@ func TestDirectConnectAddrs(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			if _, ok := c.(*net.TCPConn); !ok {
-				t.Fatalf("conn is %T, want *net.TCPConn", c)
+			if _, ok := c.(socket); !ok {
+				t.Fatalf("conn is %T, want a socket (CloseWrite, SetLinger, SyscallConn)", c)
 			}
 			peer, err := ln.Accept()
 			if err != nil {
@@ -582,7 +582,7 @@ func BenchmarkDirectDial(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				c.(*net.TCPConn).SetLinger(0)
+				c.(socket).SetLinger(0)
 				c.Close()
 			}
 		})

@@ -52,8 +52,8 @@ func TestHTTPConnectTinyproxy(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			if _, ok := c.(*net.TCPConn); !ok {
-				t.Fatalf("conn is %T, want *net.TCPConn", c)
+			if _, ok := c.(socket); !ok {
+				t.Fatalf("conn is %T, want a socket (CloseWrite, SetLinger, SyscallConn)", c)
 			}
 			roundTrip(t, c, "hello through tinyproxy, "+tt.name)
 		})
@@ -140,14 +140,14 @@ func TestHTTPConnectTinyproxyHalfClose(t *testing.T) {
 		close(targetEOF)
 		time.Sleep(100 * time.Millisecond)
 		io.WriteString(c, "sent after the FIN")
-		c.(*net.TCPConn).CloseWrite()
+		c.(socket).CloseWrite()
 	})
 	c, err := HTTPConnect{Server: server}.DialContext(t.Context(), "tcp", target)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+	if err := c.(socket).CloseWrite(); err != nil {
 		t.Fatalf("CloseWrite: %v", err)
 	}
 	select {

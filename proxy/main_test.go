@@ -3,6 +3,7 @@ package proxy
 import (
 	"net"
 	"sync"
+	"syscall"
 	"testing"
 
 	"go.uber.org/goleak"
@@ -10,6 +11,16 @@ import (
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
+}
+
+// socket is what every dialer here hands back, and the relay needs: the
+// kernel's socket itself, which can half-close, reset and give its
+// descriptor.
+type socket interface {
+	net.Conn
+	syscall.Conn
+	CloseWrite() error
+	SetLinger(sec int) error
 }
 
 // listen listens on network and address (a loopback one) until the test
@@ -87,7 +98,7 @@ func echo(c net.Conn) {
 			break
 		}
 	}
-	c.(*net.TCPConn).CloseWrite()
+	c.(socket).CloseWrite()
 }
 
 // startEcho runs an echo server on 127.0.0.1 and returns its port.

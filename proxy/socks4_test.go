@@ -28,8 +28,8 @@ func TestSOCKS4Dante(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, ok := c.(*net.TCPConn); !ok {
-		t.Fatalf("conn is %T, want *net.TCPConn", c)
+	if _, ok := c.(socket); !ok {
+		t.Fatalf("conn is %T, want a socket (CloseWrite, SetLinger, SyscallConn)", c)
 	}
 	roundTrip(t, c, "hello through dante's socks4")
 
@@ -71,14 +71,14 @@ func TestSOCKS4DanteHalfClose(t *testing.T) {
 	target := startServer(t, func(c net.Conn) {
 		io.Copy(io.Discard, c) // until the FIN
 		io.WriteString(c, "sent after the FIN")
-		c.(*net.TCPConn).CloseWrite()
+		c.(socket).CloseWrite()
 	})
 	for _, d := range []Dialer{SOCKS4{Server: server}, SOCKS5{Server: server}} {
 		c, err := d.DialContext(t.Context(), "tcp", target)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		if err := c.(socket).CloseWrite(); err != nil {
 			t.Fatalf("CloseWrite: %v", err)
 		}
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))

@@ -59,8 +59,8 @@ func TestSOCKS5Microsocks(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			if _, ok := c.(*net.TCPConn); !ok {
-				t.Fatalf("conn is %T, want *net.TCPConn", c)
+			if _, ok := c.(socket); !ok {
+				t.Fatalf("conn is %T, want a socket (CloseWrite, SetLinger, SyscallConn)", c)
 			}
 			roundTrip(t, c, "hello through "+tt.name)
 		})
@@ -150,7 +150,7 @@ func TestSOCKS5MicrosocksHalfClose(t *testing.T) {
 	if _, err := io.WriteString(c, "request"); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+	if err := c.(socket).CloseWrite(); err != nil {
 		t.Fatalf("CloseWrite: %v", err)
 	}
 	select {
@@ -194,7 +194,7 @@ func pipe(dst, src net.Conn) {
 		src.Close()
 		return
 	}
-	dst.(*net.TCPConn).CloseWrite()
+	dst.(socket).CloseWrite()
 }
 
 // acceptNoAuth reads a greeting, selects no authentication and reads the
@@ -265,7 +265,7 @@ func TestSOCKS5HalfClose(t *testing.T) {
 	if _, err := io.WriteString(c, msg); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+	if err := c.(socket).CloseWrite(); err != nil {
 		t.Fatalf("CloseWrite: %v", err)
 	}
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))

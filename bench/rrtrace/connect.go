@@ -30,6 +30,13 @@ var connectStages = []string{
 	"TUN write of the SYN-ACK (runs the client's)",
 }
 
+// isConnect reports whether fn is where the direct dialer's first connect
+// is made: net.Dialer's Control (connectEarly) or Direct's own socket
+// (dialAddr, whose first traced system call is the connect).
+func isConnect(fn string) bool {
+	return strings.Contains(fn, "connectEarly") || strings.Contains(fn, "Direct.dialAddr")
+}
+
 // followConnects reads the trace and returns each handshake stage's
 // durations in µs. A handshake whose forwarder goroutine did not itself
 // wake the writer (the writer was already awake) is left out.
@@ -87,7 +94,7 @@ func followConnects(r io.Reader, skip trace.Time) ([][]float64, int, error) {
 		if h := open[g]; h != nil {
 			switch {
 			case h.next == fwdRun && to == trace.GoRunning,
-				h.next == dialConnect && to == trace.GoSyscall && strings.Contains(fn, "connectEarly"),
+				h.next == dialConnect && to == trace.GoSyscall && isConnect(fn),
 				h.next == dialDone && from == trace.GoSyscall:
 				h.at[h.next] = t
 				h.next++
