@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"io"
 	"strings"
 
@@ -41,11 +40,6 @@ func isConnect(fn string) bool {
 // durations in µs. A handshake whose forwarder goroutine did not itself
 // wake the writer (the writer was already awake) is left out.
 func followConnects(r io.Reader, skip trace.Time) ([][]float64, int, error) {
-	tr, err := trace.NewReader(r)
-	if err != nil {
-		return nil, 0, fmt.Errorf("read trace: %w", err)
-	}
-	roles := map[trace.GoID]role{}
 	type handshake struct {
 		at   [nConnectPoints]trace.Time
 		next int
@@ -53,81 +47,50 @@ func followConnects(r io.Reader, skip trace.Time) ([][]float64, int, error) {
 	open := map[trace.GoID]*handshake{}
 	var writing *handshake // the handshake whose SYN-ACK the writer is writing
 	durs := make([][]float64, nConnectPoints-1)
-	var start trace.Time
 	n := 0
-	for {
-		ev, err := tr.ReadEvent()
-		if err == io.EOF {
-			return durs, n, nil
-		}
-		if err != nil {
-			return nil, 0, fmt.Errorf("read trace: %w", err)
-		}
-		if start == 0 {
-			start = ev.Time()
-		}
-		if ev.Kind() != trace.EventStateTransition {
-			continue
-		}
-		st := ev.StateTransition()
-		if st.Resource.Kind != trace.ResourceGoroutine {
-			continue
-		}
-		g := st.Resource.Goroutine()
-		from, to := st.Goroutine()
-		fn := ourFrame(st.Stack)
-		if to == trace.GoSyscall || from == trace.GoNotExist || to == trace.GoWaiting {
-			if r := roleOf(fn); r != unknown {
-				roles[g] = r
-			}
-		}
-		if ev.Time()-start < skip {
-			continue
-		}
-		t := ev.Time()
-		if from == trace.GoNotExist && strings.Contains(fn, "Forwarder).HandlePacket") {
+	err := walk(r, skip, func(x *transition) {
+		if x.from == trace.GoNotExist && strings.Contains(x.fn, "Forwarder).HandlePacket") {
 			h := &handshake{next: fwdRun}
-			h.at[synHandled] = t
-			open[g] = h
-			continue
+			h.at[synHandled] = x.t
+			open[x.g] = h
+			return
 		}
-		if h := open[g]; h != nil {
+		if h := open[x.g]; h != nil {
 			switch {
-			case h.next == fwdRun && to == trace.GoRunning,
-				h.next == dialConnect && to == trace.GoSyscall && isConnect(fn),
-				h.next == dialDone && from == trace.GoSyscall:
-				h.at[h.next] = t
+			case h.next == fwdRun && x.to == trace.GoRunning,
+				h.next == dialConnect && x.to == trace.GoSyscall && isConnect(x.fn),
+				h.next == dialDone && x.from == trace.GoSyscall:
+				h.at[h.next] = x.t
 				h.next++
-			case to == trace.GoNotExist:
-				delete(open, g)
+			case x.to == trace.GoNotExist:
+				delete(open, x.g)
 			}
 		}
-		if roles[g] != writer {
-			continue
+		if x.role != writer {
+			return
 		}
-		if from == trace.GoWaiting && to == trace.GoRunnable {
-			if h := open[ev.Goroutine()]; h != nil && h.next == synAckQueue {
-				h.at[synAckQueue] = t
+		if x.from == trace.GoWaiting && x.to == trace.GoRunnable {
+			if h := open[x.by]; h != nil && h.next == synAckQueue {
+				h.at[synAckQueue] = x.t
 				h.next = synAckWrite
 				writing = h
-				delete(open, ev.Goroutine())
+				delete(open, x.by)
 			}
-			continue
-		}
-		if writing == nil {
-			continue
+			return
 		}
 		switch {
-		case writing.next == synAckWrite && to == trace.GoSyscall:
-			writing.at[synAckWrite] = t
+		case writing == nil:
+		case writing.next == synAckWrite && x.to == trace.GoSyscall:
+			writing.at[synAckWrite] = x.t
 			writing.next = synAckSent
-		case writing.next == synAckSent && from == trace.GoSyscall:
-			writing.at[synAckSent] = t
+		case writing.next == synAckSent && x.from == trace.GoSyscall:
+			writing.at[synAckSent] = x.t
 			for i := range durs {
 				durs[i] = append(durs[i], float64(writing.at[i+1]-writing.at[i])/1e3)
 			}
 			n++
 			writing = nil
 		}
-	}
+	})
+	return durs, n, err
 }

@@ -106,26 +106,35 @@ func main() {
 	}
 }
 
-// followRoundTrips reads the trace and returns each stage's durations in µs.
-func followRoundTrips(r io.Reader, skip trace.Time) ([][]float64, int, error) {
+// transition is one goroutine's change of state in the trace, with what
+// the followers look at.
+type transition struct {
+	t        trace.Time
+	g        trace.GoID // the goroutine that changes state
+	from, to trace.GoState
+	fn       string     // the innermost frame of our code in its stack
+	by       trace.GoID // the goroutine that caused it, if another
+	role     role       // g's role, as far as known
+	byRole   role       // by's
+}
+
+// walk reads the trace and hands visit every goroutine transition after
+// the first skip of it, having learned the goroutines' roles from their
+// stacks along the way.
+func walk(r io.Reader, skip trace.Time, visit func(*transition)) error {
 	tr, err := trace.NewReader(r)
 	if err != nil {
-		return nil, 0, fmt.Errorf("read trace: %w", err)
+		return fmt.Errorf("read trace: %w", err)
 	}
 	roles := map[trace.GoID]role{}
-	durs := make([][]float64, nPoints) // the last: the client's turn
-	var lastOut trace.Time             // when the previous reply was written
-	var at [nPoints]trace.Time
-	next := inWake // the point awaited
 	var start trace.Time
-	n := 0
 	for {
 		ev, err := tr.ReadEvent()
 		if err == io.EOF {
-			return durs, n, nil
+			return nil
 		}
 		if err != nil {
-			return nil, 0, fmt.Errorf("read trace: %w", err)
+			return fmt.Errorf("read trace: %w", err)
 		}
 		if start == 0 {
 			start = ev.Time()
@@ -137,33 +146,44 @@ func followRoundTrips(r io.Reader, skip trace.Time) ([][]float64, int, error) {
 		if st.Resource.Kind != trace.ResourceGoroutine {
 			continue
 		}
-		g := st.Resource.Goroutine()
-		from, to := st.Goroutine()
-		fn := ourFrame(st.Stack)
-		if to == trace.GoSyscall || from == trace.GoNotExist || to == trace.GoWaiting {
-			if r := roleOf(fn); r != unknown {
-				roles[g] = r
+		x := transition{t: ev.Time(), g: st.Resource.Goroutine(), fn: ourFrame(st.Stack), by: ev.Goroutine()}
+		x.from, x.to = st.Goroutine()
+		if x.to == trace.GoSyscall || x.from == trace.GoNotExist || x.to == trace.GoWaiting {
+			if r := roleOf(x.fn); r != unknown {
+				roles[x.g] = r
 			}
 		}
-		if ev.Time()-start < skip {
+		if x.t-start < skip {
 			continue
 		}
-		by := ev.Goroutine()
+		x.role, x.byRole = roles[x.g], roles[x.by]
+		visit(&x)
+	}
+}
+
+// followRoundTrips reads the trace and returns each stage's durations in µs.
+func followRoundTrips(r io.Reader, skip trace.Time) ([][]float64, int, error) {
+	durs := make([][]float64, nPoints) // the last: the client's turn
+	var lastOut trace.Time             // when the previous reply was written
+	var at [nPoints]trace.Time
+	next := inWake // the point awaited
+	n := 0
+	err := walk(r, skip, func(x *transition) {
 		point := -1
-		switch rl := roles[g]; {
+		switch rl, from, to := x.role, x.from, x.to; {
 		case rl == reader && from == trace.GoWaiting && to == trace.GoRunnable:
 			point = inWake
 		case rl == reader && from == trace.GoSyscall && next == inRead:
 			point = inRead
 		case rl == processor && to == trace.GoRunning && next == procRun:
 			point = procRun
-		case to == trace.GoSyscall && strings.Contains(fn, "socketSender).write"):
+		case to == trace.GoSyscall && strings.Contains(x.fn, "socketSender).write"):
 			point = upWrite
 		case rl == sender && from == trace.GoSyscall && next == upWritten:
 			point = upWritten
-		case rl == receiver && from == trace.GoWaiting && to == trace.GoRunnable && by == trace.NoGoroutine:
+		case rl == receiver && from == trace.GoWaiting && to == trace.GoRunnable && x.by == trace.NoGoroutine:
 			point = replyWake
-		case rl == writer && from == trace.GoWaiting && to == trace.GoRunnable && roles[by] == receiver && next == replyQueued:
+		case rl == writer && from == trace.GoWaiting && to == trace.GoRunnable && x.byRole == receiver && next == replyQueued:
 			point = replyQueued
 		case rl == writer && to == trace.GoSyscall && next == outWrite:
 			point = outWrite
@@ -171,15 +191,15 @@ func followRoundTrips(r io.Reader, skip trace.Time) ([][]float64, int, error) {
 			point = outWritten
 		}
 		if point < 0 {
-			continue
+			return
 		}
 		if point == inWake {
 			next = inWake // a new request starts a new round trip
 		}
 		if point != next {
-			continue
+			return
 		}
-		at[point] = ev.Time()
+		at[point] = x.t
 		if point == inWake && lastOut != 0 {
 			durs[nPoints-1] = append(durs[nPoints-1], float64(at[inWake]-lastOut)/1e3)
 			lastOut = 0
@@ -191,10 +211,11 @@ func followRoundTrips(r io.Reader, skip trace.Time) ([][]float64, int, error) {
 			lastOut = at[outWritten]
 			n++
 			next = inWake
-			continue
+			return
 		}
 		next = point + 1
-	}
+	})
+	return durs, n, err
 }
 
 // ourFrame is the innermost frame of netstackd's or gVisor's code in s.
