@@ -167,8 +167,14 @@ func TestIntegrationPcap(t *testing.T) {
 			t.Errorf("the capture lacks %q:\n%s", want, out)
 		}
 	}
-	if strings.Contains(string(out), "IP6 ") {
-		t.Errorf("the capture holds the IPv6 flow made while recording was off:\n%s", out)
+	// curl is done once it has its page; the flow's teardown (FINs and
+	// their ACKs) may still be crossing when recording is back on, and is
+	// recorded then. Its handshake and its data crossed while it was off.
+	for l := range strings.SplitSeq(string(out), "\n") {
+		if strings.Contains(l, "IP6 ") && (strings.Contains(l, "Flags [S") || !strings.HasSuffix(l, "length 0")) {
+			t.Errorf("the capture holds the handshake or data of the IPv6 flow made while recording was off:\n%s", out)
+			break
+		}
 	}
 }
 
