@@ -208,7 +208,7 @@ func (c *socketConn) RemoteAddr() net.Addr { return c.raddr }
 func (c *socketConn) LocalAddr() net.Addr {
 	c.laddrOnce.Do(func() {
 		var sa syscall.Sockaddr
-		_ = c.control(func(fd int) error {
+		_ = c.control("getsockname", func(fd int) error {
 			var err error
 			sa, err = syscall.Getsockname(fd)
 			return err
@@ -225,12 +225,12 @@ func (c *socketConn) LocalAddr() net.Addr {
 
 // CloseWrite sends a FIN and goes on receiving.
 func (c *socketConn) CloseWrite() error {
-	return c.control(func(fd int) error { return syscall.Shutdown(fd, syscall.SHUT_WR) }, "shutdown")
+	return c.control("shutdown", func(fd int) error { return syscall.Shutdown(fd, syscall.SHUT_WR) })
 }
 
 // CloseRead shuts the receiving side.
 func (c *socketConn) CloseRead() error {
-	return c.control(func(fd int) error { return syscall.Shutdown(fd, syscall.SHUT_RD) }, "shutdown")
+	return c.control("shutdown", func(fd int) error { return syscall.Shutdown(fd, syscall.SHUT_RD) })
 }
 
 // SetLinger is net.TCPConn's: 0 makes Close send a RST.
@@ -239,11 +239,12 @@ func (c *socketConn) SetLinger(sec int) error {
 	if sec >= 0 {
 		l.Onoff, l.Linger = 1, int32(sec)
 	}
-	return c.control(func(fd int) error { return syscall.SetsockoptLinger(fd, syscall.SOL_SOCKET, syscall.SO_LINGER, &l) }, "setsockopt")
+	return c.control("setsockopt", func(fd int) error { return syscall.SetsockoptLinger(fd, syscall.SOL_SOCKET, syscall.SO_LINGER, &l) })
 }
 
-// control runs f on the descriptor and wraps its error as net's methods do.
-func (c *socketConn) control(f func(fd int) error, call ...string) error {
+// control runs f, the system call named call, on the descriptor and wraps
+// its error as net's methods do.
+func (c *socketConn) control(call string, f func(fd int) error) error {
 	if c.closed.Load() {
 		return c.opError("control", net.ErrClosed)
 	}
@@ -255,10 +256,10 @@ func (c *socketConn) control(f func(fd int) error, call ...string) error {
 	if err := rc.Control(func(fd uintptr) { ferr = f(int(fd)) }); err != nil {
 		return c.opError("control", err)
 	}
-	if ferr != nil && len(call) > 0 {
-		return c.opError(call[0], os.NewSyscallError(call[0], ferr))
+	if ferr != nil {
+		return c.opError(call, os.NewSyscallError(call, ferr))
 	}
-	return ferr
+	return nil
 }
 
 // netError makes a file's error what net's conn would return: a

@@ -191,7 +191,13 @@ func (st *Stack) udpRoute() func(context.Context, *udpnat.Opening) udpnat.Route 
 // each is its own exchange.
 func (st *Stack) refuseEcho(src, dst netip.Addr) bool {
 	d := st.decide(Flow{Proto: "icmp", Client: netip.AddrPortFrom(src, 0), Dst: netip.AddrPortFrom(dst, 0)})
-	switch d.Action {
+	return st.countRefused(d.Action)
+}
+
+// countRefused counts a flow a route rejects or drops, and reports whether
+// the action refuses it.
+func (st *Stack) countRefused(a Action) bool {
+	switch a {
 	case Reject:
 		st.rejected.Add(1)
 	case Drop:

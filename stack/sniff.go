@@ -58,14 +58,8 @@ func (st *Stack) openSniffing(h *handshake, wq *waiter.Queue, r *flowRoute, log 
 			r.address = hostPort(name, r.flow.Dst.Port())
 		}
 	}
-	switch d := r.decision; d.Action {
-	case Reject, Drop:
+	if d := r.decision; st.countRefused(d.Action) {
 		// The handshake is done: a reset is all that is left to say.
-		if d.Action == Reject {
-			st.rejected.Add(1)
-		} else {
-			st.dropped.Add(1)
-		}
 		log.log(slog.LevelDebug, "flow refused after sniffing", "action", d.Action, "rule", d.Rule, "name", r.flow.Name)
 		o.conn.Abort()
 		return openFlow{}, fmt.Errorf("%s by rule %s", d.Action, d.Rule)
@@ -140,14 +134,8 @@ func (st *Stack) routeAssociation(ctx context.Context, o *udpnat.Opening) udpnat
 	case NameFromDNS:
 		rt.Name, rt.NameFrom = f.Name, f.NameFrom
 	}
-	switch d.Action {
-	case Reject:
-		st.rejected.Add(1)
-		rt.Reject = true
-	case Drop:
-		st.dropped.Add(1)
-		rt.Drop = true
-	}
+	st.countRefused(d.Action)
+	rt.Reject, rt.Drop = d.Action == Reject, d.Action == Drop
 	return rt
 }
 

@@ -221,21 +221,14 @@ func (st *Stack) tagRoute(r flowRoute, via string) *tcprelay.Route {
 // refuseByRoute carries out a decision to reject or drop a flow before
 // its handshake, and reports whether it did.
 func (st *Stack) refuseByRoute(h *handshake, f Flow, d Decision, log flowLogger) bool {
-	switch d.Action {
-	case Reject:
-		st.rejected.Add(1)
-		log.log(slog.LevelDebug, "flow rejected", "rule", d.Rule, "name", f.Name)
-		h.complete(true)
-		return true
-	case Drop:
-		// Not even a reset: the client retransmits its SYN, and each
-		// retransmission is dropped again.
-		st.dropped.Add(1)
-		log.log(slog.LevelDebug, "flow dropped", "rule", d.Rule, "name", f.Name)
-		h.complete(false)
-		return true
+	if !st.countRefused(d.Action) {
+		return false
 	}
-	return false
+	log.log(slog.LevelDebug, "flow refused", "action", d.Action, "rule", d.Rule, "name", f.Name)
+	// A reject resets the SYN; a drop sends not even that: the client
+	// retransmits its SYN, and each retransmission is dropped again.
+	h.complete(d.Action == Reject)
+	return true
 }
 
 // warnHalfOpen says, at most once per period, that clients are leaving
