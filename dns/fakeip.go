@@ -10,8 +10,9 @@ import (
 	"github.com/miekg/dns"
 )
 
-// answerFake answers a query in fake-ip mode.
-func (s *Server) answerFake(ctx context.Context, req *dns.Msg) *dns.Msg {
+// answerFake answers a query in fake-ip mode; action is what Config.Policy
+// said of its name.
+func (s *Server) answerFake(ctx context.Context, req *dns.Msg, action NameAction) *dns.Msg {
 	q := req.Question[0]
 	name := normaliseName(q.Name)
 	if q.Qclass != dns.ClassINET || name == "" || strings.ContainsRune(name, '\\') {
@@ -20,7 +21,7 @@ func (s *Server) answerFake(ctx context.Context, req *dns.Msg) *dns.Msg {
 		// The upstream answers it, through the dialer.
 		return s.forward(ctx, req)
 	}
-	if s.isDirect(name) || s.policy != nil && s.policy(name) == NameDirect {
+	if s.isDirect(name) || action == NameDirect {
 		return s.answerDirect(ctx, req, name)
 	}
 	switch q.Qtype {

@@ -371,14 +371,18 @@ func (s *Server) handle(ctx context.Context, req *dns.Msg) *dns.Msg {
 		// Zone transfers span many messages; we relay one exchange.
 		return reply(req, dns.RcodeRefused)
 	}
+	action := NameDefault
 	if s.policy != nil {
-		if name := normaliseName(req.Question[0].Name); name != "" && s.policy(name) == NameReject {
-			s.answered[answerRejected].Add(1)
-			return reply(req, dns.RcodeSuccess)
+		if name := normaliseName(req.Question[0].Name); name != "" {
+			action = s.policy(name)
 		}
 	}
+	if action == NameReject {
+		s.answered[answerRejected].Add(1)
+		return reply(req, dns.RcodeSuccess)
+	}
 	if s.mode == ModeFakeIP {
-		return s.answerFake(ctx, req)
+		return s.answerFake(ctx, req, action)
 	}
 	return s.forward(ctx, req)
 }

@@ -43,25 +43,45 @@ import (
 // alone, for net.Dialer to connect.
 func connectEarly(network, address string, c syscall.RawConn) error {
 	ap, err := netip.ParseAddrPort(address)
-	if err != nil || ap.Addr().Zone() != "" {
+	if err != nil {
 		return nil
 	}
-	var sa syscall.Sockaddr
-	switch {
-	case network == "tcp4" && ap.Addr().Is4():
-		sa = &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	case network == "tcp6":
-		sa = &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
-	default:
+	sa, ok := sockaddr(network, ap)
+	if !ok {
 		return nil
 	}
 	var connErr error
 	if err := c.Control(func(fd uintptr) { connErr = syscall.Connect(int(fd), sa) }); err != nil {
 		return err
 	}
-	switch connErr {
-	case nil, syscall.EINPROGRESS, syscall.EALREADY, syscall.EINTR, syscall.EISCONN:
+	if connectStarted(connErr) {
 		return nil
 	}
 	return os.NewSyscallError("connect", connErr)
+}
+
+// sockaddr is ap as the socket address a TCP socket for network ("tcp",
+// "tcp4", "tcp6") connects to, IPv4-mapped addresses as IPv4; ok is false
+// for an address of the other family or with a zone, left to net.Dialer.
+func sockaddr(network string, ap netip.AddrPort) (sa syscall.Sockaddr, ok bool) {
+	a := ap.Addr()
+	switch {
+	case a.Zone() != "":
+		return nil, false
+	case a.Unmap().Is4() && network != "tcp6":
+		return &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: a.Unmap().As4()}, true
+	case a.Is6() && !a.Is4In6() && network != "tcp4":
+		return &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}, true
+	}
+	return nil, false
+}
+
+// connectStarted reports whether a non-blocking connect's error means it
+// succeeded or is under way.
+func connectStarted(err error) bool {
+	switch err {
+	case nil, syscall.EINPROGRESS, syscall.EALREADY, syscall.EINTR, syscall.EISCONN:
+		return true
+	}
+	return false
 }

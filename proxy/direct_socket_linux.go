@@ -28,20 +28,17 @@ import (
 // address is one for net.Dialer (see above).
 func (d Direct) dialAddr(ctx context.Context, network, address string) (c net.Conn, ok bool, err error) {
 	ap, perr := netip.ParseAddrPort(address)
-	if perr != nil || ap.Addr().Zone() != "" {
+	if perr != nil {
+		return nil, false, nil
+	}
+	sa, ok := sockaddr(network, ap)
+	if !ok {
 		return nil, false, nil
 	}
 	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	family, sockNet := syscall.AF_INET, "tcp4"
-	var sa syscall.Sockaddr
-	switch {
-	case ap.Addr().Is4() && network != "tcp6":
-		sa = &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	case ap.Addr().Is6() && network != "tcp4":
+	if ap.Addr().Is6() {
 		family, sockNet = syscall.AF_INET6, "tcp6"
-		sa = &syscall.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
-	default:
-		return nil, false, nil
 	}
 	raddr := net.TCPAddrFromAddrPort(ap)
 	opErr := func(err error) error { return &net.OpError{Op: "dial", Net: network, Addr: raddr, Err: err} }
@@ -60,9 +57,7 @@ func (d Direct) dialAddr(ctx context.Context, network, address string) (c net.Co
 		return nil, true, opErr(err)
 	}
 	cerr := syscall.Connect(fd, sa)
-	switch cerr {
-	case nil, syscall.EINPROGRESS, syscall.EALREADY, syscall.EINTR, syscall.EISCONN:
-	default:
+	if !connectStarted(cerr) {
 		syscall.Close(fd)
 		return nil, true, opErr(os.NewSyscallError("connect", cerr))
 	}
@@ -70,7 +65,7 @@ func (d Direct) dialAddr(ctx context.Context, network, address string) (c net.Co
 	f := os.NewFile(uintptr(fd), "tcp "+address)
 	sc := &socketConn{f: f, network: network, raddr: raddr}
 	if cerr != nil {
-		if err := d.awaitConnect(ctx, f, sa); err != nil {
+		if err := d.awaitConnect(ctx, sc, sa); err != nil {
 			f.Close()
 			return nil, true, opErr(err)
 		}
@@ -110,42 +105,28 @@ func (d Direct) prepareSocket(fd int, network, address string) error {
 }
 
 // awaitConnect waits in the poller for a connect in flight to end, within
-// Timeout (10s for 0) and the context.
-func (d Direct) awaitConnect(ctx context.Context, f *os.File, sa syscall.Sockaddr) error {
-	timeout := d.Timeout
-	if timeout == 0 {
-		timeout = defaultTimeout
-	}
-	deadline := time.Now().Add(timeout)
-	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
-		deadline = dl
-	}
-	if err := f.SetWriteDeadline(deadline); err != nil {
-		return err
-	}
-	// A cancel moves the deadline into the past, which wakes the wait.
-	stop := context.AfterFunc(ctx, func() { f.SetWriteDeadline(time.Unix(1, 0)) })
-	defer stop()
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var cerr error
-	werr := rc.Write(func(fd uintptr) bool {
-		// A second connect reports how the first is doing (as in
-		// connectEarly): 0 or EISCONN once it is established.
-		cerr = syscall.Connect(int(fd), sa)
-		return cerr != syscall.EALREADY && cerr != syscall.EINPROGRESS && cerr != syscall.EINTR
+// Timeout and the context (handshakeContext).
+func (d Direct) awaitConnect(ctx context.Context, sc *socketConn, sa syscall.Sockaddr) error {
+	return handshakeContext(ctx, sc, d.Timeout, func() error {
+		rc, err := sc.f.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var cerr error
+		err = rc.Write(func(fd uintptr) bool {
+			// A second connect reports how the first is doing (as in
+			// connectEarly): 0 or EISCONN once it is established.
+			cerr = syscall.Connect(int(fd), sa)
+			return cerr != syscall.EALREADY && cerr != syscall.EINPROGRESS && cerr != syscall.EINTR
+		})
+		if err != nil {
+			return err
+		}
+		if cerr != nil && cerr != syscall.EISCONN {
+			return os.NewSyscallError("connect", cerr)
+		}
+		return nil
 	})
-	switch {
-	case ctx.Err() != nil:
-		return ctx.Err()
-	case werr != nil:
-		return werr
-	case cerr != nil && cerr != syscall.EISCONN:
-		return os.NewSyscallError("connect", cerr)
-	}
-	return f.SetWriteDeadline(time.Time{})
 }
 
 // fdControl is the syscall.RawConn Control sees before the socket is a

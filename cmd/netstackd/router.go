@@ -110,9 +110,9 @@ func (r *router) compile(opts *options, group *proxy.Group) (*routeTable, error)
 // swap puts a new table in effect for new flows.
 func (r *router) swap(t *routeTable) { r.cur.Store(t) }
 
-// owner finds the local process behind a flow; ok is false when it cannot
-// be found in time. A socket found without its process still gives its
-// uid.
+// owner finds the local process behind a flow; ok is false when its
+// socket cannot be found in time, and then no uid is guessed. A socket
+// found without its process still gives its uid.
 func (r *router) owner(proto string, client, dst netip.AddrPort) (uint32, string, bool) {
 	if proto != "tcp" && proto != "udp" {
 		return 0, "", false
@@ -120,10 +120,13 @@ func (r *router) owner(proto string, client, dst netip.AddrPort) (uint32, string
 	ctx, cancel := context.WithTimeout(context.Background(), ownerTimeout)
 	defer cancel()
 	o, err := r.owners.Lookup(ctx, proto, client, dst)
-	if err != nil && errors.Is(err, sockowner.ErrNotFound) {
-		return 0, "", false
+	switch {
+	case err == nil:
+		return o.UID, o.Exe, true
+	case errors.Is(err, sockowner.ErrNoProcess):
+		return o.UID, "", true
 	}
-	return o.UID, o.Exe, true
+	return 0, "", false
 }
 
 func protoOf(s string) rules.Proto {

@@ -36,6 +36,11 @@ import (
 // the socket. Lookup and UID never guess an owner instead.
 var ErrNotFound = errors.New("socket owner not found")
 
+// ErrNoProcess is in every error Lookup returns once it has found the
+// socket but not its process (none this one can see holds it, or the scan
+// ran out of time): the Owner it returns then has a valid UID.
+var ErrNoProcess = errors.New("socket found, its process not")
+
 var (
 	errNoSocket = fmt.Errorf("no socket: %w", ErrNotFound)
 	errNoProc   = fmt.Errorf("no process holds the socket: %w", ErrNotFound)
@@ -127,7 +132,7 @@ func (f *Finder) Lookup(ctx context.Context, proto string, local, remote netip.A
 	o := Owner{UID: s.uid}
 	o.PID, o.Exe, err = f.procs.find(ctx, s.inode, s.uid)
 	if err != nil {
-		return o, fmt.Errorf("process of %s socket %s (inode %d): %w", proto, local, s.inode, err)
+		return o, fmt.Errorf("process of %s socket %s (inode %d): %w: %w", proto, local, s.inode, ErrNoProcess, err)
 	}
 	return o, nil
 }
