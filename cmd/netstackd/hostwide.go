@@ -298,8 +298,6 @@ func warnStrictRPFilter(tun string, log *slog.Logger) {
 	}
 }
 
-// udp is what opens the flows' UDP associations: nil when the upstream
-// carries no UDP (SOCKS4, HTTP CONNECT), which the stack then refuses.
 // group is the group of proxy upstreams in use; nil when direct.
 func (u *upstream) group() *proxy.Group {
 	if u.live == nil {
@@ -308,6 +306,8 @@ func (u *upstream) group() *proxy.Group {
 	return u.live.get()
 }
 
+// udp is what opens the flows' UDP associations: nil when the upstream
+// carries no UDP (SOCKS4, HTTP CONNECT), which the stack then refuses.
 func (u *upstream) udp() stack.UDPDialer {
 	if d, ok := u.dialer.(stack.UDPDialer); ok && !u.noUDP {
 		return d

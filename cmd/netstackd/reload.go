@@ -40,7 +40,11 @@ type reloader struct {
 	// live is the proxy group a reload replaces: nil in direct, host-wide
 	// and run mode. Its replacement dials through direct and calls
 	// onDown, as the first did.
-	live   *liveDialer
+	live *liveDialer
+	// group is the proxy group in use, which a reload's rules name with
+	// proxy:NAME: the one live holds, or host-wide mode's, which a reload
+	// keeps; nil when direct.
+	group  func() *proxy.Group
 	direct proxy.Direct
 	onDown func(string)
 	// resolver's upstream (--dns-upstream) a reload changes; nil with
@@ -55,7 +59,7 @@ type reloader struct {
 }
 
 func newReloader(args []string, opts *options, level *slog.LevelVar, up *upstream, onDown func(string), resolver *dns.Server, log *slog.Logger) *reloader {
-	r := &reloader{args: args, running: maps.Clone(opts.effective), level: level, direct: up.direct, onDown: onDown, resolver: resolver, routes: up.routes, log: log}
+	r := &reloader{args: args, running: maps.Clone(opts.effective), level: level, group: up.group, direct: up.direct, onDown: onDown, resolver: resolver, routes: up.routes, log: log}
 	if !opts.hostWide {
 		r.live = up.live
 	}
@@ -111,8 +115,8 @@ func (r *reloader) reload(ctx context.Context) (changed, kept []string, err erro
 	var routes *routeTable
 	if r.routes != nil {
 		g := group
-		if g == nil && r.live != nil {
-			g = r.live.get()
+		if g == nil {
+			g = r.group()
 		}
 		if routes, err = r.routes.compile(next, g); err != nil {
 			r.log.Error("reload refused: the configuration in effect stays", "err", err)

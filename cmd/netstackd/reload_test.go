@@ -95,3 +95,40 @@ func TestReloadDNSUpstream(t *testing.T) {
 		t.Errorf("changed %v, kept %v, resolver upstream %s; want dns-upstream changed to 127.0.0.1:5302 and dns kept", changed, kept, resolver.Upstream())
 	}
 }
+
+// TestReloadHostWideRules: in host-wide mode a reload keeps the proxies it
+// started with, and the rules it compiles again still name them
+// (proxy:NAME): the reload is applied, not refused for want of a proxy.
+func TestReloadHostWideRules(t *testing.T) {
+	path := writeFile(t, "socks = \"127.0.0.1:1080\"\nrule = [\"port:80=proxy:proxy1\"]\n")
+	args := []string{"--config", path}
+	opts, err := parseFlags(args, false, &strings.Builder{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	discard := slog.New(slog.DiscardHandler)
+	refused := &refusals{log: discard}
+	up, err := newUpstream(t.Context(), opts, refused, nil, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(up.live.Close)
+	if up.routes, err = newRouter(opts, up, refused, discard); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(up.routes.Close)
+	// What host-wide mode changes for a reload; the rest of its set-up
+	// (marks, a routing table) needs root and plays no part here.
+	opts.hostWide = true
+	r := newReloader(args, opts, new(slog.LevelVar), up, nil, nil, discard)
+	if err := os.WriteFile(path, []byte("socks = \"127.0.0.1:1080\"\nrule = [\"port:81=proxy:proxy1\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changed, _, err := r.reload(t.Context())
+	if err != nil {
+		t.Fatalf("reload with a proxy:NAME rule in host-wide mode: %v", err)
+	}
+	if !slices.Contains(changed, "rule") {
+		t.Fatalf("changed %v, want rule", changed)
+	}
+}
