@@ -173,6 +173,13 @@ func TestRouteUDPReject(t *testing.T) {
 	if !ok || f.Via != "direct" {
 		t.Fatalf("udp flow view %+v: want the association via direct", p.st.Flows(0))
 	}
+	// Its upstream dies: the association ends with it.
+	if n := p.st.CloseFlowsVia("direct"); n != 1 {
+		t.Fatalf("CloseFlowsVia closed %d flows, want the association", n)
+	}
+	if _, ok := flowByID(p.st, func(f FlowInfo) bool { return f.Proto == "udp" && f.Destination.Port() == port }); ok {
+		t.Fatalf("udp flow view %+v: the association outlived its upstream", p.st.Flows(0))
+	}
 }
 
 // A flow whose route needs a name is read for one: the HTTP Host header

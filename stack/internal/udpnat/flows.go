@@ -71,14 +71,26 @@ func (a *udpAssoc) state(now int64) string {
 // Abort ends the association with id, and reports whether there was one.
 // Its client's next datagram opens a new one.
 func (t *Table) Abort(id uint64) bool {
+	return t.abortWhere(func(a *udpAssoc) bool { return a.id == id }, true) > 0
+}
+
+// abortWhere ends the associations match picks, the first one only if
+// one is set, and returns how many it ended.
+func (t *Table) abortWhere(match func(*udpAssoc) bool, one bool) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for a := t.lru.front; a != nil; a = a.next {
-		if a.id == id {
+	n := 0
+	for a := t.lru.front; a != nil; {
+		next := a.next
+		if match(a) {
 			t.removeLocked(a)
 			a.abort()
-			return true
+			n++
+			if one {
+				break
+			}
 		}
+		a = next
 	}
-	return false
+	return n
 }

@@ -119,19 +119,7 @@ func (a *udpAssoc) open(ctx context.Context) (net.PacketConn, error) {
 // AbortVia ends every association whose upstream is named via, and
 // returns how many.
 func (t *Table) AbortVia(via string) int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	n := 0
-	for a := t.lru.front; a != nil; {
-		next := a.next
-		if a.routed() && a.route.Via == via {
-			t.removeLocked(a)
-			a.abort()
-			n++
-		}
-		a = next
-	}
-	return n
+	return t.abortWhere(func(a *udpAssoc) bool { return a.routed() && a.route.Via == via }, false)
 }
 
 // routed reports whether the association's route is set: it is written
