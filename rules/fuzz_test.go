@@ -253,6 +253,10 @@ func FuzzMatch(f *testing.F) {
 			if got := s.NeedsName(fl); got != wantNeeds {
 				t.Fatalf("NeedsName(%+v) = %v, linear scan says %v; rules:\n%s", fl, got, wantNeeds, strings.Join(texts, "\n"))
 			}
+			// Decide is the two in one: a flow with a name needs none.
+			if got, _, needs := s.Decide(fl); got != want || needs != (wantNeeds && fl.Name == "") {
+				t.Fatalf("Decide(%+v) = rule %d, needs a name %v; linear scan says %d, %v; rules:\n%s", fl, got+1, needs, want+1, wantNeeds && fl.Name == "", strings.Join(texts, "\n"))
+			}
 
 			var wantAct Action
 			wantOK := false

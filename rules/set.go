@@ -197,33 +197,57 @@ func (s *Set) HasOwnerRules() bool { return s != nil && s.hasOwner }
 // when none does (the flow takes the default upstream). It counts the
 // match. It does not allocate unless f.Name has upper-case letters.
 func (s *Set) Match(f *Flow) (int, *Rule) {
-	if s == nil {
-		return -1, nil
-	}
-	var o owner
-	i := s.main.first(s, f, normName(f.Name), len(s.rules), &o)
-	if i < 0 {
-		return -1, nil
-	}
-	s.counts[i].Add(1)
-	return i, &s.rules[i]
+	i, r, _ := s.decide(f, false)
+	return i, r
 }
 
 // NeedsName reports whether the rule f matches could change were its name
 // known: f.Name is taken as empty, and the answer is whether a rule that
 // looks at names, and whose other matchers hold for f, comes before the
 // first rule f matches without one. The stack sniffs a flow's first bytes
-// only then.
+// only then. It counts nothing.
 func (s *Set) NeedsName(f *Flow) bool {
 	if !s.HasNameRules() {
 		return false
 	}
 	var o owner
-	m := s.main.first(s, f, "", len(s.rules), &o)
+	return s.needsName(f, s.main.first(s, f, "", len(s.rules), &o), &o)
+}
+
+// Decide is Match and, for a flow without a name, NeedsName in one lookup
+// of the rules, with f's owner looked up once at most: the rule f matches
+// (counted) and whether a name could change it.
+func (s *Set) Decide(f *Flow) (int, *Rule, bool) {
+	return s.decide(f, true)
+}
+
+func (s *Set) decide(f *Flow, withNeeds bool) (i int, r *Rule, needsName bool) {
+	if s == nil {
+		return -1, nil, false
+	}
+	var o owner
+	name := normName(f.Name)
+	i = s.main.first(s, f, name, len(s.rules), &o)
+	if withNeeds && name == "" {
+		needsName = s.needsName(f, i, &o)
+	}
+	if i < 0 {
+		return -1, nil, needsName
+	}
+	s.counts[i].Add(1)
+	return i, &s.rules[i], needsName
+}
+
+// needsName is NeedsName for a flow without a name that matches rule m
+// (-1: none).
+func (s *Set) needsName(f *Flow, m int, o *owner) bool {
+	if !s.HasNameRules() {
+		return false
+	}
 	if m < 0 {
 		m = len(s.rules)
 	}
-	return s.gate.first(s, f, "", m, &o) >= 0
+	return s.gate.first(s, f, "", m, o) >= 0
 }
 
 // MatchName returns the action for flows to name when the name alone
@@ -268,7 +292,7 @@ func (x *index) first(s *Set, f *Flow, name string, limit int, o *owner) int {
 				}
 				best = s.scan(e.suffix, best, f, name, x.mode, o)
 			}
-			i := indexDot(n)
+			i := strings.IndexByte(n, '.')
 			if i < 0 {
 				break
 			}

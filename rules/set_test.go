@@ -96,6 +96,29 @@ func TestMatch(t *testing.T) {
 	}
 }
 
+// TestDecideOwnerOnce: Decide answers both the match and whether a name
+// could change it with one owner lookup, where Match and NeedsName each
+// make their own.
+func TestDecideOwnerOnce(t *testing.T) {
+	s := compile(t, Options{}, "uid:1000,suffix:example.test=proxy:a", "uid:1000=direct")
+	calls := 0
+	f := tcp("203.0.113.1:443", "")
+	f.Owner = func() (uint32, string, bool) {
+		calls++
+		return 1000, "", true
+	}
+	i, _, needs := s.Decide(f)
+	if i != 1 || !needs || calls != 1 {
+		t.Fatalf("Decide = rule %d, needs a name %v, %d owner lookups; want rule 2, true, 1", i+1, needs, calls)
+	}
+	calls = 0
+	s.Match(f)
+	s.NeedsName(f)
+	if calls != 2 {
+		t.Fatalf("Match and NeedsName made %d owner lookups, want one each", calls)
+	}
+}
+
 // TestOwnerLazy: the owner is looked up only when a rule that needs it is
 // a candidate, and once per Match; unknown owners match no uid: rule.
 func TestOwnerLazy(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"math/bits"
 	"net/netip"
+	"strings"
 )
 
 // key is an address as 128 bits, most significant first; a v4 address
@@ -171,21 +172,12 @@ func (m names) contains(name string) bool {
 		if e := m[s]; len(e.suffix) > 0 || s == name && len(e.exact) > 0 {
 			return true
 		}
-		i := indexDot(s)
+		i := strings.IndexByte(s, '.')
 		if i < 0 {
 			return false
 		}
 		s = s[i+1:]
 	}
-}
-
-func indexDot(s string) int {
-	for i := 0; i < len(s); i++ {
-		if s[i] == '.' {
-			return i
-		}
-	}
-	return -1
 }
 
 // normName lower-cases name and drops one trailing dot. It allocates only

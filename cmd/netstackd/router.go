@@ -147,25 +147,12 @@ func (r *router) route(f stack.Flow) stack.Decision {
 	}
 	rf := rules.Flow{Proto: protoOf(f.Proto), Dst: f.Dst, Src: f.Client.Addr(), Name: f.Name}
 	if r.owners != nil && t.set.HasOwnerRules() {
-		// Looked up once per flow at most, though Match and NeedsName
-		// may both ask.
-		var (
-			once     bool
-			uid      uint32
-			exe      string
-			resolved bool
-		)
-		rf.Owner = func() (uint32, string, bool) {
-			if !once {
-				once = true
-				uid, exe, resolved = r.owner(f.Proto, f.Client, f.Dst)
-			}
-			return uid, exe, resolved
-		}
+		// Decide asks at most once per flow.
+		rf.Owner = func() (uint32, string, bool) { return r.owner(f.Proto, f.Client, f.Dst) }
 	}
-	_, rule := t.set.Match(&rf)
+	_, rule, needsName := t.set.Decide(&rf)
 	d := t.decision(f, rule)
-	if f.Name == "" && f.Proto != "icmp" && t.set.NeedsName(&rf) {
+	if needsName && f.Proto != "icmp" {
 		d.Sniff = true
 	}
 	return d
